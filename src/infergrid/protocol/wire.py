@@ -1,0 +1,35 @@
+"""What a miner adds to the OpenAI wire format, and the headers gateway and miner share.
+
+A miner answers `/v1/chat/completions` and `/v1/completions` exactly as OpenAI does, plus one
+top-level extension object under EXTENSION_KEY that verification needs. The gateway always
+strips it before a response reaches a client.
+
+Non-streamed response, `body[EXTENSION_KEY]`::
+
+    {"model_id": "0x…", "seed": 123, "prompt_token_ids": [...],
+     "output_token_ids": [...], "output_logprobs": [...]}
+
+Streamed response: every chunk that carries content also carries
+`{"token_ids": [...], "logprobs": [...]}` for the tokens in that chunk; the miner always ends
+with a usage chunk (`choices: []`, `usage`), whether or not the client asked for
+`stream_options.include_usage`, whose extension is
+`{"model_id": "0x…", "seed": 123, "prompt_token_ids": [...]}`. Then `data: [DONE]`.
+
+`output_logprobs[i]` is the natural log of the model's probability (before temperature) of
+the token it emitted at step i.
+"""
+
+from __future__ import annotations
+
+EXTENSION_KEY = "infergrid"
+
+# The gateway names each request; the miner uses it as the completion id so the two agree.
+REQUEST_ID_HEADER = "x-request-id"
+# Which InferGrid node answered (its registry owner address).
+MINER_HEADER = "x-infergrid-miner"
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def completion_id(request_id: str, *, chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + request_id

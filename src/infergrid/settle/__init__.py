@@ -1,0 +1,1 @@
+"""settle layer (see DESIGN.md section 1)."""
