@@ -1,0 +1,74 @@
+"""`infergrid chat`: one question through a gateway, with the official `openai` client."""
+
+from __future__ import annotations
+
+import openai
+from rich.console import Console
+
+
+def ask(
+    *,
+    base_url: str,
+    api_key: str,
+    prompt: str,
+    model: str | None,
+    max_tokens: int,
+    temperature: float,
+    stream: bool,
+    out: Console,
+    err: Console,
+) -> None:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300)
+    try:
+        if model is None:
+            models = client.models.list().data
+            if not models:
+                raise RuntimeError("the gateway serves no model yet: are its miners up?")
+            model = models[0].id
+        messages = [{"role": "user", "content": prompt}]
+        if stream:
+            chunks = client.chat.completions.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            request_id = chunks.response.headers.get("x-request-id", "?")
+            usage = None
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    out.print(chunk.choices[0].delta.content, end="", highlight=False, markup=False)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            out.print()
+        else:
+            raw = client.chat.completions.with_raw_response.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+            )
+            request_id = raw.headers.get("x-request-id", "?")
+            completion = raw.parse()
+            out.print(completion.choices[0].message.content or "", highlight=False, markup=False)
+            usage = completion.usage
+    except openai.APIStatusError as exc:
+        raise RuntimeError(f"gateway answered {exc.status_code}: {_message(exc)}") from None
+    except openai.APIConnectionError:
+        raise ConnectionError(f"cannot reach the gateway at {base_url}") from None
+    if usage is not None:
+        err.print(
+            f"[dim]{model} · {usage.prompt_tokens} prompt + {usage.completion_tokens} completion "
+            f"tokens · request {request_id}[/dim]"
+        )
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+    return str(exc.message)

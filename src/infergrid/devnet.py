@@ -1,0 +1,287 @@
+"""`infergrid up`: one command that starts a whole local network.
+
+Order: chain (embedded EVM served over JSON-RPC, unless --chain-rpc names one) → contracts →
+miners (each registers and stakes itself) → gateway. Every node is its own process with its
+log under the state directory; the parent watches them and stops them all on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from infergrid.processes import (
+    ManagedProcess,
+    free_port,
+    health_ok,
+    infergrid_command,
+    port_is_free,
+    rpc_ready,
+)
+from infergrid.protocol.nodes import WEI_PER_BTT, Role
+
+DEVNET_FILE = "devnet.json"
+GATEWAY_DB = "gateway.db"
+DEPLOYER_INDEX = 0
+GATEWAY_KEY_INDEX = 1
+FIRST_MINER_KEY_INDEX = 2
+
+DEVNET_MIN_STAKE_WEI = 10 * WEI_PER_BTT
+DEVNET_MINER_STAKE_WEI = 100 * WEI_PER_BTT
+DEVNET_GATEWAY_STAKE_WEI = 10 * WEI_PER_BTT
+# Short so a developer can watch a full unbond → withdraw cycle on the devnet.
+DEVNET_UNBONDING_DELAY_S = 600
+# Enough for a node's stake and a lifetime of gas on any dev chain.
+NODE_FUNDING_WEI = 1_000 * WEI_PER_BTT
+
+
+@dataclass
+class DevnetOptions:
+    miners: int = 2
+    model: str = "smollm2"
+    chain_rpc: str | None = None
+    host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    chain_port: int = 8545
+    state_dir: Path = field(default_factory=lambda: Path(".infergrid"))
+    # Seconds between the gateway's reads of the registry; short on a devnet so new miners
+    # appear at once.
+    discovery_interval_s: float = 2.0
+
+
+def devnet_file(state_dir: Path) -> Path:
+    return state_dir / DEVNET_FILE
+
+
+def read_devnet(state_dir: Path) -> dict[str, Any]:
+    path = devnet_file(state_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no running network described at {path}: start one with `infergrid up`"
+        )
+    return json.loads(path.read_text())
+
+
+def _pick_port(preferred: int, host: str) -> int:
+    return preferred if port_is_free(preferred, host) else free_port(host)
+
+
+class Devnet:
+    """A running local network; `start()` brings it up, `stop()` takes it down."""
+
+    def __init__(self, options: DevnetOptions, console: Console | None = None) -> None:
+        self.options = options
+        self.console = console or Console(stderr=True)
+        self.processes: list[ManagedProcess] = []
+        self.description: dict[str, Any] = {}
+        self.state_dir = options.state_dir.resolve()
+        self.log_dir = self.state_dir / "logs"
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self) -> dict[str, Any]:
+        from infergrid.app.keys import KeyStore
+        from infergrid.settle.chain import Chain, dev_private_keys
+        from infergrid.settle.registry import deploy_registry
+
+        opts = self.options
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        devnet_file(self.state_dir).unlink(missing_ok=True)
+        step = self.console.status
+
+        chain_rpc = opts.chain_rpc
+        if chain_rpc is None:
+            port = _pick_port(opts.chain_port, opts.host)
+            chain_rpc = f"http://{opts.host}:{port}"
+            with step(f"starting the embedded EVM at {chain_rpc}"):
+                chain_proc = self._spawn(
+                    "chain", infergrid_command("chain", "--host", opts.host, "--port", str(port))
+                )
+                chain_proc.wait_until(lambda: rpc_ready(chain_rpc), 60, "JSON-RPC answer")
+            self._done(f"chain      {chain_rpc} (embedded EVM)")
+        elif not rpc_ready(chain_rpc):
+            raise RuntimeError(f"no JSON-RPC answer from {chain_rpc}")
+
+        chain = Chain.connect(chain_rpc)
+        keys = dev_private_keys(FIRST_MINER_KEY_INDEX + opts.miners)
+        deployer = keys[DEPLOYER_INDEX]
+        with step("deploying NodeRegistry"):
+            registry_address = deploy_registry(
+                chain,
+                deployer,
+                {role: DEVNET_MIN_STAKE_WEI for role in Role},
+                DEVNET_UNBONDING_DELAY_S,
+            )
+            for key in keys[GATEWAY_KEY_INDEX:]:
+                chain.ensure_balance(deployer, key, NODE_FUNDING_WEI)
+        self._done(f"contracts  NodeRegistry {registry_address} (chain id {chain.chain_id})")
+
+        if opts.model != "tiny":
+            self._prepare_model(opts.model)
+
+        common = ["--chain-rpc", chain_rpc, "--registry", registry_address]
+        miners: list[tuple[ManagedProcess, str]] = []
+        for index in range(opts.miners):
+            port = free_port(opts.host)
+            endpoint = f"http://{opts.host}:{port}"
+            name = f"miner-{index + 1}"
+            proc = self._spawn(
+                name,
+                infergrid_command(
+                    "miner", "--model", opts.model, "--host", opts.host, "--port", str(port),
+                    "--stake", str(DEVNET_MINER_STAKE_WEI // WEI_PER_BTT), *common,
+                ),
+                env={"INFERGRID_PRIVATE_KEY": keys[FIRST_MINER_KEY_INDEX + index]},
+            )
+            miners.append((proc, endpoint))
+        with step(f"starting {opts.miners} miner(s) with {opts.model}: loading, registering"):
+            for proc, endpoint in miners:
+                proc.wait_until(lambda e=endpoint: health_ok(e + "/health"), 300, "health")
+        for proc, endpoint in miners:
+            self._done(f"{proc.name:<10} {endpoint} (pid {proc.pid})")
+
+        gateway_port = _pick_port(opts.gateway_port, opts.host)
+        base_url = f"http://{opts.host}:{gateway_port}/v1"
+        db_path = self.state_dir / GATEWAY_DB
+        api_key = KeyStore(db_path).create("devnet demo key")[1]
+        gateway = self._spawn(
+            "gateway",
+            infergrid_command(
+                "gateway", "--host", opts.host, "--port", str(gateway_port), "--db", str(db_path),
+                "--discovery-interval", str(opts.discovery_interval_s), *common,
+            ),
+            env={"INFERGRID_PRIVATE_KEY": keys[GATEWAY_KEY_INDEX]},
+        )
+        with step("starting the gateway and waiting for it to see the miners"):
+            gateway.wait_until(
+                lambda: self._gateway_sees_miners(base_url, api_key), 120, "miners in /v1/models"
+            )
+        self._done(f"gateway    {base_url} (pid {gateway.pid})")
+
+        self.description = {
+            "base_url": base_url,
+            "api_key": api_key,
+            "chain_rpc": chain_rpc,
+            "chain_id": chain.chain_id,
+            "contracts": {"NodeRegistry": registry_address},
+            "model": opts.model,
+            "gateway_db": str(db_path),
+            "state_dir": str(self.state_dir),
+            "nodes": [
+                {"name": proc.name, "pid": proc.pid, "log": str(proc.log_path)}
+                | ({"endpoint": endpoint} if endpoint else {})
+                for proc, endpoint in [(p, self._endpoint_of(p, miners)) for p in self.processes]
+            ],
+        }
+        devnet_file(self.state_dir).write_text(json.dumps(self.description, indent=2) + "\n")
+        return self.description
+
+    def _prepare_model(self, model: str) -> None:
+        # Done once here so that N miners starting together don't each dequantize the weights.
+        from infergrid.compute.model_store import prepare_model
+
+        with self.console.status(f"preparing {model} (first run dequantizes GGUF, ~20 s)"):
+            prepare_model(model, quiet=True)
+        self._done(f"model      {model} cached")
+
+    @staticmethod
+    def _endpoint_of(proc: ManagedProcess, miners: list[tuple[ManagedProcess, str]]) -> str:
+        return next((endpoint for p, endpoint in miners if p is proc), "")
+
+    def _gateway_sees_miners(self, base_url: str, api_key: str) -> bool:
+        import urllib.request
+
+        request = urllib.request.Request(
+            base_url + "/models", headers={"authorization": f"Bearer {api_key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2.0) as response:
+                return bool(json.loads(response.read()).get("data"))
+        except (OSError, ValueError):
+            return False
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env or {})
+        proc.start()
+        self.processes.append(proc)
+        return proc
+
+    def _done(self, line: str) -> None:
+        self.console.print(f"[green]✓[/green] {line}")
+
+    # -- run and stop ---------------------------------------------------------------------
+
+    def watch(self, should_stop: Callable[[], bool]) -> None:
+        """Block until asked to stop; report (once) any node that dies on its own."""
+        reported: set[str] = set()
+        while not should_stop():
+            for proc in self.processes:
+                if not proc.alive() and proc.name not in reported:
+                    reported.add(proc.name)
+                    self.console.print(
+                        f"[yellow]! {proc.name} exited (code {proc.process.returncode if proc.process else '?'}); "
+                        f"see {proc.log_path}[/yellow]"
+                    )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        # Gateway first so no request lands on a miner that is going away; chain last.
+        for proc in reversed(self.processes):
+            proc.stop()
+        devnet_file(self.state_dir).unlink(missing_ok=True)
+
+
+def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
+    """Start the network, print how to use it, and run until Ctrl-C or SIGTERM."""
+    console = console or Console(stderr=True)
+    devnet = Devnet(options, console)
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        try:
+            info = devnet.start()
+        except KeyboardInterrupt:
+            console.print("interrupted while starting; stopping")
+            return
+        out = Console()
+        out.print()
+        out.print(f"[bold]InferGrid devnet is up[/bold]  ({devnet_file(devnet.state_dir)})")
+        out.print(f"  base URL   {info['base_url']}")
+        out.print(f"  API key    {info['api_key']}")
+        out.print(f"  chain RPC  {info['chain_rpc']} (chain id {info['chain_id']})")
+        out.print(
+            f"  try        curl {info['base_url']}/chat/completions "
+            f"-H 'Authorization: Bearer {info['api_key']}' -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{_served_model_name(options.model)}\", "
+            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+            soft_wrap=True,
+        )
+        out.print('  or         infergrid chat "What is the capital of France?"')
+        out.print("Press Ctrl-C to stop.")
+        try:
+            devnet.watch(lambda: stopping)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        console.print("stopping the network…")
+        devnet.stop()
+        signal.signal(signal.SIGTERM, previous)
+        console.print("stopped")
+
+
+def _served_model_name(model: str) -> str:
+    from infergrid.compute.model_store import served_model_name
+
+    return served_model_name(model)
