@@ -126,7 +126,8 @@ def miner(
     ] = None,
     stake: Annotated[float, typer.Option(help="Stake to keep bonded, in BTT.")] = 100.0,
     price_in: Annotated[int, typer.Option(help="Price per prompt token, in wei.")] = 10**12,
-    price_out: Annotated[int, typer.Option(help="Price per completion token, in wei.")] = 2 * 10**12,
+    price_out: Annotated[int, typer.Option(help="Price per completion token, in wei.")] = 2
+    * 10**12,
 ) -> None:
     """Run a miner: load the model, register and stake on-chain (idempotent), serve requests.
 
@@ -237,7 +238,9 @@ def keys_list(
         return
     table = Table("id", "name", "prefix", "created", "revoked")
     for row in rows:
-        table.add_row(*(str(row.get(col) or "") for col in ("id", "name", "prefix", "created", "revoked")))
+        table.add_row(
+            *(str(row.get(col) or "") for col in ("id", "name", "prefix", "created", "revoked"))
+        )
     out.print(table)
 
 
@@ -302,8 +305,12 @@ def chat(
 @app.command()
 @friendly_errors
 def status(
-    chain_rpc: Annotated[str | None, typer.Option(help="EVM JSON-RPC URL (default: devnet's).")] = None,
-    registry: Annotated[str | None, typer.Option(help="NodeRegistry address (default: devnet's).")] = None,
+    chain_rpc: Annotated[
+        str | None, typer.Option(help="EVM JSON-RPC URL (default: devnet's).")
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="NodeRegistry address (default: devnet's).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:

@@ -7,6 +7,7 @@ log under the state directory; the parent watches them and stops them all on Ctr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -135,8 +136,16 @@ class Devnet:
             proc = self._spawn(
                 name,
                 infergrid_command(
-                    "miner", "--model", opts.model, "--host", opts.host, "--port", str(port),
-                    "--stake", str(DEVNET_MINER_STAKE_WEI // WEI_PER_BTT), *common,
+                    "miner",
+                    "--model",
+                    opts.model,
+                    "--host",
+                    opts.host,
+                    "--port",
+                    str(port),
+                    "--stake",
+                    str(DEVNET_MINER_STAKE_WEI // WEI_PER_BTT),
+                    *common,
                 ),
                 env={"INFERGRID_PRIVATE_KEY": keys[FIRST_MINER_KEY_INDEX + index]},
             )
@@ -154,8 +163,16 @@ class Devnet:
         gateway = self._spawn(
             "gateway",
             infergrid_command(
-                "gateway", "--host", opts.host, "--port", str(gateway_port), "--db", str(db_path),
-                "--discovery-interval", str(opts.discovery_interval_s), *common,
+                "gateway",
+                "--host",
+                opts.host,
+                "--port",
+                str(gateway_port),
+                "--db",
+                str(db_path),
+                "--discovery-interval",
+                str(opts.discovery_interval_s),
+                *common,
             ),
             env={"INFERGRID_PRIVATE_KEY": keys[GATEWAY_KEY_INDEX]},
         )
@@ -207,7 +224,9 @@ class Devnet:
         except (OSError, ValueError):
             return False
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env or {})
         proc.start()
         self.processes.append(proc)
@@ -225,9 +244,9 @@ class Devnet:
             for proc in self.processes:
                 if not proc.alive() and proc.name not in reported:
                     reported.add(proc.name)
+                    code = proc.process.returncode if proc.process else "?"
                     self.console.print(
-                        f"[yellow]! {proc.name} exited (code {proc.process.returncode if proc.process else '?'}); "
-                        f"see {proc.log_path}[/yellow]"
+                        f"[yellow]! {proc.name} exited (code {code}); see {proc.log_path}[/yellow]"
                     )
             time.sleep(0.5)
 
@@ -264,16 +283,14 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
         out.print(
             f"  try        curl {info['base_url']}/chat/completions "
             f"-H 'Authorization: Bearer {info['api_key']}' -H 'Content-Type: application/json' "
-            f"-d '{{\"model\": \"{_served_model_name(options.model)}\", "
-            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+            f'-d \'{{"model": "{_served_model_name(options.model)}", '
+            f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
             soft_wrap=True,
         )
         out.print('  or         infergrid chat "What is the capital of France?"')
         out.print("Press Ctrl-C to stop.")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             devnet.watch(lambda: stopping)
-        except KeyboardInterrupt:
-            pass
     finally:
         console.print("stopping the network…")
         devnet.stop()

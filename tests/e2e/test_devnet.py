@@ -1,0 +1,242 @@
+"""End to end: `infergrid up` with real processes on 127.0.0.1, SmolLM2 served by two miners
+registered and staked on the embedded EVM, used through the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import urllib3
+
+from infergrid.protocol.models import DEFAULT_MODEL
+
+from .devnet_process import DevnetProcess, pid_alive
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def devnet(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    net = DevnetProcess(tmp_path_factory.mktemp("devnet"), "--miners", "2")
+    try:
+        net.wait_up()
+        yield net
+    finally:
+        net.stop()
+
+
+@pytest.fixture(scope="module")
+def client(devnet: DevnetProcess) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=devnet.info["base_url"], api_key=devnet.info["api_key"], max_retries=0
+    )
+
+
+def miner_nodes(devnet: DevnetProcess) -> list[dict[str, Any]]:
+    return [node for node in devnet.info["nodes"] if node["name"].startswith("miner")]
+
+
+def cli(devnet: DevnetProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "infergrid.cli", *args, "--state-dir", str(devnet.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_devnet_json_describes_the_network(devnet: DevnetProcess) -> None:
+    info = devnet.info
+    assert info["base_url"].startswith("http://127.0.0.1:") and info["base_url"].endswith("/v1")
+    assert info["api_key"].startswith("ig-")
+    assert info["chain_rpc"].startswith("http://127.0.0.1:")
+    assert isinstance(info["chain_id"], int)
+    assert info["contracts"]["NodeRegistry"].startswith("0x")
+    names = sorted(node["name"] for node in info["nodes"])
+    assert names == ["chain", "gateway", "miner-1", "miner-2"]
+
+
+def test_openai_client_gets_a_correct_answer(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=DEFAULT_MODEL, messages=QUESTION, max_tokens=20, temperature=0
+    )
+    completion = raw.parse()
+    assert raw.headers["x-request-id"]
+    assert completion.id.endswith(raw.headers["x-request-id"])
+    assert "Paris" in (completion.choices[0].message.content or "")
+    assert completion.choices[0].finish_reason in {"stop", "length"}
+    usage = completion.usage
+    assert usage is not None and usage.prompt_tokens > 10 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # The miner's verification extension never reaches a client.
+    assert "infergrid" not in raw.http_response.json()
+
+
+def test_openai_client_streams_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=QUESTION,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert stream.response.headers["x-request-id"]
+    text, content_chunks, usage = "", 0, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            content_chunks += 1
+        if chunk.usage is not None:
+            assert chunk.choices == []
+            usage = chunk.usage
+    assert "Paris" in text
+    assert content_chunks > 1, "the answer should arrive in pieces, not in one chunk"
+    assert usage is not None and usage.completion_tokens >= content_chunks
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=QUESTION, max_tokens=5, stream=True
+    )
+    chunks = list(stream)
+    assert chunks and all(chunk.usage is None for chunk in chunks)
+
+
+def test_legacy_completions(client: openai.OpenAI) -> None:
+    completion = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert completion.choices[0].text
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+def test_models_come_from_the_registry(client: openai.OpenAI) -> None:
+    assert [model.id for model in client.models.list().data] == [DEFAULT_MODEL]
+
+
+def test_logprobs_only_when_asked(client: openai.OpenAI) -> None:
+    plain = client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+    asked = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4, logprobs=True
+    )
+    content = asked.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == asked.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(item.logprob <= 0.0 for item in content)
+
+
+def test_two_miners_share_the_load(devnet: DevnetProcess, client: openai.OpenAI) -> None:
+    def one(_: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=DEFAULT_MODEL, messages=QUESTION, max_tokens=8
+        )
+        raw.parse()
+        return raw.headers["x-infergrid-miner"]
+
+    with ThreadPoolExecutor(4) as pool:
+        served_by = Counter(pool.map(one, range(12)))
+    assert len(served_by) == 2, f"one miner took everything: {served_by}"
+
+
+def test_bad_requests_get_openai_errors(devnet: DevnetProcess) -> None:
+    http = urllib3.PoolManager()
+    url = devnet.info["base_url"] + "/chat/completions"
+    auth = {"authorization": f"Bearer {devnet.info['api_key']}"}
+    good = {"model": DEFAULT_MODEL, "messages": QUESTION, "max_tokens": 4}
+    cases: list[tuple[dict[str, str], bytes, int]] = [
+        (auth, b"{not json", 400),
+        (auth, json.dumps({**good, "model": "no-such-model"}).encode(), 404),
+        ({}, json.dumps(good).encode(), 401),
+        ({"authorization": "Bearer ig-wrong"}, json.dumps(good).encode(), 401),
+        (auth, json.dumps({**good, "max_tokens": 0}).encode(), 400),
+        (auth, json.dumps({**good, "max_tokens": 10**12}).encode(), 400),
+        (auth, json.dumps({**good, "messages": []}).encode(), 400),
+        (auth, json.dumps({**good, "max_tokens": "4"}).encode(), 400),
+    ]
+    for headers, body, status in cases:
+        response = http.request("POST", url, body=body, headers=headers)
+        assert response.status == status, (body, response.data)
+        error = response.json()["error"]
+        assert error["message"] and error["type"]
+        assert response.headers["x-request-id"]
+
+
+def test_status_shows_registered_nodes_with_stake(devnet: DevnetProcess) -> None:
+    result = cli(devnet, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    nodes = json.loads(result.stdout)
+    miners = [node for node in nodes if node["role"] == "miner"]
+    endpoints = {node["endpoint"] for node in miner_nodes(devnet)}
+    assert {node["endpoint"] for node in miners} == endpoints
+    for node in miners:
+        assert node["stake_btt"] == 100.0
+        assert node["health"] == "ok"
+        assert [model["name"] for model in node["models"]] == [DEFAULT_MODEL]
+    assert [node["role"] for node in nodes].count("gateway") == 1
+
+    table = cli(devnet, "status")
+    assert table.returncode == 0 and "miner" in table.stdout and "100.00" in table.stdout
+
+
+def test_chat_command(devnet: DevnetProcess) -> None:
+    result = cli(devnet, "chat", "What is the capital of France?", "--max-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "completion tokens" in result.stderr
+
+
+def test_keys_created_by_the_cli_work_and_revoked_keys_stop(devnet: DevnetProcess) -> None:
+    created = cli(devnet, "keys", "create", "e2e", "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    client = openai.OpenAI(base_url=devnet.info["base_url"], api_key=key["key"], max_retries=0)
+    assert client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=2)
+    assert cli(devnet, "keys", "revoke", key["id"]).returncode == 0
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=2)
+        except openai.AuthenticationError:
+            break
+        assert time.monotonic() < deadline, "revoked key still accepted after 5 s"
+        time.sleep(0.2)
+
+
+def test_a_killed_miner_does_not_stop_service(devnet: DevnetProcess, client: openai.OpenAI) -> None:
+    # Runs last in this module: it leaves the devnet with one miner.
+    victim = miner_nodes(devnet)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(victim["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    served_by = Counter()
+    for _ in range(6):
+        raw = client.chat.completions.with_raw_response.create(
+            model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4
+        )
+        assert raw.parse().choices[0].message.content is not None
+        served_by[raw.headers["x-infergrid-miner"]] += 1
+    assert len(served_by) == 1
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    net = DevnetProcess(tmp_path / "net", "--miners", "1", "--model", "tiny")
+    net.wait_up()
+    pids = net.node_pids()
+    assert len(pids) == 3 and all(pid_alive(pid) for pid in pids)
+    assert net.stop() == 0
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert not (tmp_path / "net" / "devnet.json").exists()
