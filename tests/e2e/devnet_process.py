@@ -48,6 +48,15 @@ class DevnetProcess:
         self.stop()
         raise RuntimeError(f"`infergrid up` not ready after {START_TIMEOUT_S} s:\n{self.log()}")
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run an `infergrid` command against this network, as a user in another terminal."""
+        return subprocess.run(
+            [sys.executable, "-m", "infergrid.cli", *args, "--state-dir", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     def node_pids(self) -> list[int]:
         return [node["pid"] for node in self.info.get("nodes", [])]
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -46,15 +44,6 @@ def client(devnet: DevnetProcess) -> openai.OpenAI:
 
 def miner_nodes(devnet: DevnetProcess) -> list[dict[str, Any]]:
     return [node for node in devnet.info["nodes"] if node["name"].startswith("miner")]
-
-
-def cli(devnet: DevnetProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "infergrid.cli", *args, "--state-dir", str(devnet.state_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_devnet_json_describes_the_network(devnet: DevnetProcess) -> None:
@@ -175,7 +164,7 @@ def test_bad_requests_get_openai_errors(devnet: DevnetProcess) -> None:
 
 
 def test_status_shows_registered_nodes_with_stake(devnet: DevnetProcess) -> None:
-    result = cli(devnet, "status", "--json")
+    result = devnet.cli("status", "--json")
     assert result.returncode == 0, result.stderr
     nodes = json.loads(result.stdout)
     miners = [node for node in nodes if node["role"] == "miner"]
@@ -187,24 +176,24 @@ def test_status_shows_registered_nodes_with_stake(devnet: DevnetProcess) -> None
         assert [model["name"] for model in node["models"]] == [DEFAULT_MODEL]
     assert [node["role"] for node in nodes].count("gateway") == 1
 
-    table = cli(devnet, "status")
+    table = devnet.cli("status")
     assert table.returncode == 0 and "miner" in table.stdout and "100.00" in table.stdout
 
 
 def test_chat_command(devnet: DevnetProcess) -> None:
-    result = cli(devnet, "chat", "What is the capital of France?", "--max-tokens", "20")
+    result = devnet.cli("chat", "What is the capital of France?", "--max-tokens", "20")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "completion tokens" in result.stderr
 
 
 def test_keys_created_by_the_cli_work_and_revoked_keys_stop(devnet: DevnetProcess) -> None:
-    created = cli(devnet, "keys", "create", "e2e", "--json")
+    created = devnet.cli("keys", "create", "e2e", "--json")
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)
     client = openai.OpenAI(base_url=devnet.info["base_url"], api_key=key["key"], max_retries=0)
     assert client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=2)
-    assert cli(devnet, "keys", "revoke", key["id"]).returncode == 0
+    assert devnet.cli("keys", "revoke", key["id"]).returncode == 0
     deadline = time.monotonic() + 5
     while True:
         try:

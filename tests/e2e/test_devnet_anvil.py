@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import openai
@@ -35,13 +33,7 @@ def test_devnet_runs_on_an_external_chain(anvil_rpc: str, tmp_path: Path) -> Non
         )
         assert completion.usage is not None and completion.usage.completion_tokens > 0
 
-        status = subprocess.run(
-            [sys.executable, "-m", "infergrid.cli", "status", "--json"]
-            + ["--state-dir", str(net.state_dir)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        status = net.cli("status", "--json")
         assert status.returncode == 0, status.stderr
         miners = [node for node in json.loads(status.stdout) if node["role"] == "miner"]
         assert len(miners) == 1 and miners[0]["stake_btt"] == 100.0 and miners[0]["health"] == "ok"
