@@ -89,7 +89,7 @@ class Devnet:
 
     def start(self) -> dict[str, Any]:
         from infergrid.app.keys import KeyStore
-        from infergrid.settle.chain import Chain, dev_private_keys
+        from infergrid.settle.chain import Chain, as_account, dev_private_keys
         from infergrid.settle.registry import deploy_registry
 
         opts = self.options
@@ -120,8 +120,12 @@ class Devnet:
                 {role: DEVNET_MIN_STAKE_WEI for role in Role},
                 DEVNET_UNBONDING_DELAY_S,
             )
+            # Dev chains fund these accounts already; an external chain may not.
             for key in keys[GATEWAY_KEY_INDEX:]:
-                chain.ensure_balance(deployer, key, NODE_FUNDING_WEI)
+                address = as_account(key).address
+                shortfall = NODE_FUNDING_WEI - chain.balance(address)
+                if shortfall > 0:
+                    chain.transfer(deployer, address, shortfall)
         self._done(f"contracts  NodeRegistry {registry_address} (chain id {chain.chain_id})")
 
         if opts.model != "tiny":

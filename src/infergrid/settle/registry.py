@@ -1,0 +1,378 @@
+"""The NodeRegistry contract from Python: deployment, node operations, discovery.
+
+Gateways call `Registry.nodes()` every few seconds to find miners; it costs one RPC for the
+block number plus one per page of 32 nodes, all read at that one block so that a node moving in
+the list between pages is neither skipped nor seen twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from eth_utils import is_address, to_checksum_address
+from hexbytes import HexBytes
+from web3.contract import Contract
+from web3.types import TxReceipt
+
+from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
+from infergrid.settle.build import load_artifact
+from infergrid.settle.chain import Chain, PrivateKey, as_account
+
+CONTRACT_NAME = "NodeRegistry"
+MAX_MODELS = 16
+MAX_ENDPOINT_BYTES = 256
+MAX_MODEL_NAME_BYTES = 64
+UINT256_MAX = 2**256 - 1
+
+# The tuple the contract's ModelOffer struct encodes to: (name, model_id, price_in, price_out).
+OfferTuple: TypeAlias = tuple[str, bytes, int, int]
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    name: str
+    args: dict[str, Any]
+
+
+# --- pure conversions between protocol types and contract values --------------------------
+
+
+def offer_to_tuple(offer: ModelOffer) -> OfferTuple:
+    """Validate `offer` and encode it for the contract; raises ValueError on bad input."""
+    name_bytes = offer.name.encode()
+    if not name_bytes:
+        raise ValueError("model name is empty")
+    if len(name_bytes) > MAX_MODEL_NAME_BYTES:
+        raise ValueError(f"model name {offer.name!r} is over {MAX_MODEL_NAME_BYTES} bytes")
+    try:
+        model_id = bytes(HexBytes(offer.model_id))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model id {offer.model_id!r} is not hex") from exc
+    if len(model_id) != 32:
+        raise ValueError(f"model id {offer.model_id!r} is not 32 bytes")
+    for label, price in (("input", offer.price_in_wei), ("output", offer.price_out_wei)):
+        if not isinstance(price, int) or isinstance(price, bool):
+            raise ValueError(f"{label} price must be an int (wei per token)")
+        if not 0 <= price <= UINT256_MAX:
+            raise ValueError(f"{label} price {price} is out of range")
+    return (offer.name, model_id, offer.price_in_wei, offer.price_out_wei)
+
+
+def offer_from_tuple(value: Sequence[Any]) -> ModelOffer:
+    name, model_id, price_in, price_out = value
+    return ModelOffer(
+        name=name,
+        model_id="0x" + bytes(model_id).hex(),
+        price_in_wei=int(price_in),
+        price_out_wei=int(price_out),
+    )
+
+
+def check_endpoint(endpoint: str) -> str:
+    size = len(endpoint.encode())
+    if size == 0:
+        raise ValueError("endpoint is empty")
+    if size > MAX_ENDPOINT_BYTES:
+        raise ValueError(f"endpoint is over {MAX_ENDPOINT_BYTES} bytes")
+    return endpoint
+
+
+def check_address(address: str, what: str) -> str:
+    if not isinstance(address, str) or not is_address(address):
+        raise ValueError(f"{what} {address!r} is not an address")
+    return to_checksum_address(address)
+
+
+def check_models(models: Iterable[ModelOffer]) -> list[OfferTuple]:
+    offers = [offer_to_tuple(offer) for offer in models]
+    if len(offers) > MAX_MODELS:
+        raise ValueError(f"at most {MAX_MODELS} models per node")
+    ids = [offer[1] for offer in offers]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the same model id is offered twice")
+    return offers
+
+
+def record_from_view(value: Sequence[Any]) -> NodeRecord | None:
+    """A NodeRecord from the contract's NodeView tuple; None where no node is registered."""
+    owner, role, endpoint, signer, models, stake, unbonding, unbond_at, active = value
+    if int(role) == 0:
+        return None
+    return NodeRecord(
+        owner=to_checksum_address(owner),
+        role=Role(int(role)),
+        endpoint=endpoint,
+        signer=to_checksum_address(signer),
+        models=tuple(offer_from_tuple(m) for m in models),
+        stake_wei=int(stake),
+        unbonding_wei=int(unbonding),
+        unbond_at=int(unbond_at),
+        active=bool(active),
+    )
+
+
+def same_models(a: Sequence[ModelOffer], b: Sequence[ModelOffer]) -> bool:
+    # Model ids are hex: compare them case-insensitively, everything else exactly, in order.
+    def norm(offers: Sequence[ModelOffer]) -> list[OfferTuple]:
+        return [offer_to_tuple(o) for o in offers]
+
+    return norm(a) == norm(b)
+
+
+# --- deployment -----------------------------------------------------------------------------
+
+
+def deploy_registry(
+    chain: Chain,
+    deployer_key: PrivateKey,
+    min_stakes: dict[Role, int],
+    unbonding_delay_s: int,
+) -> str:
+    """Deploy a NodeRegistry; the deployer becomes its admin. Returns the address."""
+    missing = [role.name.lower() for role in Role if role not in min_stakes]
+    if missing:
+        raise ValueError(f"min_stakes lacks a minimum for: {', '.join(missing)}")
+    for role, amount in min_stakes.items():
+        if amount <= 0:
+            raise ValueError(f"min stake for {Role(role).name.lower()} must be positive")
+    if unbonding_delay_s < 0:
+        raise ValueError("unbonding delay must be non-negative")
+    artifact = load_artifact(CONTRACT_NAME)
+    return chain.deploy(
+        deployer_key,
+        artifact.abi,
+        artifact.bytecode,
+        min_stakes[Role.MINER],
+        min_stakes[Role.VERIFIER],
+        min_stakes[Role.GATEWAY],
+        unbonding_delay_s,
+    )
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+class Registry:
+    """A deployed NodeRegistry. Writes take the node owner's key and return the receipt;
+    reverts raise `ContractRevert` with the contract's reason."""
+
+    def __init__(self, chain: Chain, address: str) -> None:
+        self.chain = chain
+        self.address = check_address(address, "registry address")
+        self.contract: Contract = chain.contract(self.address, load_artifact(CONTRACT_NAME).abi)
+        self._min_stakes: dict[Role, int] = {}
+        self._unbonding_delay: int | None = None
+        self._page_size: int | None = None
+
+    # --- parameters (immutable in the contract, so read once) ---
+
+    def min_stake(self, role: Role) -> int:
+        role = Role(role)
+        if role not in self._min_stakes:
+            self._min_stakes[role] = int(
+                self.chain.call(self.contract.functions.min_stake(int(role)))
+            )
+        return self._min_stakes[role]
+
+    def unbonding_delay(self) -> int:
+        if self._unbonding_delay is None:
+            self._unbonding_delay = int(self.chain.call(self.contract.functions.unbonding_delay()))
+        return self._unbonding_delay
+
+    def page_size(self) -> int:
+        if self._page_size is None:
+            self._page_size = int(self.chain.call(self.contract.functions.max_page()))
+        return self._page_size
+
+    def admin(self) -> str:
+        return to_checksum_address(self.chain.call(self.contract.functions.admin()))
+
+    def slasher(self) -> str:
+        return to_checksum_address(self.chain.call(self.contract.functions.slasher()))
+
+    def credits(self, recipient: str) -> int:
+        address = check_address(recipient, "recipient")
+        return int(self.chain.call(self.contract.functions.credits(address)))
+
+    # --- reads ---
+
+    def node(self, owner: str) -> NodeRecord | None:
+        address = check_address(owner, "owner")
+        return record_from_view(self.chain.call(self.contract.functions.get_node(address)))
+
+    def node_count(self) -> int:
+        return int(self.chain.call(self.contract.functions.node_count()))
+
+    def nodes(self, active_only: bool = True, role: Role | None = None) -> list[NodeRecord]:
+        """Every listed node (those active or still holding funds), in list order.
+
+        With `active_only`, only nodes that are active and hold at least their role's minimum
+        stake: a slashed node below the minimum stays registered but must not get traffic.
+        """
+        block = self.chain.block_number()
+        page = self.page_size()
+        records: list[NodeRecord] = []
+        start = 0
+        while True:
+            batch = self.chain.call(self.contract.functions.get_nodes(start, page), block)
+            for value in batch:
+                record = record_from_view(value)
+                if record is not None:
+                    records.append(record)
+            if len(batch) < page:
+                break
+            start += page
+        if role is not None:
+            records = [r for r in records if r.role == role]
+        if active_only:
+            records = [r for r in records if r.active and r.stake_wei >= self.min_stake(r.role)]
+        return records
+
+    def events(self, receipt: TxReceipt) -> list[RegistryEvent]:
+        """The registry events a transaction emitted, in log order."""
+        found: list[tuple[int, RegistryEvent]] = []
+        for log in receipt["logs"]:
+            if to_checksum_address(log["address"]) != self.address:
+                continue
+            for event in self.contract.events:
+                try:
+                    decoded = event.process_log(log)
+                except Exception:  # not this event's signature
+                    continue
+                found.append(
+                    (int(log["logIndex"]), RegistryEvent(decoded["event"], dict(decoded["args"])))
+                )
+                break
+        return [event for _, event in sorted(found, key=lambda item: item[0])]
+
+    # --- node operations ---
+
+    def register(
+        self,
+        key: PrivateKey,
+        role: Role,
+        endpoint: str,
+        signer: str,
+        models: Sequence[ModelOffer],
+        stake_wei: int,
+    ) -> TxReceipt:
+        offers = check_models(models)
+        return self.chain.send(
+            key,
+            self.contract,
+            "register",
+            int(Role(role)),
+            check_endpoint(endpoint),
+            check_address(signer, "signer"),
+            offers,
+            value=_amount(stake_wei, "stake"),
+        )
+
+    def update(
+        self, key: PrivateKey, endpoint: str, signer: str, models: Sequence[ModelOffer]
+    ) -> TxReceipt:
+        offers = check_models(models)
+        return self.chain.send(
+            key,
+            self.contract,
+            "update",
+            check_endpoint(endpoint),
+            check_address(signer, "signer"),
+            offers,
+        )
+
+    def stake(self, key: PrivateKey, amount_wei: int) -> TxReceipt:
+        return self.chain.send(key, self.contract, "stake", value=_amount(amount_wei, "stake"))
+
+    def request_unbonding(self, key: PrivateKey, amount_wei: int) -> TxReceipt:
+        return self.chain.send(
+            key, self.contract, "request_unbonding", _amount(amount_wei, "amount")
+        )
+
+    def withdraw(self, key: PrivateKey) -> TxReceipt:
+        return self.chain.send(key, self.contract, "withdraw")
+
+    def deregister(self, key: PrivateKey) -> TxReceipt:
+        return self.chain.send(key, self.contract, "deregister")
+
+    def claim(self, key: PrivateKey) -> TxReceipt:
+        """Collect slashed stake credited to the key's address."""
+        return self.chain.send(key, self.contract, "claim")
+
+    def ensure_registered(
+        self,
+        key: PrivateKey,
+        role: Role,
+        endpoint: str,
+        signer: str,
+        models: Sequence[ModelOffer],
+        stake_wei: int,
+    ) -> NodeRecord:
+        """Make the chain say what this node says, sending only the transactions needed.
+
+        Safe to call at every start: registers if the key has no active node; otherwise
+        updates endpoint, signer and models where they differ and tops the stake up to
+        `stake_wei`. Stake above `stake_wei` is left alone (unbonding is a deliberate act).
+        A node registered under another role raises ValueError: roles do not change in place.
+        """
+        role = Role(role)
+        owner = as_account(key).address
+        signer = check_address(signer, "signer")
+        check_endpoint(endpoint)
+        check_models(models)
+        _amount(stake_wei, "stake")
+        current = self.node(owner)
+        if current is None or not current.active:
+            self.register(key, role, endpoint, signer, models, stake_wei)
+        else:
+            if current.role != role:
+                raise ValueError(
+                    f"{owner} is registered as {current.role.name.lower()}, not "
+                    f"{role.name.lower()}; deregister it first"
+                )
+            if (
+                current.endpoint != endpoint
+                or current.signer != signer
+                or not same_models(current.models, models)
+            ):
+                self.update(key, endpoint, signer, models)
+            if current.stake_wei < stake_wei:
+                self.stake(key, stake_wei - current.stake_wei)
+        record = self.node(owner)
+        assert record is not None  # it was just registered
+        return record
+
+    # --- administration (the deployer, then whoever it hands over to) ---
+
+    def set_slasher(self, admin_key: PrivateKey, slasher: str) -> TxReceipt:
+        return self.chain.send(
+            admin_key, self.contract, "set_slasher", check_address(slasher, "slasher")
+        )
+
+    def transfer_admin(self, admin_key: PrivateKey, new_admin: str) -> TxReceipt:
+        return self.chain.send(
+            admin_key, self.contract, "transfer_admin", check_address(new_admin, "admin")
+        )
+
+    def slash(
+        self, slasher_key: PrivateKey, owner: str, amount_wei: int, recipient: str
+    ) -> TxReceipt:
+        """Slash up to `amount_wei` of `owner`'s stake (for tests and the dispute manager)."""
+        return self.chain.send(
+            slasher_key,
+            self.contract,
+            "slash",
+            check_address(owner, "owner"),
+            _amount(amount_wei, "amount"),
+            check_address(recipient, "recipient"),
+        )
+
+
+def _amount(value: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an int amount of wei")
+    if not 0 <= value <= UINT256_MAX:
+        raise ValueError(f"{what} {value} is out of range")
+    return value
