@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -232,22 +233,27 @@ def keys_list(
     from infergrid.app.keys import KeyStore
 
     records = KeyStore(_key_db(db, state_dir)).list()
-    rows = [_key_row(record) for record in records]
+    rows = [
+        {
+            "id": record.key_id,
+            "name": record.name,
+            "hint": record.hint,
+            "created": _iso_time(record.created_at),
+            "revoked": _iso_time(record.revoked_at) if record.revoked_at else None,
+        }
+        for record in records
+    ]
     if as_json:
         out.print_json(data=rows)
         return
-    table = Table("id", "name", "prefix", "created", "revoked")
+    table = Table(*rows[0].keys()) if rows else Table("id", "name", "hint", "created", "revoked")
     for row in rows:
-        table.add_row(
-            *(str(row.get(col) or "") for col in ("id", "name", "prefix", "created", "revoked"))
-        )
+        table.add_row(*(str(value or "") for value in row.values()))
     out.print(table)
 
 
-def _key_row(record: Any) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(record) if is_dataclass(record) else dict(record)
+def _iso_time(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time, UTC).isoformat(timespec="seconds")
 
 
 @keys_app.command("revoke")

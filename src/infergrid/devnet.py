@@ -206,10 +206,10 @@ class Devnet:
 
     def _prepare_model(self, model: str) -> None:
         # Done once here so that N miners starting together don't each dequantize the weights.
-        from infergrid.compute.model_store import prepare_model
+        from infergrid.compute.model_store import resolve_model_dir
 
         with self.console.status(f"preparing {model} (first run dequantizes GGUF, ~20 s)"):
-            prepare_model(model, quiet=True)
+            resolve_model_dir(model, quiet=True)
         self._done(f"model      {model} cached")
 
     @staticmethod
@@ -271,7 +271,9 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
         nonlocal stopping
         stopping = True
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
+    # SIGHUP too: a closed terminal must take the children down with the parent.
+    stop_signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, request_stop) for signum in stop_signals}
     try:
         try:
             info = devnet.start()
@@ -298,7 +300,8 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
     finally:
         console.print("stopping the network…")
         devnet.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         console.print("stopped")
 
 

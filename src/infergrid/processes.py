@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +65,16 @@ def health_ok(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, even by kill -9,
+    so a crashed `infergrid up` leaves no node running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's own cleanup still applies
+        pass
+
+
 @dataclass
 class ManagedProcess:
     """One child: its command, its log file, and how to stop it."""
@@ -85,6 +97,7 @@ class ManagedProcess:
             # Own process group: Ctrl-C in the terminal reaches only `infergrid up`, which then
             # stops the children in order instead of all of them dying at once.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 

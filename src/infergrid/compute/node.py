@@ -26,15 +26,15 @@ class MinerSettings:
 
 def run_miner(settings: MinerSettings, console: Console) -> None:
     from infergrid.compute.miner_server import create_miner_app, run_miner_server
-    from infergrid.compute.model_store import load_engine
+    from infergrid.compute.transformers_engine import TransformersEngine
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
 
     owner = Account.from_key(settings.private_key).address
     console.print(f"miner {owner}: loading {settings.model}")
-    engine = load_engine(settings.model)
+    engine = TransformersEngine.load(settings.model)
     offer = ModelOffer(
-        name=engine.model_name,
+        name=engine.name,
         model_id=engine.model_id,
         price_in_wei=settings.price_in_wei,
         price_out_wei=settings.price_out_wei,

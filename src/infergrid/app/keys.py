@@ -1,0 +1,213 @@
+"""API keys: created and revoked by the CLI, verified by the gateway, stored in SQLite.
+
+Only a SHA-256 of each secret is stored. That is enough because secrets carry 256 random bits:
+there is nothing to brute-force, so a slow password hash would only slow the hot path.
+
+The gateway and the CLI share one database file (WAL mode, so neither blocks the other). The
+gateway keeps every live key's hash in memory and verifies with a dict lookup; it re-reads the
+table only when SQLite's `data_version` says another connection committed, which it checks on
+every unknown key and at most every `refresh_s` otherwise. A key revoked from another process
+therefore stops working within `refresh_s` (0.25 s by default), and a new key works at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SECRET_PREFIX = "ig-"
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_id      TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        secret_hash BLOB NOT NULL UNIQUE,
+        hint        TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        revoked_at  REAL
+    )""",
+    # Bumped with every key change. The file may hold other tables (traces), whose commits
+    # also move data_version; this row tells a key change from those without a reload.
+    """CREATE TABLE IF NOT EXISTS api_keys_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 0),
+        version INTEGER NOT NULL
+    )""",
+    "INSERT OR IGNORE INTO api_keys_version (id, version) VALUES (0, 0)",
+]
+_BUMP = "UPDATE api_keys_version SET version = version + 1 WHERE id = 0"
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    name: str
+    hint: str  # "ig-…wxyz": enough for an operator to tell keys apart, useless to an attacker
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def mask_secret(secret: str) -> str:
+    """How an error message may quote a presented key without echoing it."""
+    if len(secret) <= 12:
+        return "****"
+    return f"{secret[:5]}****{secret[-4:]}"
+
+
+def connect(db_path: str | Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A WAL-mode connection shared by this module and traces.py."""
+    path = Path(db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we issue BEGIN ourselves, so nothing holds a write lock by accident.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class KeyStore:
+    """API keys in one SQLite file; safe to open from several processes at once."""
+
+    def __init__(self, db_path: str | Path, *, refresh_s: float = 0.25) -> None:
+        self.db_path = Path(db_path)
+        self.refresh_s = refresh_s
+        self._conn = connect(self.db_path)
+        for statement in _SCHEMA:
+            self._conn.execute(statement)
+        self._lock = threading.Lock()
+        self._live: dict[bytes, KeyRecord] = {}
+        self._data_version = -1
+        self._keys_version = -1
+        self._checked_at = float("-inf")
+        self._reload()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- CLI side ----------------------------------------------------------------------------
+
+    def create(self, name: str) -> tuple[str, str]:
+        """Make a key; returns (key_id, secret). The secret exists only in this return value."""
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        record = KeyRecord(
+            key_id=key_id,
+            name=name,
+            hint=f"{SECRET_PREFIX}…{secret[-4:]}",
+            created_at=time.time(),
+        )
+        digest = hash_secret(secret)
+        with self._lock, self._transaction():
+            self._conn.execute(
+                "INSERT INTO api_keys (key_id, name, secret_hash, hint, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (record.key_id, record.name, digest, record.hint, record.created_at),
+            )
+            self._conn.execute(_BUMP)
+            self._live[digest] = record
+        return key_id, secret
+
+    def list(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key_id, name, hint, created_at, revoked_at FROM api_keys"
+                " ORDER BY created_at, key_id"
+            ).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT key_id, name, hint, created_at, revoked_at FROM api_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+        return KeyRecord(*row) if row else None
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key; False if no active key has that id."""
+        with self._lock, self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (time.time(), key_id),
+            )
+            changed = cursor.rowcount > 0
+            if changed:
+                self._conn.execute(_BUMP)
+                self._live = {h: r for h, r in self._live.items() if r.key_id != key_id}
+        return changed
+
+    # -- gateway side ------------------------------------------------------------------------
+
+    def verify(self, secret: str) -> KeyRecord | None:
+        """The active key with this secret, or None. Microseconds: a hash and a dict lookup."""
+        if not secret.startswith(SECRET_PREFIX):
+            return None
+        digest = hash_secret(secret)
+        now = time.monotonic()
+        record = self._live.get(digest)
+        # A miss may be a key created a moment ago by the CLI, so a miss always re-checks; a hit
+        # re-checks only every refresh_s, which bounds how long a revoked key keeps working.
+        if record is None or now - self._checked_at >= self.refresh_s:
+            self._refresh(now)
+            record = self._live.get(digest)
+        return record
+
+    def _refresh(self, now: float) -> None:
+        with self._lock:
+            self._checked_at = now
+            # data_version moves only when another connection commits: a few microseconds to
+            # learn that nothing changed, which is the common case.
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            if version == self._data_version:
+                return
+            self._data_version = version
+            if self._read_keys_version() != self._keys_version:
+                self._reload_locked()
+
+    def _reload(self) -> None:
+        with self._lock:
+            (self._data_version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            self._reload_locked()
+            self._checked_at = time.monotonic()
+
+    def _read_keys_version(self) -> int:
+        (version,) = self._conn.execute(
+            "SELECT version FROM api_keys_version WHERE id = 0"
+        ).fetchone()
+        return int(version)
+
+    def _reload_locked(self) -> None:
+        # One read transaction, so the version and the rows agree.
+        with self._transaction():
+            self._keys_version = self._read_keys_version()
+            rows = self._conn.execute(
+                "SELECT secret_hash, key_id, name, hint, created_at, revoked_at FROM api_keys"
+                " WHERE revoked_at IS NULL"
+            ).fetchall()
+        self._live = {bytes(row[0]): KeyRecord(*row[1:]) for row in rows}
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")

@@ -1,0 +1,82 @@
+"""Prometheus metrics of one gateway, in a registry of its own (tests run several gateways)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+from infergrid.app.miners import MinerPool
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, pool: MinerPool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._pool = pool
+        r = self.registry
+        self.requests = Counter(
+            "infergrid_gateway_requests",
+            "Requests answered, by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "infergrid_gateway_request_seconds",
+            "Time until the response finished, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "infergrid_gateway_ttft_seconds",
+            "Time to first token of streamed requests.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "infergrid_gateway_tokens", "Tokens metered, by kind.", ["kind"], registry=r
+        )
+        self.failovers = Counter(
+            "infergrid_gateway_failovers",
+            "Miner attempts that failed before the first token and were retried elsewhere.",
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "infergrid_gateway_stream_errors",
+            "Streams that broke after the first token.",
+            registry=r,
+        )
+        inflight = Gauge("infergrid_gateway_inflight", "Requests in flight to miners.", registry=r)
+        # Read from the pool's own counts at scrape time: nothing to update per request.
+        inflight.set_function(lambda: sum(m.inflight for m in self._pool.miners()))
+        miners = Gauge(
+            "infergrid_gateway_miners",
+            "Registered active miners, by health.",
+            ["state"],
+            registry=r,
+        )
+        miners.labels("healthy").set_function(lambda: self._count(True))
+        miners.labels("unhealthy").set_function(lambda: self._count(False))
+        miners.labels("unchecked").set_function(lambda: self._count(None))
+        self._children: dict[tuple[str, int], MetricWrapperBase] = {}
+        self._latency_children: dict[str, Histogram] = {}
+        self.prompt_tokens = self.tokens.labels("prompt")
+        self.completion_tokens = self.tokens.labels("completion")
+
+    def _count(self, healthy: bool | None) -> int:
+        return sum(1 for m in self._pool.miners() if m.healthy is healthy)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        # labels() takes a lock and builds a tuple each time; the children are few, keep them.
+        child = self._children.get((route, status))
+        if child is None:
+            child = self._children[(route, status)] = self.requests.labels(route, str(status))
+        child.inc()  # type: ignore[attr-defined]
+        hist = self._latency_children.get(route)
+        if hist is None:
+            hist = self._latency_children[route] = self.latency.labels(route)
+        hist.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

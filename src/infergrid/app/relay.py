@@ -1,0 +1,191 @@
+"""Pure transformations between what a client sends/gets and what a miner sends/gets.
+
+No I/O here, so every rule the gateway applies to a body is testable on plain dicts: the seed and
+usage it adds on the way in, the `infergrid` extension and unrequested logprobs it removes on the
+way out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from infergrid.protocol.openai_types import APIError, error_body
+from infergrid.protocol.wire import EXTENSION_KEY
+
+# One encoder, built once: json.dumps with non-default options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+SEED_BITS = 63  # fits a signed 64-bit integer, whatever the miner's RNG takes
+
+
+def encode(obj: Any) -> bytes:
+    return _encode(obj).encode()
+
+
+# Deeper than any real request or answer. The limit is not about cost: json's C decoder recurses
+# on the C stack, and eth_account (via py_ecc) raises Python's recursion limit to 100000 in any
+# process that imports it, so a ~100 KB body of "[[[[…" would crash the process instead of
+# raising RecursionError. Bodies come from clients and from permissionless miners alike.
+MAX_JSON_DEPTH = 128
+# One token per string or bracket. Strings are matched possessively with an optional closing
+# quote, so every quote starts at most one scan: linear time even on hostile input.
+_JSON_STRUCTURE = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+_OPEN = frozenset(b"[{")
+
+
+def too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text nests arrays/objects deeper than `limit`."""
+    # Fast path, two C-speed scans: fewer openers than the limit cannot nest deeper than it.
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for match in _JSON_STRUCTURE.finditer(raw):
+        first = match.group()[0]
+        if first in _OPEN:
+            depth += 1
+            if depth > limit:
+                return True
+        elif first != 0x22:  # a closing bracket, not a string
+            depth -= 1
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(raw: bytes, *, strict: bool = True) -> Any:
+    """json.loads for untrusted bytes, with bounded nesting; `strict` also refuses NaN and
+    Infinity (clients must send real JSON; a miner's -Infinity logprob passes through).
+
+    Raises ValueError (UnicodeDecodeError included) on anything else.
+    """
+    if too_deep(raw):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if strict:
+        return json.loads(raw, parse_constant=_reject_constant)
+    return json.loads(raw)
+
+
+def decode_request_json(raw: bytes) -> Any:
+    """Decode a client's body; anything that is not strict JSON is a 400, never a 500."""
+    try:
+        return loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
+        raise APIError(
+            400,
+            "We could not parse the JSON body of your request. The API expects a JSON payload,"
+            f" but what was sent was not valid JSON ({type(exc).__name__}).",
+            code="invalid_json",
+        ) from None
+
+
+def upstream_body(body: dict[str, Any], *, stream: bool, seed: int) -> tuple[bytes, int]:
+    """The body to send the miner, and the seed it will sample with.
+
+    The client's own fields pass through untouched (the miner validates them the same way);
+    the gateway only fills in a seed when none was given and, when streaming, always asks for
+    the usage chunk, because metering needs it whether or not the client does.
+    """
+    if body.get("seed") is None:
+        body["seed"] = seed
+    if stream:
+        options = body.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        options["include_usage"] = True
+        body["stream_options"] = options
+    return encode(body), body["seed"]
+
+
+def usage_of(obj: dict[str, Any]) -> tuple[int | None, int | None]:
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None, None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (
+        prompt if isinstance(prompt, int) else None,
+        completion if isinstance(completion, int) else None,
+    )
+
+
+def _clean_choices(obj: dict[str, Any], wants_logprobs: bool) -> None:
+    if wants_logprobs:
+        return
+    # The miner already omits logprobs nobody asked for; this keeps a miner that does not
+    # from leaking them (and their cost on the wire) to clients.
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("logprobs") is not None:
+                choice["logprobs"] = None
+
+
+def client_view(
+    obj: dict[str, Any], *, wants_logprobs: bool, drop_usage: bool = False
+) -> dict[str, Any]:
+    """A miner's answer or streamed chunk as the client may see it (mutates and returns obj).
+
+    `drop_usage` is for the chunks of a stream whose client did not ask for usage: the gateway
+    asked on its behalf, which makes a miner add `"usage": null` to every chunk as OpenAI does,
+    and that client would not have seen it.
+    """
+    obj.pop(EXTENSION_KEY, None)
+    if drop_usage:
+        obj.pop("usage", None)
+    _clean_choices(obj, wants_logprobs)
+    return obj
+
+
+def is_usage_chunk(obj: dict[str, Any]) -> bool:
+    return obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+def carries_output(obj: dict[str, Any]) -> bool:
+    """Whether a chunk commits the stream: content, a finish, usage or an error.
+
+    Until one arrives the gateway holds the stream back, so a miner that dies after only a
+    role-announcing chunk can still be replaced without the client noticing.
+    """
+    if "error" in obj or is_usage_chunk(obj):
+        return True
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return True  # not a shape we understand: do not hold it back
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return True
+        if choice.get("finish_reason") is not None or choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+            return True
+    return False
+
+
+def error_message(raw: bytes) -> str | None:
+    """The message of an OpenAI-shaped error body, or None if `raw` is not one."""
+    try:
+        body = loads(raw, strict=False)
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
+def sse_event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + encode(obj) + b"\n\n"
+
+
+def stream_error_event(message: str, *, code: str = "miner_failed") -> bytes:
+    """The event that ends a stream the gateway cannot finish; OpenAI clients raise on it."""
+    return sse_event(error_body(message, type="server_error", code=code))
+
+
+def parse_sse_data(line: bytes) -> bytes | None:
+    """The payload of an SSE `data:` line, or None for any other line (comments, blanks)."""
+    if not line.startswith(b"data:"):
+        return None
+    return line[5:].strip()

@@ -1,0 +1,158 @@
+"""Per-request traces in SQLite, written in batches off the request path.
+
+`record()` only appends to an in-memory queue; a background task flushes the queue in one
+transaction every ~100 ms (in a worker thread, so disk waits never stall the event loop) and once
+more on shutdown. A trace is an operator's record, not a receipt: losing the last 100 ms of them
+in a crash is the accepted price of not paying a disk write per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from infergrid.app.keys import connect
+
+log = logging.getLogger(__name__)
+
+# Beyond this many unflushed traces the oldest are dropped (and counted) rather than letting a
+# stuck disk grow the gateway's memory without bound.
+MAX_PENDING = 100_000
+
+
+@dataclass(slots=True)
+class Trace:
+    request_id: str
+    key_id: str | None
+    model: str | None
+    route: str  # the API path the client called
+    stream: bool
+    created_at: float  # unix time the gateway received the request
+    # HTTP status the client got; 502 for a stream that broke after its headers went out and
+    # 499 for a client that hung up, as nginx counts them.
+    status: int
+    miner: str | None = None  # registry owner address of the miner that served
+    miner_endpoint: str | None = None
+    seed: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None  # streamed requests only: until the first content chunk
+    total_ms: float | None = None
+    attempts: int = 0  # miners tried; more than one means failover happened
+    error: str | None = None
+
+
+_COLUMNS = [f.name for f in fields(Trace)]
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS traces (
+    {", ".join(_COLUMNS)},
+    PRIMARY KEY (request_id)
+)
+"""
+_INSERT = (
+    f"INSERT OR REPLACE INTO traces ({', '.join(_COLUMNS)})"
+    f" VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM traces"
+
+
+def _row_to_trace(row: tuple[object, ...]) -> Trace:
+    trace = Trace(*row)  # type: ignore[arg-type]
+    trace.stream = bool(trace.stream)
+    return trace
+
+
+class TraceStore:
+    """Durable traces with a batched writer; also what the CLI reads them through."""
+
+    def __init__(self, db_path: str | Path, *, flush_interval_s: float = 0.1) -> None:
+        self.db_path = Path(db_path)
+        self.flush_interval_s = flush_interval_s
+        # NORMAL is durable across process crashes in WAL mode; only power loss can cost the
+        # last transactions, which is acceptable for traces (see module docstring).
+        self._conn = connect(self.db_path, synchronous="NORMAL")
+        self._conn.execute(_SCHEMA)
+        self._conn.execute("CREATE INDEX IF NOT EXISTS traces_created ON traces (created_at)")
+        self._lock = threading.Lock()
+        self._pending: deque[Trace] = deque()
+        self.dropped = 0
+        self.flushed = 0
+
+    def record(self, trace: Trace) -> None:
+        """Queue a trace; O(1) and no I/O, safe on the request path."""
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append(trace)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Write everything queued so far in one transaction; returns how many."""
+        batch: list[Trace] = []
+        pending = self._pending
+        # popleft on a deque is atomic, so record() from the loop thread can run concurrently.
+        while pending:
+            batch.append(pending.popleft())
+        if not batch:
+            return 0
+        rows = [tuple(getattr(trace, name) for name in _COLUMNS) for trace in batch]
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN")
+                self._conn.executemany(_INSERT, rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                # Put them back so the next flush retries them, oldest first as before.
+                pending.extendleft(reversed(batch))
+                raise
+        self.flushed += len(batch)
+        return len(batch)
+
+    async def run_flusher(self) -> None:
+        """Flush every flush_interval_s until cancelled, then flush what is left."""
+        try:
+            while True:
+                await asyncio.sleep(self.flush_interval_s)
+                if self._pending:
+                    try:
+                        await asyncio.to_thread(self.flush)
+                    except Exception:
+                        log.exception("writing traces failed; will retry")
+        finally:
+            with contextlib.suppress(Exception):
+                self.flush()
+
+    def get(self, request_id: str) -> Trace | None:
+        with self._lock:
+            row = self._conn.execute(_SELECT + " WHERE request_id = ?", (request_id,)).fetchone()
+        if row is not None:
+            return _row_to_trace(row)
+        # Not yet flushed: the gateway's own process can still answer from the queue.
+        for trace in reversed(self._pending):
+            if trace.request_id == request_id:
+                return trace
+        return None
+
+    def recent(self, limit: int = 20, *, key_id: str | None = None) -> list[Trace]:
+        """The newest traces first, optionally only one API key's."""
+        where, args = ("", ()) if key_id is None else (" WHERE key_id = ?", (key_id,))
+        with self._lock:
+            rows = self._conn.execute(
+                _SELECT + where + " ORDER BY created_at DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+        return [_row_to_trace(row) for row in rows]
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self._conn.close()

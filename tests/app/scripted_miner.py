@@ -1,0 +1,296 @@
+"""ScriptedMiner: stands in for a miner so gateway logic can be tested without a model;
+end-to-end tests use real miners.
+
+It speaks the wire format of `infergrid.protocol.wire` (OpenAI bodies plus the `infergrid`
+extension, the usage chunk always sent when streaming, the request id as the completion id) and
+answers with a fixed reply, one word per "token". Its `mode` scripts the failures a gateway must
+survive. `serve()` runs any ASGI app on a free 127.0.0.1 port for the length of a `with` block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from infergrid.protocol.models import model_id
+from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
+from infergrid.protocol.openai_types import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+)
+from infergrid.protocol.wire import (
+    EXTENSION_KEY,
+    REQUEST_ID_HEADER,
+    SSE_DONE,
+    completion_id,
+)
+
+Mode = Literal[
+    "ok",
+    "http_500",  # every completion answers 500 before streaming
+    "die_before_first",  # streams: headers and the role chunk, then the connection dies
+    "die_mid_stream",  # streams: two tokens, then the connection dies
+    "leak_logprobs",  # includes OpenAI logprobs even when not asked (a misbehaving miner)
+    "text_400",  # refuses with a 400 whose body is plain text, not OpenAI's error shape
+]
+
+DEFAULT_REPLY = "Hello from a scripted miner , nothing here is a model ."
+
+
+class ScriptedDeath(Exception):
+    """Raised inside a response to make uvicorn drop the connection mid-way."""
+
+
+def address(n: int) -> str:
+    return "0x" + f"{n:040x}"
+
+
+@dataclass
+class ScriptedMiner:
+    owner: str
+    models: tuple[str, ...] = ("tiny-test",)
+    reply: str = DEFAULT_REPLY
+    mode: Mode = "ok"
+    healthy: bool = True
+    token_delay_s: float = 0.0
+    prompt_len: int = 7  # token ids it claims for the prompt; large ones make a long SSE line
+    base_url: str = ""
+    # Every completion request as received: (headers, body).
+    seen: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+
+    def record(self) -> NodeRecord:
+        offers = tuple(
+            ModelOffer(name, model_id(name, "0x00", "main", "f32"), 1, 2) for name in self.models
+        )
+        return NodeRecord(
+            owner=self.owner,
+            role=Role.MINER,
+            endpoint=self.base_url,
+            signer=self.owner,
+            models=offers,
+            stake_wei=10**18,
+        )
+
+    @property
+    def served(self) -> int:
+        return len(self.seen)
+
+    # -- the app -----------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/health", self._health, methods=["GET"]),
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+            ]
+        )
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ScriptedMiner]:
+        async with serve(self.app()) as url:
+            self.base_url = url
+            yield self
+
+    async def _health(self, request: Request) -> Response:
+        if not self.healthy:
+            return JSONResponse({"status": "down"}, 503)
+        return JSONResponse({"status": "ok", "models": list(self.models)})
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._serve(request, ChatCompletionRequest, chat=True)
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._serve(request, CompletionRequest, chat=False)
+
+    async def _serve(
+        self, request: Request, kind: type[ChatCompletionRequest | CompletionRequest], chat: bool
+    ) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse(APIError(400, "bad json").body(), 400)
+        self.seen.append((dict(request.headers), body))
+        try:
+            req = parse_request(kind, body)
+        except APIError as exc:
+            return JSONResponse(exc.body(), exc.status)
+        if req.model not in self.models:
+            err = APIError(404, f"model {req.model} not served here", code="model_not_found")
+            return JSONResponse(err.body(), 404)
+        if self.mode == "text_400":
+            return PlainTextResponse("bad things", 400)
+        if self.mode == "http_500":
+            return JSONResponse(APIError(500, "scripted failure", type="server_error").body(), 500)
+        rid = request.headers.get(REQUEST_ID_HEADER) or "no-request-id"
+        words = self.reply.split()
+        limit = req.token_limit() or len(words)
+        tokens = [w + " " for w in words[:limit]]
+        finish = "stop" if limit >= len(words) else "length"
+        prompt_ids = list(range(self.prompt_len))
+        ids = [100 + i for i in range(len(tokens))]
+        lps = [-0.25 - 0.01 * i for i in range(len(tokens))]
+        logprobs_wanted = req.wants_logprobs() or self.mode == "leak_logprobs"
+        cid = completion_id(rid, chat=chat)
+        created = int(time.time())
+        usage = {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(tokens),
+            "total_tokens": len(prompt_ids) + len(tokens),
+        }
+        if not req.stream:
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s * len(tokens))  # "generating"
+            text = "".join(tokens)
+            lp = _logprobs(tokens, lps, chat) if logprobs_wanted else None
+            choice: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": finish}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            answer = {
+                "id": cid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [choice],
+                "usage": usage,
+                EXTENSION_KEY: {
+                    "model_id": self.record().models[0].model_id,
+                    "seed": req.seed,
+                    "prompt_token_ids": prompt_ids,
+                    "output_token_ids": ids,
+                    "output_logprobs": lps,
+                },
+            }
+            return JSONResponse(answer)
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], ext: dict[str, Any] | None, **extra: Any) -> bytes:
+            data: dict[str, Any] = {
+                "id": cid,
+                "object": obj,
+                "created": created,
+                "model": req.model,
+                "choices": choices,
+                **extra,
+            }
+            if ext is not None:
+                data[EXTENSION_KEY] = ext
+            return b"data: " + _dumps(data) + b"\n\n"
+
+        async def events() -> AsyncIterator[bytes]:
+            if chat:
+                yield chunk(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    None,
+                )
+            if self.mode == "die_before_first":
+                await asyncio.sleep(0.01)
+                raise ScriptedDeath
+            for i, token in enumerate(tokens):
+                if self.mode == "die_mid_stream" and i == 2:
+                    await asyncio.sleep(0.01)
+                    raise ScriptedDeath
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                lp = _logprobs([token], [lps[i]], chat) if logprobs_wanted else None
+                c: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": None}
+                if chat:
+                    c["delta"] = {"content": token}
+                else:
+                    c["text"] = token
+                yield chunk([c], {"token_ids": [ids[i]], "logprobs": [lps[i]]})
+            end: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+            if chat:
+                end["delta"] = {}
+            else:
+                end["text"] = ""
+            yield chunk([end], None)
+            ext = {
+                "model_id": self.record().models[0].model_id,
+                "seed": req.seed,
+                "prompt_token_ids": prompt_ids,
+            }
+            yield chunk([], ext, usage=usage)
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _logprobs(tokens: list[str], lps: list[float], chat: bool) -> dict[str, Any]:
+    if chat:
+        return {
+            "content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                for t, lp in zip(tokens, lps, strict=True)
+            ]
+        }
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, *, log_level: str = "critical") -> AsyncIterator[str]:
+    """Run an ASGI app on a free loopback port until the block exits; yields its base URL."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        lifespan="on",
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server exited during startup")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+            await asyncio.sleep(0.005)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, 5)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+        sock.close()
