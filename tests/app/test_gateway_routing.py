@@ -16,6 +16,7 @@ from infergrid.app.miners import (
     NoHealthyMiner,
     health_ok,
 )
+from infergrid.protocol import json_body
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.protocol.openai_types import APIError
 from infergrid.protocol.wire import EXTENSION_KEY
@@ -212,26 +213,26 @@ def test_usage_and_output_detection() -> None:
 )
 def test_bad_json_is_a_400(raw: bytes) -> None:
     with pytest.raises(APIError) as info:
-        relay.decode_request_json(raw)
+        json_body.decode_request_json(raw)
     assert info.value.status == 400 and info.value.code == "invalid_json"
 
 
 def test_nesting_limit_is_linear_and_exact() -> None:
-    deep = b"[" * (relay.MAX_JSON_DEPTH + 1) + b"]" * (relay.MAX_JSON_DEPTH + 1)
-    ok = b"[" * relay.MAX_JSON_DEPTH + b"]" * relay.MAX_JSON_DEPTH
-    assert relay.too_deep(deep) and not relay.too_deep(ok)
+    deep = b"[" * (json_body.MAX_JSON_DEPTH + 1) + b"]" * (json_body.MAX_JSON_DEPTH + 1)
+    ok = b"[" * json_body.MAX_JSON_DEPTH + b"]" * json_body.MAX_JSON_DEPTH
+    assert json_body.too_deep(deep) and not json_body.too_deep(ok)
     # Brackets inside strings (escaped quotes too) do not count.
-    assert not relay.too_deep(b'{"a": "' + b'[\\"[' * 1000 + b'"}')
-    assert not relay.too_deep(b"[{}]" * 10_000)  # many objects, shallow
+    assert not json_body.too_deep(b'{"a": "' + b'[\\"[' * 1000 + b'"}')
+    assert not json_body.too_deep(b"[{}]" * 10_000)  # many objects, shallow
     with pytest.raises(ValueError):
-        relay.loads(deep)
-    assert relay.loads(b"[-Infinity]", strict=False) == [float("-inf")]
+        json_body.loads(deep)
+    assert json_body.loads(b"[-Infinity]", strict=False) == [float("-inf")]
     # Hostile input that would make a naive string regex quadratic stays fast.
     import time
 
     hostile = b"[" * 200 + b'"' + b'a\\"' * 2_000_000
     started = time.perf_counter()
-    relay.too_deep(hostile)
+    json_body.too_deep(hostile)
     assert time.perf_counter() - started < 1.0
 
 

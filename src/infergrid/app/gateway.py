@@ -45,6 +45,7 @@ from infergrid.app.miners import (
     PoolMaintainer,
 )
 from infergrid.app.traces import Trace, TraceStore
+from infergrid.protocol import json_body
 from infergrid.protocol.nodes import NodeRecord
 from infergrid.protocol.openai_types import (
     APIError,
@@ -319,7 +320,7 @@ class Gateway:
         trace: Trace | None = None
         try:
             key = self._authenticate(request)
-            body = relay.decode_request_json(await self._read_body(request))
+            body = json_body.decode_request_json(await self._read_body(request))
             parsed = parse_request(kind, body)
             trace = Trace(
                 request_id=rid,
@@ -431,7 +432,7 @@ class Gateway:
                     return stream
                 raw = await _read_bounded(resp)
                 latency_ms = (time.perf_counter() - sent) * 1000
-                answer = relay.loads(raw, strict=False)
+                answer = json_body.loads(raw, strict=False)
                 if not isinstance(answer, dict):
                     raise _MinerFailed("answer is not a JSON object")
             except _UPSTREAM_ERRORS as exc:
@@ -582,7 +583,7 @@ class _StreamRelay:
                 if payload == b"[DONE]":
                     self._queued.append(None)
                     return
-                event = relay.loads(payload, strict=False)
+                event = json_body.loads(payload, strict=False)
                 if not isinstance(event, dict):
                     raise _MinerFailed("stream event is not a JSON object")
                 self._queued.append(event)

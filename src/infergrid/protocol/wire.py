@@ -10,13 +10,20 @@ Non-streamed response, `body[EXTENSION_KEY]`::
      "output_token_ids": [...], "output_logprobs": [...]}
 
 Streamed response: every chunk that carries content also carries
-`{"token_ids": [...], "logprobs": [...]}` for the tokens in that chunk; the miner always ends
+`{"token_ids": [...], "logprobs": [...]}` for the tokens in that chunk (a token whose text is
+not complete yet, such as half of a multi-byte character, rides in the next chunk; the
+finish_reason chunk carries whatever is left, typically the EOS token); the miner always ends
 with a usage chunk (`choices: []`, `usage`), whether or not the client asked for
 `stream_options.include_usage`, whose extension is
 `{"model_id": "0x…", "seed": 123, "prompt_token_ids": [...]}`. Then `data: [DONE]`.
 
 `output_logprobs[i]` is the natural log of the model's probability (before temperature) of
 the token it emitted at step i.
+
+Output token ids include the token that ended the generation: the EOS token (no text), or
+the token that completed a stop sequence (the text is cut before the stop sequence). The
+text is `decode(output_token_ids)` with special tokens skipped, so cut. Tokens are drawn by
+infergrid.protocol.sampling with the extension's seed.
 """
 
 from __future__ import annotations

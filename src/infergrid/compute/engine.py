@@ -1,0 +1,249 @@
+"""The engine interface every miner backend implements, and the decode loop they share.
+
+An engine turns token ids into token ids and logprobs. The text a client sees is derived
+from the token ids alone: the concatenated text deltas of a generation equal
+`engine.decode(output_ids)` (special tokens skipped), truncated before the first stop
+sequence when one ended the generation. That is what a verifier checks.
+
+Output token ids include the token that ended the generation: the EOS token (which adds no
+text) or the token that completed a stop sequence. They all count as completion tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from infergrid.protocol import sampling
+
+FinishReason = Literal["stop", "length"]
+
+# What a decoder yields for an incomplete UTF-8 sequence.
+_REPLACEMENT = "\ufffd"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample one generation. temperature 0 is greedy; None means 1.0 (OpenAI)."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    # How many alternatives to report per step (OpenAI top_logprobs); 0 keeps the loop lean.
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise ValueError("stop sequences must be non-empty")
+        if self.top_logprobs < 0:
+            raise ValueError("top_logprobs must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedToken:
+    """One sampled token.
+
+    `text` is the text released with this token: it may be empty when the token ends in the
+    middle of a UTF-8 character or might be the start of a stop sequence, and later tokens
+    then release it. `finish_reason` is set on the last token only.
+    """
+
+    token_id: int
+    logprob: float  # ln p(token) under log_softmax of the raw logits (no temperature)
+    text: str
+    finish_reason: FinishReason | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = field(default=())
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What a miner needs from a model backend. `generate` runs in the calling thread."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Prompt ids from the model's chat template, ready for the assistant's turn."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the ids with special tokens skipped; equal to a generation's text."""
+        ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (for OpenAI logprobs' `bytes`)."""
+        ...
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> Iterator[GeneratedToken]:
+        """Sample up to params.max_tokens tokens; the last one carries the finish reason."""
+        ...
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting characters.
+
+    It decodes a short window of recent tokens twice (with and without the newest ones) and
+    releases only the difference, holding back text that ends in U+FFFD: that is a multi-byte
+    character whose remaining bytes are still to come. `flush` releases whatever is held at
+    the end, so the deltas always add up to decode(all ids).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the decode window
+        self._read_offset = 0  # ids before this have been released as text
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        window = self._ids[self._prefix_offset :]
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(window)
+        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        if self._read_offset == len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text and holds back what could start one."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = tuple(stop)
+        self._max_len = max((len(s) for s in self._stop), default=0)
+        self._text = ""  # everything seen so far
+        self._released = 0  # length of the prefix of _text already returned
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add text; return (text safe to release, whether a stop sequence was found)."""
+        if not self._stop:
+            return delta, False
+        search_from = max(0, len(self._text) - self._max_len + 1)
+        self._text += delta
+        hit = -1
+        for s in self._stop:
+            i = self._text.find(s, search_from)
+            if i != -1 and (hit == -1 or i < hit):
+                hit = i
+        if hit != -1:
+            out = self._text[self._released : hit]
+            self._released = len(self._text)
+            return out, True
+        safe_end = len(self._text) - self._held_suffix()
+        out = self._text[self._released : max(safe_end, self._released)]
+        self._released = max(safe_end, self._released)
+        # Only the tail can still hold a stop sequence; drop the rest now and then so long
+        # generations do not copy an ever longer string on every token.
+        cut = min(self._released, len(self._text) - self._max_len)
+        if cut > 4096:
+            self._text = self._text[cut:]
+            self._released -= cut
+        return out, False
+
+    def flush(self) -> str:
+        out = self._text[self._released :]
+        self._released = len(self._text)
+        return out
+
+    def _held_suffix(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop sequence."""
+        text = self._text
+        for n in range(min(self._max_len - 1, len(text) - self._released), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0
+
+
+def decode_loop(
+    first_logits: torch.Tensor,
+    advance: Callable[[int], torch.Tensor],
+    params: SamplingParams,
+    *,
+    eos_token_ids: frozenset[int],
+    decode: Callable[[Sequence[int]], str],
+    max_new_tokens: int | None = None,
+) -> Iterator[GeneratedToken]:
+    """The protocol decode loop over any model: sample, score, detokenize, stop.
+
+    `first_logits` are the last-position logits after the prompt; `advance(token)` feeds one
+    token and returns the next logits. The loop never calls `advance` after the last token,
+    and a consumer that stops iterating stops the model.
+    """
+    limit = params.max_tokens if max_new_tokens is None else min(params.max_tokens, max_new_tokens)
+    if limit < 1:
+        return
+    detok = IncrementalDetokenizer(decode)
+    stops = StopMatcher(params.stop)
+    greedy = sampling.is_greedy(params.temperature)
+    logits = first_logits
+    for step in range(limit):
+        # One device-to-host copy a step; sampling and scoring then work on the CPU copy.
+        x = logits.detach().to(device="cpu", dtype=torch.float64)
+        if greedy:
+            token = int(torch.argmax(x))
+        else:
+            token = sampling.sample_token(
+                x, params.seed, step, params.temperature, params.top_p, params.top_k
+            )
+        logprobs = torch.log_softmax(x, dim=-1)
+        logprob = float(logprobs[token])
+        top: tuple[tuple[int, float], ...] = ()
+        if params.top_logprobs:
+            values, indices = torch.topk(logprobs, min(params.top_logprobs, logprobs.numel()))
+            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+
+        finish: FinishReason | None = None
+        if token in eos_token_ids:
+            text = stops.feed(detok.flush())[0] + stops.flush()
+            finish = "stop"
+        else:
+            text, stopped = stops.feed(detok.push(token))
+            if stopped:
+                finish = "stop"
+            elif step == limit - 1:
+                tail, stopped = stops.feed(detok.flush())
+                text += tail
+                if stopped:
+                    finish = "stop"
+                else:
+                    text += stops.flush()
+                    finish = "length"
+        yield GeneratedToken(token, logprob, text, finish, top)
+        if finish is not None:
+            return
+        logits = advance(token)

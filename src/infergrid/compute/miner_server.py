@@ -1,0 +1,714 @@
+"""The miner's HTTP API: OpenAI's chat and legacy completions over one engine, plus /health.
+
+Generation runs in worker threads (at most `max_concurrency` at once; further requests
+queue) and hands tokens to the event loop in batches (see _Job). A client that goes away
+stops its generation at the next token. Client mistakes are OpenAI-shaped 4xx responses;
+penalties are refused (the protocol sampler has none) and vLLM's `top_k` extra is honoured.
+
+When the client sends no `max_tokens`, the miner allows min(DEFAULT_MAX_TOKENS, what is
+left of the context after the prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
+from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
+from infergrid.protocol.json_body import decode_request_json
+from infergrid.protocol.openai_types import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    parse_request,
+)
+from infergrid.protocol.wire import MINER_HEADER, REQUEST_ID_HEADER, completion_id
+
+DEFAULT_MAX_TOKENS = 1024
+# Streams send at most one chunk per this many seconds (tokens gather in between; the first
+# and the last token are never held back). 50 updates a second look smooth, and a model
+# faster than that pays one event-loop wake-up per chunk instead of one per token.
+DEFAULT_STREAM_INTERVAL = 0.02
+# Prompts longer than this are templated and tokenized off the event loop.
+_INLINE_TOKENIZE_CHARS = 4096
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_SEED_BITS = 63
+
+
+class _Done:
+    """Sentinel: the worker has finished with a job."""
+
+
+_DONE = _Done()
+
+
+class GenerationFailed(Exception):
+    pass
+
+
+@dataclass
+class MinerStats:
+    """Counters for /health and for tests; mutated on the event loop only."""
+
+    in_flight: int = 0  # accepted generations, queued or running
+    requests: int = 0
+    tokens_generated: int = 0
+    cancelled: int = 0  # generations stopped before their finish reason (client gone)
+
+
+class _Job:
+    """One generation: the worker thread appends tokens, the event loop takes them in batches.
+
+    Waking the event loop costs far more than producing a token of a small model, so the
+    worker wakes it only when it is waiting for that kind of item: any token while it is
+    ready to send, and only the last one while it is lingering (letting a few tokens gather
+    into one chunk) or collecting a non-streamed answer.
+    """
+
+    __slots__ = (
+        "_error",
+        "_every_token",
+        "_final_only",
+        "_final_seen",
+        "_finished",
+        "_items",
+        "_loop",
+        "_signalled",
+        "_waiter",
+        "_waiting",
+        "cancel",
+        "completed",
+        "generated",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, every_token: bool) -> None:
+        self._loop = loop
+        self._every_token = every_token
+        self._items: deque[GeneratedToken | BaseException | _Done] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._waiting = False
+        self._final_only = False
+        self._signalled = False
+        self._final_seen = False
+        self._finished = False
+        self._error: BaseException | None = None
+        self.cancel = threading.Event()
+        self.generated = 0  # written by the worker, read by the loop once it is done
+        self.completed = False  # the generation reached its finish reason
+
+    # -- worker thread side
+
+    def push(self, item: GeneratedToken | BaseException | _Done, *, final: bool) -> None:
+        self._items.append(item)
+        if final:
+            self._final_seen = True
+        # The flags are read after the append and the loop sets them before it re-checks
+        # the items, so an item is never left behind with the loop asleep.
+        if (
+            self._waiting
+            and not self._signalled
+            and (final or (self._every_token and not self._final_only))
+        ):
+            self._signalled = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                self.cancel.set()
+
+    # -- event loop side
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def stop(self) -> None:
+        """Stop generating and wake any reader."""
+        self.cancel.set()
+        self._wake()
+
+    def _drain(self) -> list[GeneratedToken]:
+        batch: list[GeneratedToken] = []
+        items = self._items
+        while items:
+            item = items.popleft()
+            if isinstance(item, _Done):
+                self._finished = True
+            elif isinstance(item, BaseException):
+                self._error = item
+                break
+            else:
+                batch.append(item)
+        return batch
+
+    async def next_batch(self, not_before: float = 0.0) -> list[GeneratedToken] | None:
+        """The tokens ready (at least one), or None once nothing more will come.
+
+        Before the loop time `not_before` it returns only if the generation has ended, so
+        that tokens arriving meanwhile go out together; the last token never waits.
+        """
+        loop = self._loop
+        while True:
+            if self._error is not None:
+                raise GenerationFailed(str(self._error)) from self._error
+            lingering = loop.time() < not_before and not self._final_seen
+            if not lingering:
+                batch = self._drain()
+                if batch:
+                    return batch
+                if self._error is not None:
+                    continue
+                if self._finished:
+                    return None
+            if self.cancel.is_set():
+                return None
+            self._waiter = loop.create_future()
+            self._signalled = False
+            self._final_only = lingering
+            timer = loop.call_at(not_before, self._wake) if lingering else None
+            self._waiting = True
+            try:
+                if not self._final_seen and (lingering or not self._items):
+                    await self._waiter
+            finally:
+                self._waiting = False
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+
+def _produce(engine: Engine, prompt_ids: list[int], params: SamplingParams, job: _Job) -> None:
+    """Worker thread body: run the engine until it finishes or the job is cancelled."""
+    try:
+        if job.cancel.is_set():
+            return
+        tokens = engine.generate(prompt_ids, params)
+        try:
+            for token in tokens:
+                job.generated += 1
+                if token.finish_reason is not None:
+                    job.completed = True
+                job.push(token, final=token.finish_reason is not None)
+                if job.cancel.is_set():
+                    break
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+    except Exception as exc:
+        job.push(exc, final=True)
+    finally:
+        job.push(_DONE, final=True)
+
+
+@dataclass
+class _Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    ctx: ResponseContext
+    stream: bool
+    request_id: str
+
+
+@dataclass
+class MinerState:
+    engine: Engine
+    node_address: str
+    max_concurrency: int
+    default_max_tokens: int
+    stream_interval: float
+    executor: ThreadPoolExecutor
+    stats: MinerStats = field(default_factory=MinerStats)
+    jobs: set[_Job] = field(default_factory=set)
+
+    def model_matches(self, model: str) -> bool:
+        return model in (self.engine.name, self.engine.model_id)
+
+    def health(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "status": "ok",
+            "models": [
+                {
+                    "name": engine.name,
+                    "model_id": engine.model_id,
+                    "context_length": engine.context_length,
+                }
+            ],
+            "in_flight": self.stats.in_flight,
+            "max_concurrency": self.max_concurrency,
+            "address": self.node_address,
+        }
+
+
+# -- request parsing (pure apart from the tokenizer) ---------------------------------------
+
+
+def _top_k(body: Mapping[str, Any]) -> int | None:
+    """vLLM-style `top_k` extra: absent, 0 or -1 disables it."""
+    value = body.get("top_k")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise APIError(
+            400,
+            "Invalid value for 'top_k': expected an integer >= 1 (or 0 / -1 to disable).",
+            param="top_k",
+            code="invalid_value",
+        )
+    return value if value > 0 else None
+
+
+def _reject_penalties(req: ChatCompletionRequest | CompletionRequest) -> None:
+    # The protocol sampler has no penalties; silently ignoring them would return a different
+    # distribution than asked, and applying them would make the output unverifiable.
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise APIError(
+                400,
+                f"'{name}' is not supported by InferGrid miners; omit it or send 0.",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+def token_budget(
+    prompt_tokens: int,
+    requested: int | None,
+    context_length: int,
+    default_max_tokens: int,
+    *,
+    prompt_param: str = "messages",
+) -> int:
+    """How many tokens may be generated, or APIError(400) when the context cannot hold it."""
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"prompt is {prompt_tokens} tokens, leaving no room for a completion. Please "
+            "shorten the prompt.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return min(default_max_tokens, room)
+    if requested > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+async def _read_json(request: Request) -> Any:
+    return decode_request_json(await request.body())
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(given):
+        raise APIError(
+            400,
+            f"Invalid '{REQUEST_ID_HEADER}' header: use 1-128 of A-Z a-z 0-9 . _ : -",
+            code="invalid_request_id",
+        )
+    return given
+
+
+async def _prompt_ids(engine: Engine, req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    if isinstance(req, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        size = sum(len(m["content"]) for m in messages)
+
+        def work() -> list[int]:
+            return engine.chat_prompt_ids(messages)
+
+    else:
+        text = req.prompt_text()
+        size = len(text)
+
+        def work() -> list[int]:
+            return engine.encode(text)
+
+    try:
+        ids = work() if size <= _INLINE_TOKENIZE_CHARS else await run_in_threadpool(work)
+    except Exception as exc:  # a chat template rejecting the conversation, say
+        raise APIError(400, f"Could not build the prompt: {exc}", param="messages") from None
+    if not ids:
+        raise APIError(400, "The prompt is empty after tokenization.", param="prompt")
+    return ids
+
+
+async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared:
+    body = await _read_json(request)
+    req: ChatCompletionRequest | CompletionRequest = parse_request(
+        ChatCompletionRequest if chat else CompletionRequest, body
+    )
+    engine = state.engine
+    if not state.model_matches(req.model):
+        raise APIError(
+            404,
+            f"The model '{req.model}' does not exist on this miner; it serves '{engine.name}'.",
+            param="model",
+            code="model_not_found",
+        )
+    _reject_penalties(req)
+    top_k = _top_k(body)
+    request_id = _request_id(request)
+    prompt_ids = await _prompt_ids(engine, req)
+    max_tokens = token_budget(
+        len(prompt_ids),
+        req.token_limit(),
+        engine.context_length,
+        state.default_max_tokens,
+        prompt_param="messages" if chat else "prompt",
+    )
+    seed = req.seed if req.seed is not None else secrets.randbits(_SEED_BITS)
+    if isinstance(req, ChatCompletionRequest):
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=tuple(req.stop_list()),
+        top_logprobs=logprobs or 0,
+    )
+    ctx = ResponseContext(
+        completion_id=completion_id(request_id, chat=chat),
+        created=int(time.time()),
+        model=engine.name,
+        model_id=engine.model_id,
+        chat=chat,
+        seed=seed,
+        prompt_token_ids=prompt_ids,
+        eos_token_ids=engine.eos_token_ids,
+        token_bytes=engine.token_bytes,
+        logprobs=logprobs,
+        include_usage=req.include_usage(),
+    )
+    return _Prepared(prompt_ids, params, ctx, req.stream, request_id)
+
+
+# -- the I/O shell ---------------------------------------------------------------------------
+
+
+async def _watch_disconnect(receive: Receive, job: _Job) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            job.stop()
+            return
+
+
+class _EventStream(Response):
+    """An SSE response fed by a job; it owns the job's disconnect watcher from here on."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        first: bytes,
+        job: _Job,
+        writer: StreamWriter,
+        watcher: asyncio.Task[None],
+        headers: Mapping[str, str],
+        interval: float,
+    ) -> None:
+        self.status_code = 200
+        self._interval = interval
+        self.background = None
+        self._first = first
+        self._job = job
+        self._writer = writer
+        self._watcher = watcher
+        self.init_headers(headers)
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        yield self._first
+        # Each chunk costs the engine a wake-up of this loop, worth a fraction of a
+        # millisecond of its time; a fast model's tokens therefore go out in small groups,
+        # at most one chunk per interval (the last token is never held back).
+        not_before = loop.time() + self._interval
+        while not self._writer.done:
+            if self._job.cancel.is_set():
+                return
+            try:
+                batch = await self._job.next_batch(not_before)
+            except GenerationFailed as exc:
+                yield _sse_error(exc)
+                return
+            if batch is None:
+                return
+            yield self._writer.feed(batch)
+            not_before = loop.time() + self._interval
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self._events():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # some servers raise when the client has gone; that is not an error
+            pass
+        finally:
+            self._watcher.cancel()
+            self._job.stop()
+
+
+def _sse_error(exc: Exception) -> bytes:
+    body = error_body(f"Generation failed: {exc}", type="server_error", code="engine_error")
+    return b"data: " + dumps(body) + b"\n\n"
+
+
+def _error_response(exc: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _serve_completion(request: Request, chat: bool) -> Response:
+    state: MinerState = request.app.state.miner
+    try:
+        prepared = await _prepare(state, request, chat)
+    except APIError as exc:
+        return _error_response(exc)
+    ctx = prepared.ctx
+    headers = {
+        REQUEST_ID_HEADER: prepared.request_id,
+        MINER_HEADER: state.node_address,
+    }
+    loop = asyncio.get_running_loop()
+    job = _Job(loop, every_token=prepared.stream)
+    stats = state.stats
+    stats.in_flight += 1
+    stats.requests += 1
+    state.jobs.add(job)
+
+    def finished(_: object) -> None:
+        stats.in_flight -= 1
+        stats.tokens_generated += job.generated
+        if not job.completed:
+            stats.cancelled += 1
+        state.jobs.discard(job)
+
+    future = loop.run_in_executor(
+        state.executor, _produce, state.engine, prepared.prompt_ids, prepared.params, job
+    )
+    future.add_done_callback(finished)
+    watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
+    handed_over = False
+    try:
+        if prepared.stream:
+            writer = StreamWriter(ctx)
+            # Wait for the first token before committing to a 200, so that an engine failure
+            # (or a client gone while queued) is still a clean error the gateway can retry.
+            batch = await job.next_batch()
+            if batch is None:
+                return Response(status_code=499)
+            handed_over = True
+            sse_headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+            return _EventStream(
+                writer.feed(batch), job, writer, watcher, sse_headers, state.stream_interval
+            )
+        tokens: list[GeneratedToken] = []
+        while True:
+            batch = await job.next_batch()
+            if batch is None:
+                break
+            tokens.extend(batch)
+            if tokens[-1].finish_reason is not None:
+                break
+        if not tokens or tokens[-1].finish_reason is None:
+            return Response(status_code=499)  # the client has gone; nobody reads this
+        return JSONResponse(completion_body(ctx, tokens), headers=headers)
+    except GenerationFailed as exc:
+        return _error_response(
+            APIError(500, f"Generation failed: {exc}", type="server_error", code="engine_error"),
+            headers,
+        )
+    finally:
+        if not handed_over:
+            watcher.cancel()
+            job.stop()
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _serve_completion(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _serve_completion(request, chat=False)
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse(request.app.state.miner.health())
+
+
+async def list_models(request: Request) -> Response:
+    engine = request.app.state.miner.engine
+    model = {"id": engine.name, "object": "model", "created": 0, "owned_by": "infergrid"}
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(error_body(message, type=kind), status_code=exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse(
+        error_body(f"Internal error: {type(exc).__name__}", type="server_error"), status_code=500
+    )
+
+
+def create_miner_app(
+    engine: Engine,
+    *,
+    node_address: str,
+    max_concurrency: int = 1,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    stream_interval: float = DEFAULT_STREAM_INTERVAL,
+) -> Starlette:
+    """The miner's ASGI app over one engine; `app.state.miner` holds its state and stats."""
+    if max_concurrency < 1:
+        raise ValueError("max_concurrency must be >= 1")
+    executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
+    state = MinerState(
+        engine, node_address, max_concurrency, default_max_tokens, stream_interval, executor
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            for job in list(state.jobs):
+                job.cancel.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )
+    app.state.miner = state
+    return app
+
+
+# -- running it ------------------------------------------------------------------------------
+
+
+def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def run_miner_server(
+    app: Starlette, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"
+) -> None:
+    """Serve until interrupted (uvicorn with uvloop and httptools)."""
+    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+
+
+class MinerServerThread:
+    """The server on a background thread, e.g. for tests and the devnet; port 0 picks one.
+
+    Use as a context manager, or call start() and stop(); `url` is the base URL.
+    """
+
+    def __init__(
+        self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host = host
+        self.port: int = self._socket.getsockname()[1]
+        self.server = uvicorn.Server(_uvicorn_config(app, host, self.port, log_level))
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> MinerServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the miner server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._socket.close()
+
+    def __enter__(self) -> MinerServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def iter_sse(lines: Iterator[bytes] | Sequence[bytes]) -> Iterator[dict[str, Any]]:
+    """Parse `data: {...}` SSE lines into objects, stopping at [DONE] (a small client helper)."""
+    for line in lines:
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
