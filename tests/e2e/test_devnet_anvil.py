@@ -8,6 +8,7 @@ from pathlib import Path
 
 import openai
 import pytest
+
 from infergrid.compute.model_store import served_model_name
 
 from .devnet_process import DevnetProcess
