@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from infergrid.processes import health_ok
 from infergrid.protocol.nodes import WEI_PER_BTT, NodeRecord
@@ -56,7 +56,13 @@ def render_status(nodes: list[dict[str, Any]], out: Console) -> None:
     if not nodes:
         out.print("no nodes registered")
         return
-    table = Table("role", "owner", "endpoint", "stake (BTT)", "models", "health")
+    # Fold rather than truncate: an address cut to "0x90F7…" is useless to an operator.
+    table = Table(
+        *(
+            Column(header, overflow="fold")
+            for header in ("role", "owner", "endpoint", "stake (BTT)", "models", "health")
+        )
+    )
     colours = {"ok": "green", "down": "red", "inactive": "dim"}
     for node in nodes:
         table.add_row(
