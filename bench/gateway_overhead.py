@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from typing import Any
 
 import aiohttp
 
+from infergrid.processes import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 MINER_ADDRESS = "0x" + "42" * 20
 TINY_MODEL = "bench-tiny"
@@ -43,12 +44,6 @@ SCRIPTED_MODEL = "tiny-test"
 
 
 # -- the servers, each in a process of its own --------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serve_miner(model_dir: str, port: int) -> None:
@@ -342,7 +337,7 @@ def main() -> None:
     from infergrid.app.keys import KeyStore
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        miner_port, gateway_port = _free_port(), _free_port()
+        miner_port, gateway_port = free_port(), free_port()
         if args.upstream == "miner":
             from infergrid.compute.model_store import build_tiny_model
 

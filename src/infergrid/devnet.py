@@ -103,7 +103,9 @@ class Devnet:
             chain_rpc = f"http://{opts.host}:{port}"
             with step(f"starting the embedded EVM at {chain_rpc}"):
                 chain_proc = self._spawn(
-                    "chain", infergrid_command("chain", "--host", opts.host, "--port", str(port))
+                    "chain",
+                    infergrid_command("chain", "--host", opts.host, "--port", str(port)),
+                    endpoint=chain_rpc,
                 )
                 chain_proc.wait_until(lambda: rpc_ready(chain_rpc), 60, "JSON-RPC answer")
             self._done(f"chain      {chain_rpc} (embedded EVM)")
@@ -128,11 +130,10 @@ class Devnet:
                     chain.transfer(deployer, address, shortfall)
         self._done(f"contracts  NodeRegistry {registry_address} (chain id {chain.chain_id})")
 
-        if opts.model != "tiny":
-            self._prepare_model(opts.model)
+        self._prepare_model(opts.model)
 
         common = ["--chain-rpc", chain_rpc, "--registry", registry_address]
-        miners: list[tuple[ManagedProcess, str]] = []
+        miners: list[ManagedProcess] = []
         for index in range(opts.miners):
             port = free_port(opts.host)
             endpoint = f"http://{opts.host}:{port}"
@@ -151,14 +152,15 @@ class Devnet:
                     str(DEVNET_MINER_STAKE_WEI // WEI_PER_BTT),
                     *common,
                 ),
+                endpoint=endpoint,
                 env={"INFERGRID_PRIVATE_KEY": keys[FIRST_MINER_KEY_INDEX + index]},
             )
-            miners.append((proc, endpoint))
+            miners.append(proc)
         with step(f"starting {opts.miners} miner(s) with {opts.model}: loading, registering"):
-            for proc, endpoint in miners:
-                proc.wait_until(lambda e=endpoint: health_ok(e + "/health"), 300, "health")
-        for proc, endpoint in miners:
-            self._done(f"{proc.name:<10} {endpoint} (pid {proc.pid})")
+            for proc in miners:
+                proc.wait_until(lambda e=proc.endpoint: health_ok(e + "/health"), 300, "health")
+        for proc in miners:
+            self._done(f"{proc.name:<10} {proc.endpoint} (pid {proc.pid})")
 
         gateway_port = _pick_port(opts.gateway_port, opts.host)
         base_url = f"http://{opts.host}:{gateway_port}/v1"
@@ -178,6 +180,7 @@ class Devnet:
                 str(opts.discovery_interval_s),
                 *common,
             ),
+            endpoint=base_url,
             env={"INFERGRID_PRIVATE_KEY": keys[GATEWAY_KEY_INDEX]},
         )
         with step("starting the gateway and waiting for it to see the miners"):
@@ -196,9 +199,13 @@ class Devnet:
             "gateway_db": str(db_path),
             "state_dir": str(self.state_dir),
             "nodes": [
-                {"name": proc.name, "pid": proc.pid, "log": str(proc.log_path)}
-                | ({"endpoint": endpoint} if endpoint else {})
-                for proc, endpoint in [(p, self._endpoint_of(p, miners)) for p in self.processes]
+                {
+                    "name": proc.name,
+                    "pid": proc.pid,
+                    "endpoint": proc.endpoint,
+                    "log": str(proc.log_path),
+                }
+                for proc in self.processes
             ],
         }
         devnet_file(self.state_dir).write_text(json.dumps(self.description, indent=2) + "\n")
@@ -206,15 +213,11 @@ class Devnet:
 
     def _prepare_model(self, model: str) -> None:
         # Done once here so that N miners starting together don't each dequantize the weights.
-        from infergrid.compute.model_store import resolve_model_dir
+        from infergrid.compute.model_store import prepare_model
 
         with self.console.status(f"preparing {model} (first run dequantizes GGUF, ~20 s)"):
-            resolve_model_dir(model, quiet=True)
+            prepare_model(model, quiet=True)
         self._done(f"model      {model} cached")
-
-    @staticmethod
-    def _endpoint_of(proc: ManagedProcess, miners: list[tuple[ManagedProcess, str]]) -> str:
-        return next((endpoint for p, endpoint in miners if p is proc), "")
 
     def _gateway_sees_miners(self, base_url: str, api_key: str) -> bool:
         import urllib.request
@@ -229,9 +232,11 @@ class Devnet:
             return False
 
     def _spawn(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None
+        self, name: str, argv: list[str], *, endpoint: str, env: dict[str, str] | None = None
     ) -> ManagedProcess:
-        proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env or {})
+        proc = ManagedProcess(
+            name, argv, self.log_dir / f"{name}.log", endpoint=endpoint, env=env or {}
+        )
         proc.start()
         self.processes.append(proc)
         return proc

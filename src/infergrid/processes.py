@@ -82,6 +82,7 @@ class ManagedProcess:
     name: str
     argv: list[str]
     log_path: Path
+    endpoint: str = ""  # the URL the process serves, for people and tools to find it
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
