@@ -17,6 +17,10 @@ with a usage chunk (`choices: []`, `usage`), whether or not the client asked for
 `stream_options.include_usage`, whose extension is
 `{"model_id": "0x…", "seed": 123, "prompt_token_ids": [...]}`. Then `data: [DONE]`.
 
+With settlement on, the non-streamed extension and the usage chunk's extension also carry
+`"attestation": {<protocol.messages.Attestation JSON>, "signature": "0x…"}`, signed by the
+miner's registered signer key; the gateway checks it before it charges anything.
+
 `output_logprobs[i]` is the natural log of the model's probability (before temperature) of
 the token it emitted at step i.
 
@@ -34,6 +38,12 @@ EXTENSION_KEY = "infergrid"
 REQUEST_ID_HEADER = "x-request-id"
 # Which InferGrid node answered (its registry owner address).
 MINER_HEADER = "x-infergrid-miner"
+
+# Who pays for a request and which gateway signer will sign its receipt; the miner keeps them
+# in its own receipt log to check the vouchers it is later given.
+PAYER_HEADER = "x-infergrid-payer"
+GATEWAY_HEADER = "x-infergrid-gateway"
+ATTESTATION_KEY = "attestation"
 
 SSE_DONE = b"data: [DONE]\n\n"
 

@@ -1,0 +1,42 @@
+"""What a request costs and how a collected payment splits; the contracts do the same maths.
+
+Fractions are parts per million (ppm) and round down; the miner's share is what is left, so
+the three shares always add up to the amount exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infergrid.protocol.nodes import WEI_PER_BTT, ModelOffer
+
+PPM = 1_000_000
+
+
+def request_value(tokens_in: int, tokens_out: int, offer: ModelOffer) -> int:
+    """Wei a payer owes for one response at a miner's registered prices."""
+    if tokens_in < 0 or tokens_out < 0:
+        raise ValueError("token counts are non-negative")
+    return tokens_in * offer.price_in_wei + tokens_out * offer.price_out_wei
+
+
+@dataclass(frozen=True)
+class FeeSplit:
+    miner: int
+    protocol: int  # to the treasury
+    verifier_pool: int
+
+
+def split_payment(amount: int, protocol_fee_ppm: int, verifier_pool_ppm: int) -> FeeSplit:
+    if amount < 0:
+        raise ValueError("amount is non-negative")
+    if protocol_fee_ppm < 0 or verifier_pool_ppm < 0 or protocol_fee_ppm + verifier_pool_ppm > PPM:
+        raise ValueError("fees must be non-negative and add up to at most 1,000,000 ppm")
+    protocol = amount * protocol_fee_ppm // PPM
+    pool = amount * verifier_pool_ppm // PPM
+    return FeeSplit(miner=amount - protocol - pool, protocol=protocol, verifier_pool=pool)
+
+
+def wei_to_btt(wei: int) -> float:
+    """For display and the `cost` field of usage; exact figures stay in wei."""
+    return wei / WEI_PER_BTT
