@@ -50,6 +50,8 @@ def test_every_state_change_has_an_event() -> None:
         "Withdrawn",
         "NodeDeregistered",
         "NodeDeactivated",
+        "NodeFrozen",
+        "NodeUnfrozen",
         "NodeRemoved",
         "Slashed",
         "Claimed",

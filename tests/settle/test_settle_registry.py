@@ -651,6 +651,113 @@ def test_slasher_and_admin_management(
     assert registry.slasher() == addrs[6]
 
 
+# --- single-field views and freezing ----------------------------------------------------------
+
+
+def test_single_field_views(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    registry.register(keys[1], Role.MINER, ENDPOINT, addrs[2], [offer()], 3 * MINER_MIN)
+    registry.request_unbonding(keys[1], MINER_MIN)
+    fns = registry.contract.functions
+    assert registry.signer_of(addrs[1]) == addrs[2]
+    assert registry.total_stake_of(addrs[1]) == 3 * MINER_MIN  # bonded 2 + unbonding 1
+    assert chain.call(fns.stake_of(addrs[1])) == 2 * MINER_MIN
+    assert chain.call(fns.role_of(addrs[1])) == int(Role.MINER)
+    assert chain.call(fns.is_active(addrs[1])) is True
+    assert registry.is_frozen(addrs[1]) is False
+    # Nobody registered: zeros, and None for the signer.
+    assert registry.signer_of(addrs[3]) is None
+    assert registry.total_stake_of(addrs[3]) == 0
+    assert chain.call(fns.role_of(addrs[3])) == 0
+    assert chain.call(fns.is_active(addrs[3])) is False
+    registry.deregister(keys[1])
+    assert chain.call(fns.is_active(addrs[1])) is False
+    assert registry.total_stake_of(addrs[1]) == 3 * MINER_MIN
+    for view in (registry.signer_of, registry.total_stake_of, registry.is_frozen):
+        with pytest.raises(ValueError, match="owner"):
+            view("0x12")
+
+
+def test_only_the_slasher_freezes_and_unfreezes(
+    registry: Registry, keys: list[str], addrs: list[str]
+) -> None:
+    register_miner(registry, keys[1])
+    for who in (0, 1, 2):  # the admin, the node itself, a stranger
+        with pytest.raises(ContractRevert) as exc:
+            registry.freeze(keys[who], addrs[1])
+        assert reason_of(exc) == "only slasher"
+    registry.freeze(keys[9], addrs[1])
+    for who in (0, 1, 2):
+        with pytest.raises(ContractRevert) as exc:
+            registry.unfreeze(keys[who], addrs[1])
+        assert reason_of(exc) == "only slasher"
+    assert registry.is_frozen(addrs[1])
+    with pytest.raises(ContractRevert, match="unknown node"):
+        registry.freeze(keys[9], addrs[3])
+    with pytest.raises(ContractRevert, match="node not frozen"):
+        registry.unfreeze(keys[9], addrs[3])
+
+
+def test_a_frozen_node_cannot_unbond_deregister_or_withdraw(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    register_miner(registry, keys[1], 3 * MINER_MIN)
+    registry.request_unbonding(keys[1], MINER_MIN)
+    receipt = registry.freeze(keys[9], addrs[1])
+    assert [(e.name, e.args) for e in registry.events(receipt)] == [
+        ("NodeFrozen", {"owner": addrs[1], "count": 1})
+    ]
+    record = registry.node(addrs[1])
+    assert record is not None and record.frozen and record.active
+    chain.increase_time(DELAY)  # the unbonding has matured, and still cannot leave
+    for action in (
+        lambda: registry.request_unbonding(keys[1], MINER_MIN),
+        lambda: registry.deregister(keys[1]),
+        lambda: registry.withdraw(keys[1]),
+    ):
+        with pytest.raises(ContractRevert) as exc:
+            action()
+        assert reason_of(exc) == "node frozen"
+    # Adding stake and changing details are still allowed: neither lets funds escape.
+    registry.stake(keys[1], MINER_MIN)
+    registry.update(keys[1], "http://moved", addrs[1], [offer()])
+    # A frozen node is still listed as active: the gateway decides to skip it by `frozen`.
+    (listed,) = registry.nodes()
+    assert listed.owner == addrs[1] and listed.frozen
+
+    receipt = registry.unfreeze(keys[9], addrs[1])
+    assert [(e.name, e.args) for e in registry.events(receipt)] == [
+        ("NodeUnfrozen", {"owner": addrs[1], "count": 0})
+    ]
+    record = registry.node(addrs[1])
+    assert record is not None and not record.frozen
+    registry.withdraw(keys[1])
+    registry.deregister(keys[1])
+    with pytest.raises(ContractRevert, match="node not frozen"):
+        registry.unfreeze(keys[9], addrs[1])
+
+
+def test_freezes_nest_and_outlive_a_slashed_empty_node(
+    registry: Registry, keys: list[str], addrs: list[str]
+) -> None:
+    register_miner(registry, keys[1])
+    registry.freeze(keys[9], addrs[1])
+    receipt = registry.freeze(keys[9], addrs[1])
+    assert registry.events(receipt)[0].args["count"] == 2
+    registry.unfreeze(keys[9], addrs[1])
+    assert registry.is_frozen(addrs[1])  # one freeze still open
+    with pytest.raises(ContractRevert, match="node frozen"):
+        registry.deregister(keys[1])
+    # Slashed empty, the node is forgotten, but the open freeze can still be released (the
+    # dispute that holds it must be able to finish).
+    registry.slash(keys[9], addrs[1], 10 * MINER_MIN, addrs[8])
+    assert registry.node(addrs[1]) is None
+    assert registry.is_frozen(addrs[1])
+    registry.unfreeze(keys[9], addrs[1])
+    assert not registry.is_frozen(addrs[1])
+
+
 # --- ensure_registered ------------------------------------------------------------------------
 
 

@@ -47,6 +47,8 @@ class NodeRecord:
     unbonding_wei: int = 0
     unbond_at: int = 0  # unix time after which unbonding stake can be withdrawn
     active: bool = True
+    # Under an open dispute: cannot unbond or withdraw, and gateways must not route to it.
+    frozen: bool = False
 
     def serves(self, model_name: str) -> bool:
         return any(offer.name == model_name for offer in self.models)

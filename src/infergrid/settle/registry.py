@@ -97,7 +97,7 @@ def check_models(models: Iterable[ModelOffer]) -> list[OfferTuple]:
 
 def record_from_view(value: Sequence[Any]) -> NodeRecord | None:
     """A NodeRecord from the contract's NodeView tuple; None where no node is registered."""
-    owner, role, endpoint, signer, models, stake, unbonding, unbond_at, active = value
+    owner, role, endpoint, signer, models, stake, unbonding, unbond_at, active, frozen = value
     if int(role) == 0:
         return None
     return NodeRecord(
@@ -110,6 +110,7 @@ def record_from_view(value: Sequence[Any]) -> NodeRecord | None:
         unbonding_wei=int(unbonding),
         unbond_at=int(unbond_at),
         active=bool(active),
+        frozen=bool(frozen),
     )
 
 
@@ -202,6 +203,22 @@ class Registry:
         address = check_address(owner, "owner")
         return record_from_view(self.chain.call(self.contract.functions.get_node(address)))
 
+    def signer_of(self, owner: str) -> str | None:
+        """The key that signs `owner`'s attestations; None if no node is registered."""
+        address = check_address(owner, "owner")
+        signer = to_checksum_address(self.chain.call(self.contract.functions.signer_of(address)))
+        return None if int(signer, 16) == 0 else signer
+
+    def total_stake_of(self, owner: str) -> int:
+        """Bonded plus unbonding wei: everything a slash can still take from `owner`."""
+        address = check_address(owner, "owner")
+        return int(self.chain.call(self.contract.functions.total_stake_of(address)))
+
+    def is_frozen(self, owner: str) -> bool:
+        """Whether an open dispute holds `owner`'s funds (no unbonding, no withdrawal)."""
+        address = check_address(owner, "owner")
+        return int(self.chain.call(self.contract.functions.frozen(address))) != 0
+
     def node_count(self) -> int:
         return int(self.chain.call(self.contract.functions.node_count()))
 
@@ -210,6 +227,9 @@ class Registry:
 
         With `active_only`, only nodes that are active and hold at least their role's minimum
         stake: a slashed node below the minimum stays registered but must not get traffic.
+        Frozen nodes (`NodeRecord.frozen`, under an open dispute) are still returned: they are
+        active and may be acquitted, so whether to route to one is the caller's decision (the
+        gateway skips them).
         """
         block = self.chain.block_number()
         page = self.page_size()
@@ -354,6 +374,16 @@ class Registry:
     def transfer_admin(self, admin_key: PrivateKey, new_admin: str) -> TxReceipt:
         return self.chain.send(
             admin_key, self.contract, "transfer_admin", check_address(new_admin, "admin")
+        )
+
+    def freeze(self, slasher_key: PrivateKey, owner: str) -> TxReceipt:
+        """Hold `owner`'s funds in place (the slasher: the dispute manager, or a test key)."""
+        return self.chain.send(slasher_key, self.contract, "freeze", check_address(owner, "owner"))
+
+    def unfreeze(self, slasher_key: PrivateKey, owner: str) -> TxReceipt:
+        """Release one freeze of `owner`; freezes nest."""
+        return self.chain.send(
+            slasher_key, self.contract, "unfreeze", check_address(owner, "owner")
         )
 
     def slash(

@@ -7,7 +7,10 @@
         from nodes that cheated. Stake leaves only through a delayed unbonding so that it
         stays slashable for everything the node was paid for.
 @dev Payments out are pull payments: withdraw() for a node's own unbonded stake, claim() for
-     slashed stake credited to a recipient.
+     slashed stake credited to a recipient. The slasher may also freeze a node while a dispute
+     about it is open: a frozen node cannot unbond, deregister or withdraw, so the stake the
+     dispute may take cannot leave first. Freezing does not change `active`; gateways skip
+     frozen nodes themselves (NodeView.frozen).
 """
 
 MAX_MODELS: constant(uint256) = 16
@@ -50,6 +53,7 @@ struct NodeView:
     unbonding: uint256
     unbond_at: uint256
     active: bool
+    frozen: bool  # at least one open dispute holds the node's funds in place
 
 
 event NodeRegistered:
@@ -101,6 +105,14 @@ event Claimed:
     recipient: indexed(address)
     amount: uint256
 
+event NodeFrozen:
+    owner: indexed(address)
+    count: uint256  # open freezes on the node after this one
+
+event NodeUnfrozen:
+    owner: indexed(address)
+    count: uint256  # freezes still open; the node is free again at zero
+
 event SlasherSet:
     slasher: indexed(address)
 
@@ -121,6 +133,10 @@ owners: DynArray[address, MAX_NODES]
 owner_index: HashMap[address, uint256]
 # Slashed stake waiting for its recipient to claim it.
 credits: public(HashMap[address, uint256])
+# Open freezes per node: a counter, not a flag, because several disputes about one node can
+# be open at once and the node must stay frozen until the last is resolved. Kept apart from
+# Node so that it survives the node being slashed empty and forgotten mid-dispute.
+frozen: public(HashMap[address, uint256])
 
 
 @deploy
@@ -207,6 +223,7 @@ def _view(owner: address) -> NodeView:
         unbonding=node.unbonding,
         unbond_at=node.unbond_at,
         active=node.active,
+        frozen=self.frozen[owner] != 0,
     )
 
 
@@ -273,6 +290,7 @@ def request_unbonding(amount: uint256):
     # Storage fields one by one, not the whole struct: copying 16 model offers costs gas.
     role: uint8 = self.nodes[msg.sender].role
     assert role != 0, "not registered"
+    assert self.frozen[msg.sender] == 0, "node frozen"
     assert amount > 0, "zero amount"
     stake: uint256 = self.nodes[msg.sender].stake
     assert amount <= stake, "amount exceeds stake"
@@ -297,6 +315,9 @@ def request_unbonding(amount: uint256):
 def deregister():
     """@notice Stop serving: all stake moves into unbonding and the node goes inactive."""
     assert self.nodes[msg.sender].active, "node not active"
+    # A node under dispute keeps its stake bonded: unbonding started now would let the delay
+    # run down while the node is being judged, and leave right after the verdict.
+    assert self.frozen[msg.sender] == 0, "node frozen"
     unbonding: uint256 = self.nodes[msg.sender].unbonding + self.nodes[msg.sender].stake
     unbond_at: uint256 = block.timestamp + self.unbonding_delay
     self.nodes[msg.sender].unbonding = unbonding
@@ -312,6 +333,9 @@ def withdraw():
     """@notice Pay the caller its unbonded stake once the unbonding delay has passed."""
     amount: uint256 = self.nodes[msg.sender].unbonding
     assert amount > 0, "nothing to withdraw"
+    # Matured unbonding funds are still slashable until they leave: a dispute opened in time
+    # keeps them here until it is resolved.
+    assert self.frozen[msg.sender] == 0, "node frozen"
     assert block.timestamp >= self.nodes[msg.sender].unbond_at, "unbonding not matured"
     # Effects before the transfer: the balance is gone before any code of the payee runs.
     self.nodes[msg.sender].unbonding = 0
@@ -353,6 +377,32 @@ def slash(owner: address, amount: uint256, recipient: address) -> uint256:
         log NodeDeactivated(owner=owner)
     self._remove_if_empty(owner)
     return taken
+
+
+@external
+def freeze(owner: address):
+    """
+    @notice Hold a node's funds in place while a dispute about it is open (slasher only).
+            Freezes nest: each freeze needs its own unfreeze.
+    """
+    assert msg.sender == self.slasher, "only slasher"
+    assert self.nodes[owner].role != 0, "unknown node"
+    count: uint256 = self.frozen[owner] + 1
+    self.frozen[owner] = count
+    log NodeFrozen(owner=owner, count=count)
+
+
+@external
+def unfreeze(owner: address):
+    """
+    @notice Release one freeze (slasher only). No registration check: the dispute may have
+            slashed the node empty, which removes it, and must still be able to finish.
+    """
+    assert msg.sender == self.slasher, "only slasher"
+    count: uint256 = self.frozen[owner]
+    assert count != 0, "node not frozen"
+    self.frozen[owner] = count - 1
+    log NodeUnfrozen(owner=owner, count=count - 1)
 
 
 @external
@@ -399,6 +449,43 @@ def node_count() -> uint256:
 def node_owner(index: uint256) -> address:
     assert index < len(self.owners), "index out of range"
     return self.owners[index]
+
+
+# Single-slot reads for other contracts (the dispute manager): get_node copies all 16 model
+# offers out of storage, which costs far more gas than these checks need.
+
+
+@external
+@view
+def signer_of(owner: address) -> address:
+    """@notice The key that signs for `owner`'s node; empty if none is registered."""
+    return self.nodes[owner].signer
+
+
+@external
+@view
+def role_of(owner: address) -> uint8:
+    return self.nodes[owner].role
+
+
+@external
+@view
+def is_active(owner: address) -> bool:
+    return self.nodes[owner].active
+
+
+@external
+@view
+def stake_of(owner: address) -> uint256:
+    """@notice Bonded stake only: what a verifier's vote weighs."""
+    return self.nodes[owner].stake
+
+
+@external
+@view
+def total_stake_of(owner: address) -> uint256:
+    """@notice Everything slash() can still take: bonded stake plus unbonding funds."""
+    return self.nodes[owner].stake + self.nodes[owner].unbonding
 
 
 @external
