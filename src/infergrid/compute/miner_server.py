@@ -7,6 +7,14 @@ penalties are refused (the protocol sampler has none) and vLLM's `top_k` extra i
 
 When the client sends no `max_tokens`, the miner allows min(DEFAULT_MAX_TOKENS, what is
 left of the context after the prompt).
+
+With an `Attestor` (settlement on), every successful response ends with a signed attestation
+(see protocol.wire) over request_hash(request id, the exact body bytes received) and the
+output token ids; the request id is the x-request-id header, or the id the miner generates
+and returns in that header. Each request hash is attested at most once: a repeat, or a twin
+while the first is still generating, is refused with 409, since two different signed answers
+to one request are slashable. A `ReceiptLog` records each attested response with its value
+at the miner's own prices, for checking gateways' vouchers (compute.collector).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import secrets
 import socket
@@ -21,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +44,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from infergrid.compute.attestation import (
+    DEFAULT_REMEMBERED,
+    AttestedRequests,
+    Attestor,
+    seed_for,
+)
 from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
 from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
+from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
 from infergrid.protocol.json_body import decode_request_json
+from infergrid.protocol.messages import request_hash, signed_json
+from infergrid.protocol.nodes import ModelOffer
 from infergrid.protocol.openai_types import (
     APIError,
     ChatCompletionRequest,
@@ -45,7 +63,16 @@ from infergrid.protocol.openai_types import (
     error_body,
     parse_request,
 )
-from infergrid.protocol.wire import MINER_HEADER, REQUEST_ID_HEADER, completion_id
+from infergrid.protocol.pricing import request_value
+from infergrid.protocol.wire import (
+    GATEWAY_HEADER,
+    MINER_HEADER,
+    PAYER_HEADER,
+    REQUEST_ID_HEADER,
+    completion_id,
+)
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 1024
 # Streams send at most one chunk per this many seconds (tokens gather in between; the first
@@ -225,12 +252,86 @@ def _produce(engine: Engine, prompt_ids: list[int], params: SamplingParams, job:
 
 
 @dataclass
+class Settlement:
+    """What a miner needs to attest and to keep its own record of what it attested."""
+
+    attestor: Attestor
+    guard: AttestedRequests
+    offer: ModelOffer | None = None  # the miner's registered prices, for the log's values
+    log: ReceiptLog | None = None
+
+
+class _Attesting:
+    """One request's attestation: signed at most once, when its response is complete.
+
+    The request hash is reserved in the guard before generation; `release()` gives it back
+    if the response ended without a signature (client gone, engine error), so that a retry
+    can be served: nothing was signed, so nothing can conflict.
+    """
+
+    __slots__ = ("_settlement", "done", "gateway", "payer", "request_hash", "request_id")
+
+    def __init__(
+        self,
+        settlement: Settlement,
+        request_hash: bytes,
+        request_id: str,
+        payer: str | None,
+        gateway: str | None,
+    ) -> None:
+        self._settlement = settlement
+        self.request_hash = request_hash
+        self.request_id = request_id
+        self.payer = payer
+        self.gateway = gateway
+        self.done = False
+
+    def reserve(self) -> bool:
+        """Claim the request hash; False if this miner attested it or is answering it."""
+        return self._settlement.guard.reserve(self.request_hash)
+
+    def sign(self, model_id: str, tokens_in: int, output_ids: Sequence[int]) -> dict[str, Any]:
+        if self.done:
+            raise RuntimeError("a response is attested once")
+        settlement = self._settlement
+        # Recorded before signing: should signing fail half-way, refusing the hash later is
+        # harmless, while forgetting a signature that got out is not.
+        self.done = True
+        settlement.guard.signed(self.request_hash)
+        attestation, signature = settlement.attestor.attest(
+            self.request_hash, output_ids, model_id, tokens_in
+        )
+        if settlement.log is not None and settlement.offer is not None:
+            record = LoggedResponse(
+                request_id=self.request_id,
+                request_hash=self.request_hash,
+                payer=self.payer,
+                gateway=self.gateway,
+                model_id=model_id,
+                tokens_in=tokens_in,
+                tokens_out=attestation.tokens_out,
+                value_wei=request_value(tokens_in, attestation.tokens_out, settlement.offer),
+                created_at=time.time(),
+            )
+            try:
+                settlement.log.append(record)
+            except RuntimeError:  # closed while the server shuts down: the answer still goes
+                logger.warning("receipt log closed; response %s not logged", self.request_id)
+        return signed_json(attestation, signature)
+
+    def release(self) -> None:
+        if not self.done:
+            self._settlement.guard.release(self.request_hash)
+
+
+@dataclass
 class _Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     ctx: ResponseContext
     stream: bool
     request_id: str
+    attesting: _Attesting | None = None
 
 
 @dataclass
@@ -243,6 +344,7 @@ class MinerState:
     executor: ThreadPoolExecutor
     stats: MinerStats = field(default_factory=MinerStats)
     jobs: set[_Job] = field(default_factory=set)
+    settlement: Settlement | None = None
 
     def model_matches(self, model: str) -> bool:
         return model in (self.engine.name, self.engine.model_id)
@@ -261,6 +363,11 @@ class MinerState:
             "in_flight": self.stats.in_flight,
             "max_concurrency": self.max_concurrency,
             "address": self.node_address,
+            **(
+                {"signer": self.settlement.attestor.signer_address}
+                if self.settlement is not None
+                else {}
+            ),
         }
 
 
@@ -328,10 +435,6 @@ def token_budget(
     return requested
 
 
-async def _read_json(request: Request) -> Any:
-    return decode_request_json(await request.body())
-
-
 def _request_id(request: Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is None:
@@ -369,8 +472,19 @@ async def _prompt_ids(engine: Engine, req: ChatCompletionRequest | CompletionReq
     return ids
 
 
+def _address_header(request: Request, name: str) -> str | None:
+    try:
+        return normalize_address(request.headers.get(name))
+    except ValueError:
+        raise APIError(
+            400, f"Invalid '{name}' header: expected a 0x address.", code="invalid_header"
+        ) from None
+
+
 async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared:
-    body = await _read_json(request)
+    # The exact bytes received: the attestation's request hash covers them, not a re-encoding.
+    raw = await request.body()
+    body = decode_request_json(raw)
     req: ChatCompletionRequest | CompletionRequest = parse_request(
         ChatCompletionRequest if chat else CompletionRequest, body
     )
@@ -385,6 +499,15 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
     _reject_penalties(req)
     top_k = _top_k(body)
     request_id = _request_id(request)
+    attesting: _Attesting | None = None
+    if state.settlement is not None:
+        attesting = _Attesting(
+            state.settlement,
+            request_hash(request_id, raw),
+            request_id,
+            _address_header(request, PAYER_HEADER),
+            _address_header(request, GATEWAY_HEADER),
+        )
     prompt_ids = await _prompt_ids(engine, req)
     max_tokens = token_budget(
         len(prompt_ids),
@@ -393,7 +516,12 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
         state.default_max_tokens,
         prompt_param="messages" if chat else "prompt",
     )
-    seed = req.seed if req.seed is not None else secrets.randbits(_SEED_BITS)
+    if req.seed is not None:
+        seed = req.seed
+    elif attesting is not None:
+        seed = seed_for(attesting.request_hash)  # a replay must not sample differently
+    else:
+        seed = secrets.randbits(_SEED_BITS)
     if isinstance(req, ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
@@ -419,8 +547,21 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
         token_bytes=engine.token_bytes,
         logprobs=logprobs,
         include_usage=req.include_usage(),
+        attest=_attest_fn(attesting, engine.model_id, len(prompt_ids)),
     )
-    return _Prepared(prompt_ids, params, ctx, req.stream, request_id)
+    return _Prepared(prompt_ids, params, ctx, req.stream, request_id, attesting)
+
+
+def _attest_fn(
+    attesting: _Attesting | None, model_id: str, tokens_in: int
+) -> Callable[[Sequence[int]], dict[str, Any]] | None:
+    if attesting is None:
+        return None
+
+    def attest(output_ids: Sequence[int]) -> dict[str, Any]:
+        return attesting.sign(model_id, tokens_in, output_ids)
+
+    return attest
 
 
 # -- the I/O shell ---------------------------------------------------------------------------
@@ -447,8 +588,10 @@ class _EventStream(Response):
         watcher: asyncio.Task[None],
         headers: Mapping[str, str],
         interval: float,
+        attesting: _Attesting | None = None,
     ) -> None:
         self.status_code = 200
+        self._attesting = attesting
         self._interval = interval
         self.background = None
         self._first = first
@@ -488,6 +631,8 @@ class _EventStream(Response):
         finally:
             self._watcher.cancel()
             self._job.stop()
+            if self._attesting is not None:
+                self._attesting.release()
 
 
 def _sse_error(exc: Exception) -> bytes:
@@ -510,6 +655,19 @@ async def _serve_completion(request: Request, chat: bool) -> Response:
         REQUEST_ID_HEADER: prepared.request_id,
         MINER_HEADER: state.node_address,
     }
+    attesting = prepared.attesting
+    if attesting is not None and not attesting.reserve():
+        return _error_response(
+            APIError(
+                409,
+                f"Request {prepared.request_id!r} (request hash "
+                f"0x{attesting.request_hash.hex()}) was already answered or is being "
+                "answered by this miner; a miner attests each request once. Send a new "
+                f"'{REQUEST_ID_HEADER}'.",
+                code="duplicate_request",
+            ),
+            headers,
+        )
     loop = asyncio.get_running_loop()
     job = _Job(loop, every_token=prepared.stream)
     stats = state.stats
@@ -541,7 +699,13 @@ async def _serve_completion(request: Request, chat: bool) -> Response:
             handed_over = True
             sse_headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
             return _EventStream(
-                writer.feed(batch), job, writer, watcher, sse_headers, state.stream_interval
+                writer.feed(batch),
+                job,
+                writer,
+                watcher,
+                sse_headers,
+                state.stream_interval,
+                attesting,
             )
         tokens: list[GeneratedToken] = []
         while True:
@@ -563,6 +727,8 @@ async def _serve_completion(request: Request, chat: bool) -> Response:
         if not handed_over:
             watcher.cancel()
             job.stop()
+            if attesting is not None:
+                attesting.release()
 
 
 async def chat_completions(request: Request) -> Response:
@@ -603,13 +769,44 @@ def create_miner_app(
     max_concurrency: int = 1,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stream_interval: float = DEFAULT_STREAM_INTERVAL,
+    attestor: Attestor | None = None,
+    receipt_log: ReceiptLog | None = None,
+    offer: ModelOffer | None = None,
+    remembered: int = DEFAULT_REMEMBERED,
 ) -> Starlette:
-    """The miner's ASGI app over one engine; `app.state.miner` holds its state and stats."""
+    """The miner's ASGI app over one engine; `app.state.miner` holds its state and stats.
+
+    With `attestor`, responses carry signed attestations; with `receipt_log` too (which
+    needs `offer`, the miner's registered prices for this engine's model), each attested
+    response is logged, and the log also tells the equivocation guard about request hashes
+    older than the `remembered` it keeps in memory. The caller owns and closes the log.
+    """
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
+    settlement: Settlement | None = None
+    if attestor is not None:
+        if receipt_log is not None:
+            if offer is None:
+                raise ValueError("a receipt log needs the miner's ModelOffer for its values")
+            if offer.model_id.lower() != engine.model_id.lower():
+                raise ValueError(
+                    f"the offer is for model {offer.model_id}, the engine serves {engine.model_id}"
+                )
+        guard = AttestedRequests(
+            receipt_log.contains if receipt_log is not None else None, remembered
+        )
+        settlement = Settlement(attestor, guard, offer, receipt_log)
+    elif receipt_log is not None:
+        raise ValueError("a receipt log records attested responses: pass an attestor too")
     executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
     state = MinerState(
-        engine, node_address, max_concurrency, default_max_tokens, stream_interval, executor
+        engine,
+        node_address,
+        max_concurrency,
+        default_max_tokens,
+        stream_interval,
+        executor,
+        settlement=settlement,
     )
 
     @contextlib.asynccontextmanager

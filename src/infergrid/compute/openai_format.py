@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infergrid.compute.engine import GeneratedToken
-from infergrid.protocol.wire import EXTENSION_KEY, SSE_DONE
+from infergrid.protocol.wire import ATTESTATION_KEY, EXTENSION_KEY, SSE_DONE
 
 # OpenAI reports impossible tokens as -9999.0 rather than -Infinity, which JSON cannot carry.
 LOGPROB_FLOOR = -9999.0
 
 TokenBytes = Callable[[int], bytes]
+# Signs a finished response: given every output token id (the ending token included), the
+# attestation JSON for the extension. Called once, when the response's last part is built.
+AttestFn = Callable[[Sequence[int]], dict[str, Any]]
 
 
 def finite(logprob: float) -> float:
@@ -59,6 +62,8 @@ class ResponseContext:
     # None: the client asked for no logprobs; else how many alternatives per token.
     logprobs: int | None = None
     include_usage: bool = False
+    # With settlement on: the attestation of the finished response (see AttestFn).
+    attest: AttestFn | None = None
 
     @property
     def object(self) -> str:
@@ -131,6 +136,16 @@ def completion_body(ctx: ResponseContext, tokens: Sequence[GeneratedToken]) -> d
     """The whole non-streamed response for a finished generation."""
     text = "".join(t.text for t in tokens)
     finish = tokens[-1].finish_reason if tokens else "length"
+    output_ids = [t.token_id for t in tokens]
+    extension: dict[str, Any] = {
+        "model_id": ctx.model_id,
+        "seed": ctx.seed,
+        "prompt_token_ids": list(ctx.prompt_token_ids),
+        "output_token_ids": output_ids,
+        "output_logprobs": [t.logprob for t in tokens],
+    }
+    if ctx.attest is not None:
+        extension[ATTESTATION_KEY] = ctx.attest(output_ids)
     choice: dict[str, Any]
     if ctx.chat:
         choice = {
@@ -154,13 +169,7 @@ def completion_body(ctx: ResponseContext, tokens: Sequence[GeneratedToken]) -> d
         "system_fingerprint": None,
         "choices": [choice],
         "usage": ctx.usage(len(tokens)),
-        EXTENSION_KEY: {
-            "model_id": ctx.model_id,
-            "seed": ctx.seed,
-            "prompt_token_ids": list(ctx.prompt_token_ids),
-            "output_token_ids": [t.token_id for t in tokens],
-            "output_logprobs": [t.logprob for t in tokens],
-        },
+        EXTENSION_KEY: extension,
     }
 
 
@@ -177,6 +186,8 @@ class StreamWriter:
 
     ctx: ResponseContext
     _pending: list[GeneratedToken] = field(default_factory=list)
+    # Every id sent so far, for the attestation's response hash (only kept when attesting).
+    _output_ids: list[int] = field(default_factory=list)
     _completion_tokens: int = 0
     _text_offset: int = 0
     _started: bool = False
@@ -238,6 +249,8 @@ class StreamWriter:
         for tok in batch:
             self._completion_tokens += 1
             self._pending.append(tok)
+            if self.ctx.attest is not None:
+                self._output_ids.append(tok.token_id)
             if tok.finish_reason is not None:
                 finish = tok.finish_reason
                 break
@@ -256,6 +269,13 @@ class StreamWriter:
     def _finish(self, reason: str) -> bytes:
         tokens, self._pending = self._pending, []
         finish = self._chunk(self._choice(tokens, "", reason), tokens)
+        extension: dict[str, Any] = {
+            "model_id": self.ctx.model_id,
+            "seed": self.ctx.seed,
+            "prompt_token_ids": list(self.ctx.prompt_token_ids),
+        }
+        if self.ctx.attest is not None:
+            extension[ATTESTATION_KEY] = self.ctx.attest(self._output_ids)
         usage = {
             "id": self.ctx.completion_id,
             "object": self.ctx.chunk_object,
@@ -264,11 +284,7 @@ class StreamWriter:
             "system_fingerprint": None,
             "choices": [],
             "usage": self.ctx.usage(self._completion_tokens),
-            EXTENSION_KEY: {
-                "model_id": self.ctx.model_id,
-                "seed": self.ctx.seed,
-                "prompt_token_ids": list(self.ctx.prompt_token_ids),
-            },
+            EXTENSION_KEY: extension,
         }
         self.done = True
         return finish + sse(usage) + SSE_DONE
