@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,9 @@ from scripted_miner import ScriptedMiner, address, serve
 from infergrid.app.config import GatewayConfig
 from infergrid.app.gateway import Gateway, create_gateway_app
 from infergrid.app.keys import KeyStore
+from infergrid.app.settlement import Settlement
 from infergrid.app.traces import TraceStore
+from infergrid.protocol.nodes import NodeRecord
 
 MODEL = "tiny-test"
 
@@ -38,9 +40,16 @@ class RunningGateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    miners: list[ScriptedMiner], keys: KeyStore, traces: TraceStore, **overrides: Any
+    miners: list[ScriptedMiner],
+    keys: KeyStore,
+    traces: TraceStore,
+    *,
+    settlement: Settlement | None = None,
+    discover: Callable[[], list[NodeRecord]] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
-    """A gateway routing to `miners` (which must already be running)."""
+    """A gateway routing to `miners` (which must already be running), found through
+    `discover` (default: the miners' own records); metered when given a settlement."""
     settings: dict[str, Any] = {
         "discovery_interval_s": 0.5,
         "health_interval_s": 0.5,
@@ -51,7 +60,11 @@ async def running_gateway(
     settings.update(overrides)
     config = GatewayConfig(**settings)
     app = create_gateway_app(
-        config, discover=lambda: [m.record() for m in miners], keys=keys, traces=traces
+        config,
+        discover=discover or (lambda: [m.record() for m in miners]),
+        keys=keys,
+        traces=traces,
+        settlement=settlement,
     )
     async with serve(app) as url:
         running = RunningGateway(url, app.state.gateway, miners)

@@ -4,7 +4,9 @@ end-to-end tests use real miners.
 It speaks the wire format of `infergrid.protocol.wire` (OpenAI bodies plus the `infergrid`
 extension, the usage chunk always sent when streaming, the request id as the completion id) and
 answers with a fixed reply, one word per "token". Its `mode` scripts the failures a gateway must
-survive. `serve()` runs any ASGI app on a free 127.0.0.1 port for the length of a `with` block.
+survive. Given a signer key and the escrow's domain it signs real attestations, as a miner does
+with settlement on; `attest` scripts the forgeries a gateway must refuse to pay for. `serve()`
+runs any ASGI app on a free 127.0.0.1 port for the length of a `with` block.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from infergrid.protocol.eip712 import Domain, Signer
+from infergrid.protocol.messages import Attestation, request_hash, response_hash, signed_json
 from infergrid.protocol.models import model_id
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.protocol.openai_types import (
@@ -33,6 +37,7 @@ from infergrid.protocol.openai_types import (
     parse_request,
 )
 from infergrid.protocol.wire import (
+    ATTESTATION_KEY,
     EXTENSION_KEY,
     REQUEST_ID_HEADER,
     SSE_DONE,
@@ -46,6 +51,17 @@ Mode = Literal[
     "die_mid_stream",  # streams: two tokens, then the connection dies
     "leak_logprobs",  # includes OpenAI logprobs even when not asked (a misbehaving miner)
     "text_400",  # refuses with a 400 whose body is plain text, not OpenAI's error shape
+]
+
+Attest = Literal[
+    "ok",
+    "missing",  # no attestation at all
+    "wrong_key",  # signed by a key that is not the registered signer
+    "wrong_response",  # response hash over other tokens than those sent
+    "wrong_request",  # request hash over another body
+    "wrong_tokens",  # claims one more output token than it sent
+    "wrong_model",  # another model id
+    "wrong_miner",  # names another miner
 ]
 
 DEFAULT_REPLY = "Hello from a scripted miner , nothing here is a model ."
@@ -69,21 +85,56 @@ class ScriptedMiner:
     token_delay_s: float = 0.0
     prompt_len: int = 7  # token ids it claims for the prompt; large ones make a long SSE line
     base_url: str = ""
+    price_in_wei: int = 1
+    price_out_wei: int = 2
+    # Settlement: sign attestations with this key in this domain (both or neither).
+    signer_key: str | None = None
+    domain: Domain | None = None
+    attest: Attest = "ok"
     # Every completion request as received: (headers, body).
     seen: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
 
-    def record(self) -> NodeRecord:
-        offers = tuple(
-            ModelOffer(name, model_id(name, "0x00", "main", "f32"), 1, 2) for name in self.models
+    def offers(self) -> tuple[ModelOffer, ...]:
+        return tuple(
+            ModelOffer(
+                name, model_id(name, "0x00", "main", "f32"), self.price_in_wei, self.price_out_wei
+            )
+            for name in self.models
         )
+
+    @property
+    def signer(self) -> str:
+        return Signer(self.signer_key).address if self.signer_key else self.owner
+
+    def record(self) -> NodeRecord:
         return NodeRecord(
             owner=self.owner,
             role=Role.MINER,
             endpoint=self.base_url,
-            signer=self.owner,
-            models=offers,
+            signer=self.signer,
+            models=self.offers(),
             stake_wei=10**18,
         )
+
+    def attestation(
+        self, rid: str, raw: bytes, model: str, prompt_ids: list[int], ids: list[int]
+    ) -> dict[str, Any] | None:
+        """The signed attestation a miner puts in the extension (None without settlement)."""
+        if self.signer_key is None or self.domain is None or self.attest == "missing":
+            return None
+        offer = next(o for o in self.offers() if model in (o.name, o.model_id))
+        forge = self.attest
+        attestation = Attestation(
+            request_hash=request_hash(rid, raw + (b" " if forge == "wrong_request" else b"")),
+            response_hash=response_hash([*ids, 999] if forge == "wrong_response" else ids),
+            model_id=("0x" + "ee" * 32) if forge == "wrong_model" else offer.model_id,
+            miner=address(0xBAD) if forge == "wrong_miner" else self.owner,
+            tokens_in=len(prompt_ids),
+            tokens_out=len(ids) + (1 if forge == "wrong_tokens" else 0),
+        )
+        key = "0x" + "42" * 32 if forge == "wrong_key" else self.signer_key
+        signature = Signer(key).sign(self.domain.digest(attestation.struct_hash()))
+        return signed_json(attestation, signature)
 
     @property
     def served(self) -> int:
@@ -120,8 +171,9 @@ class ScriptedMiner:
     async def _serve(
         self, request: Request, kind: type[ChatCompletionRequest | CompletionRequest], chat: bool
     ) -> Response:
+        raw = await request.body()
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return JSONResponse(APIError(400, "bad json").body(), 400)
         self.seen.append((dict(request.headers), body))
@@ -177,6 +229,9 @@ class ScriptedMiner:
                     "output_logprobs": lps,
                 },
             }
+            signed = self.attestation(rid, raw, req.model, prompt_ids, ids)
+            if signed is not None:
+                answer[EXTENSION_KEY][ATTESTATION_KEY] = signed
             return JSONResponse(answer)
 
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -234,6 +289,9 @@ class ScriptedMiner:
                 "seed": req.seed,
                 "prompt_token_ids": prompt_ids,
             }
+            signed = self.attestation(rid, raw, req.model, prompt_ids, ids)
+            if signed is not None:
+                ext[ATTESTATION_KEY] = signed
             yield chunk([], ext, usage=usage)
             yield SSE_DONE
 

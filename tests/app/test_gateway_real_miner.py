@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -126,3 +127,74 @@ async def test_raw_stream_is_clean(
             await asyncio.sleep(0.02)
         assert trace is not None and trace.status == 200
         assert trace.completion_tokens and trace.prompt_tokens and trace.ttft_ms is not None
+
+
+async def test_metered_through_real_miner(
+    engine: Any, keys: KeyStore, traces: TraceStore, tmp_path: Path
+) -> None:
+    """The real miner signs attestations (compute.attestation) that a metered gateway checks
+    and turns into receipts: the whole settlement path with nothing scripted."""
+    attestation = pytest.importorskip("infergrid.compute.attestation")
+    from settlement_harness import (
+        KEYS,
+        MIN_STAKE,
+        MINER_1,
+        PAYER_A,
+        addr,
+        deploy_network,
+        metered_gateway,
+    )
+
+    from infergrid.protocol.eip712 import Signer
+    from infergrid.protocol.nodes import WEI_PER_BTT
+    from infergrid.settle.chain import Chain, EmbeddedEVM
+
+    net = deploy_network(Chain.embedded(EmbeddedEVM(accounts=10)))
+    owner = addr(MINER_1)
+    attestor = attestation.Attestor(net.domain, Signer(KEYS[MINER_1]), owner)
+    offer = ModelOffer(engine.name, engine.model_id, 3, 5)
+    app = miner_server.create_miner_app(
+        engine, node_address=owner, max_concurrency=2, attestor=attestor
+    )
+    net.fund_payer(PAYER_A, WEI_PER_BTT)
+    key = keys.create("real", payer=addr(PAYER_A))[1]
+    with miner_server.MinerServerThread(app, log_level="critical") as server:
+        net.registry.register(
+            KEYS[MINER_1], Role.MINER, server.url, attestor.signer_address, [offer], MIN_STAKE
+        )
+        async with metered_gateway(net, [], keys, traces, tmp_path) as gw:
+            store = gw.gateway.settlement.store  # type: ignore[union-attr]
+            oa = gw.client(key)
+            raw = await oa.chat.completions.with_raw_response.create(
+                model=engine.name, messages=MESSAGES, max_tokens=6
+            )
+            usage = raw.parse().usage
+            assert usage is not None
+            value = usage.prompt_tokens * 3 + usage.completion_tokens * 5
+            assert usage.cost_wei == str(value)  # type: ignore[attr-defined]
+            stored = store.get(raw.headers[REQUEST_ID_HEADER])
+            assert stored is not None and stored.receipt.value == value
+            assert stored.receipt.miner == owner
+
+            for include_usage in (True, False):
+                options = {"include_usage": True} if include_usage else None
+                stream = await oa.chat.completions.create(
+                    model=engine.name,
+                    messages=MESSAGES,
+                    max_tokens=6,
+                    stream=True,
+                    stream_options=options,  # type: ignore[arg-type]
+                )
+                chunks = [c async for c in stream]
+                last = chunks[-1]
+                assert last.usage is not None and last.usage.cost_wei  # type: ignore[attr-defined]
+                rid = chunks[0].id.removeprefix("chatcmpl-")
+                stored = store.get(rid)
+                assert stored is not None
+                assert str(stored.receipt.value) == last.usage.cost_wei  # type: ignore[attr-defined]
+
+            legacy = await oa.completions.create(model=engine.name, prompt="Once", max_tokens=4)
+            assert legacy.usage is not None and legacy.usage.cost_wei  # type: ignore[attr-defined]
+            assert store.count() == 4
+            trace = gw.gateway.traces.get(raw.headers[REQUEST_ID_HEADER])
+            assert trace is not None and trace.attestation_error is None

@@ -9,6 +9,14 @@ Failover: the gateway holds a response back until the miner has produced its fir
 miner that fails before that (refused connection, 5xx, a stream that dies early) is replaced by
 another without the client noticing. After the first token the client has seen output; the
 stream then ends with an OpenAI-shaped error event.
+
+Settlement (when the gateway is given a `Settlement`; without one it serves unmetered): the key's
+payer must have headroom for the request's worst case at the chosen miner's prices (402
+otherwise), the miner's signed attestation must vouch for exactly what was relayed, and the
+receipt is stored durably before the response finishes (non-streamed: before the body goes out;
+streamed: the finish chunk, usage and [DONE] wait for it). Usage then tells the cost. A response
+whose attestation does not check out is the miner's failure: failed over when nothing reached
+the client yet, otherwise the stream ends with an error event and nothing is charged.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import uvicorn
+from eth_utils import is_address, to_checksum_address
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,6 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from infergrid.app import relay
+from infergrid.app.billing import InsufficientHeadroom, Reservation, worst_case_wei
 from infergrid.app.config import GatewayConfig
 from infergrid.app.keys import KeyRecord, KeyStore, mask_secret
 from infergrid.app.metrics import GatewayMetrics
@@ -44,16 +54,35 @@ from infergrid.app.miners import (
     NoHealthyMiner,
     PoolMaintainer,
 )
+from infergrid.app.settlement import (
+    AttestationRejected,
+    Settlement,
+    Verified,
+    insufficient_error,
+    no_payer_error,
+    offer_for,
+    verify_attestation,
+)
 from infergrid.app.traces import Trace, TraceStore
 from infergrid.protocol import json_body
-from infergrid.protocol.nodes import NodeRecord
+from infergrid.protocol.messages import Receipt, request_hash
+from infergrid.protocol.nodes import ModelOffer, NodeRecord
 from infergrid.protocol.openai_types import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     parse_request,
 )
-from infergrid.protocol.wire import EXTENSION_KEY, MINER_HEADER, REQUEST_ID_HEADER, SSE_DONE
+from infergrid.protocol.pricing import request_value
+from infergrid.protocol.wire import (
+    ATTESTATION_KEY,
+    EXTENSION_KEY,
+    GATEWAY_HEADER,
+    MINER_HEADER,
+    PAYER_HEADER,
+    REQUEST_ID_HEADER,
+    SSE_DONE,
+)
 
 __all__ = [
     "Gateway",
@@ -109,6 +138,14 @@ class _MinerFailed(Exception):
     """This miner could not serve this request; another one may."""
 
 
+class _Unverified(Exception):
+    """The miner's attestation does not vouch for the streamed response (after output)."""
+
+
+class _ReceiptFailed(Exception):
+    """The gateway could not store the receipt: its own failure, not the miner's."""
+
+
 @dataclass(slots=True)
 class _Call:
     """One client request on its way through the gateway."""
@@ -122,6 +159,19 @@ class _Call:
     payload: bytes
     started: float  # perf_counter at arrival
     trace: Trace
+    # Settlement only: who pays, the worst case the request may cost (completion tokens), the
+    # hold on the payer's headroom, and the chosen miner's offer for the model.
+    payer: str | None = None
+    max_tokens: int = 0
+    reservation: Reservation | None = None
+    offer: ModelOffer | None = None
+    request_hash: bytes | None = None  # computed once, on the first attempt
+
+
+_RECEIPT_FAILED = (
+    "The gateway could not record the receipt for this request, so it was not charged;"
+    " please retry."
+)
 
 
 class Gateway:
@@ -135,10 +185,12 @@ class Gateway:
         keys: KeyStore,
         traces: TraceStore,
         pool: MinerPool | None = None,
+        settlement: Settlement | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
         self.traces = traces
+        self.settlement = settlement
         self.pool = pool or MinerPool()
         self.maintainer = PoolMaintainer(
             self.pool,
@@ -169,6 +221,10 @@ class Gateway:
             skip_auto_headers=("User-Agent",),
         )
         self.session = session
+        settlement = self.settlement
+        if settlement is not None:
+            # Receipts from before a restart count against headroom from the first request.
+            await settlement.start()
         # Know the miners and their health before taking the first request, but do not let a
         # hung registry read keep the gateway from starting: the loop below retries.
         try:
@@ -181,6 +237,8 @@ class Gateway:
             asyncio.create_task(self.maintainer.run(session), name="miner-pool"),
             asyncio.create_task(self.traces.run_flusher(), name="trace-flusher"),
         ]
+        if settlement is not None:
+            tasks.append(asyncio.create_task(settlement.run(), name="settlement"))
         try:
             yield
         finally:
@@ -201,6 +259,17 @@ class Gateway:
             "models": [name for name, _ in self.pool.models()],
             "discovery_error": self.maintainer.discovery_error,
         }
+        settlement = self.settlement
+        if settlement is not None:
+            anchorer = settlement.anchorer
+            body["settlement"] = {
+                "gateway": settlement.gateway,
+                "escrow": settlement.domain.verifying_contract,
+                "chain_id": settlement.domain.chain_id,
+                "escrow_error": settlement.escrow_error,
+                "anchoring": anchorer is not None,
+                "anchor_failures": anchorer.failures if anchorer is not None else 0,
+            }
         return self._json(body, _request_id(request.scope))
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -230,6 +299,85 @@ class Gateway:
             raise self._model_not_found(name)
         except APIError as exc:
             return error_response(exc, rid)
+
+    # -- settlement endpoints ----------------------------------------------------------------
+
+    def _settlement_or_404(self) -> Settlement:
+        if self.settlement is None:
+            raise APIError(
+                404,
+                "This gateway does not meter requests: it signs no receipts or vouchers.",
+                code="settlement_disabled",
+            )
+        return self.settlement
+
+    async def vouchers(self, request: Request) -> Response:
+        """A miner's cumulative vouchers, one per payer. No API key: a voucher pays only the
+        miner named in it, so handing it to anyone gives nothing away that the miner's own
+        endpoint log does not already say."""
+        rid = _request_id(request.scope)
+        try:
+            settlement = self._settlement_or_404()
+            miner = request.query_params.get("miner", "").strip()
+            if not miner or not is_address(miner):
+                raise APIError(
+                    400,
+                    "Give the miner's address: /v1/vouchers?miner=0x…",
+                    param="miner",
+                    code="invalid_value",
+                )
+            # Signing and the Merkle roots run in a worker thread, off the event loop.
+            found = await asyncio.to_thread(
+                settlement.store.vouchers_for, to_checksum_address(miner)
+            )
+        except APIError as exc:
+            return error_response(exc, rid)
+        body = {"gateway": settlement.gateway, "vouchers": [v.to_json() for v in found]}
+        return self._json(body, rid)
+
+    async def receipt(self, request: Request) -> Response:
+        """The receipt of one request, with its anchor proof once anchored; only for the key
+        that made the request (anyone else gets the same 404 as for an unknown id)."""
+        rid = _request_id(request.scope)
+        wanted = request.path_params["request_id"]
+        try:
+            key = self._authenticate(request)
+            settlement = self._settlement_or_404()
+            trace = self.traces.get_pending(wanted) or await asyncio.to_thread(
+                self.traces.get_flushed, wanted
+            )
+            stored = None
+            if trace is not None and trace.key_id == key.key_id:
+                stored = await asyncio.to_thread(settlement.store.get, wanted)
+            if stored is None:
+                raise APIError(
+                    404,
+                    f"No receipt for request `{wanted}` under this API key.",
+                    code="receipt_not_found",
+                )
+            proof = await asyncio.to_thread(settlement.store.anchor_proof, wanted)
+        except APIError as exc:
+            return error_response(exc, rid)
+        assert trace is not None
+        body = {
+            **stored.to_json(),
+            "anchor": proof.to_json() if proof is not None else None,
+            "trace": {
+                "model": trace.model,
+                "route": trace.route,
+                "stream": trace.stream,
+                "status": trace.status,
+                "created_at": trace.created_at,
+                "miner": trace.miner,
+                "prompt_tokens": trace.prompt_tokens,
+                "completion_tokens": trace.completion_tokens,
+                "ttft_ms": trace.ttft_ms,
+                "total_ms": trace.total_ms,
+                "attempts": trace.attempts,
+                "cost_wei": trace.cost_wei,
+            },
+        }
+        return self._json(body, rid)
 
     @staticmethod
     def _model_object(name: str, first_seen: int) -> dict[str, Any]:
@@ -318,6 +466,9 @@ class Gateway:
         rid = _request_id(scope)
         path: str = scope["path"]
         trace: Trace | None = None
+        call: _Call | None = None
+        handed_off = False  # a _StreamRelay owns the call's reservation from then on
+        settlement = self.settlement
         try:
             key = self._authenticate(request)
             body = json_body.decode_request_json(await self._read_body(request))
@@ -330,7 +481,14 @@ class Gateway:
                 stream=parsed.stream,
                 created_at=created,
                 status=0,
+                payer=key.payer,
             )
+            if settlement is not None:
+                if key.payer is None:
+                    raise no_payer_error(settlement.gateway)
+                # Memory only, except the first request of a payer not seen lately, which
+                # must wait for its escrow figures.
+                await settlement.admit(key.payer)
             # parse_request accepted it, so body is a dict.
             payload, seed = relay.upstream_body(
                 body, stream=parsed.stream, seed=self._seeds.getrandbits(relay.SEED_BITS)
@@ -347,7 +505,12 @@ class Gateway:
                 started=started,
                 trace=trace,
             )
-            return await self._forward(call)
+            if settlement is not None:
+                call.payer = key.payer
+                call.max_tokens = parsed.token_limit() or settlement.default_max_tokens
+            response = await self._forward(call)
+            handed_off = isinstance(response, _StreamRelay)
+            return response
         except APIError as exc:
             elapsed = time.perf_counter() - started
             if trace is not None:
@@ -356,13 +519,44 @@ class Gateway:
                 trace.total_ms = elapsed * 1000
                 self.traces.record(trace)
             self.metrics.observe(path, exc.status, elapsed)
-            headers = {"retry-after": "1"} if exc.status == 503 else None
+            headers = None
+            if exc.status == 503:
+                headers = {"retry-after": "1"}
+            elif exc.status == 402:
+                # OpenAI's clients retry 5xx and 429 by default; this header tells them (and
+                # anyone reading) that retrying cannot help until the payer tops up.
+                headers = {"x-should-retry": "false"}
+                self.metrics.quota_refusals.inc()
             return error_response(exc, rid, headers)
+        finally:
+            if call is not None and call.reservation is not None and not handed_off:
+                assert settlement is not None
+                settlement.ledger.release(call.reservation)
+
+    def _reserve(self, call: _Call, miner: MinerState) -> bool:
+        """Hold the call's worst case at this miner's prices on the payer's headroom; False if
+        the miner has no offer for the model (the registry changed under the pick). Raises
+        InsufficientHeadroom."""
+        settlement = self.settlement
+        assert settlement is not None and call.payer is not None
+        offer = offer_for(miner.record, call.model)
+        if offer is None:
+            return False
+        amount = worst_case_wei(len(call.payload), call.max_tokens, offer)
+        if call.reservation is None:
+            call.reservation = settlement.ledger.reserve(call.payer, amount)
+        else:
+            settlement.ledger.resize(call.reservation, amount)
+        call.offer = offer
+        return True
 
     async def _forward(self, call: _Call) -> Response | _StreamRelay:
         tried: list[MinerState] = []
         last_error = "no healthy miner"
-        for _ in range(max(1, self.config.max_attempts)):
+        refused: InsufficientHeadroom | None = None  # the cheapest miner the payer can't afford
+        attempts = 0
+        metered = self.settlement is not None
+        while attempts < max(1, self.config.max_attempts):
             try:
                 miner = self.pool.pick(call.model, tried)
             except ModelNotServed:
@@ -378,6 +572,16 @@ class Gateway:
             except NoHealthyMiner:
                 break
             tried.append(miner)
+            if metered:
+                try:
+                    if not self._reserve(call, miner):
+                        continue
+                except InsufficientHeadroom as exc:
+                    # A cheaper miner may still fit the payer's headroom; this one is skipped.
+                    if refused is None or exc.needed_wei < refused.needed_wei:
+                        refused = exc
+                    continue
+            attempts += 1
             call.trace.attempts += 1
             try:
                 return await self._attempt(call, miner)
@@ -385,6 +589,8 @@ class Gateway:
                 last_error = f"{miner.owner}: {exc}"
                 self.metrics.failovers.inc()
                 log.info("request %s: miner %s failed (%s)", call.request_id, miner.owner, exc)
+        if refused is not None and attempts == 0:
+            raise insufficient_error(refused)
         call.trace.error = last_error  # the details are for the operator, not the client
         raise APIError(
             503,
@@ -392,6 +598,17 @@ class Gateway:
             type="server_error",
             code="no_miner_available",
         )
+
+    def _upstream_headers(self, call: _Call) -> dict[str, str]:
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
+        settlement = self.settlement
+        if settlement is not None:
+            # The miner logs who pays and which signer will sign the receipt, to check the
+            # vouchers it is later given against what it attested.
+            assert call.payer is not None
+            headers[PAYER_HEADER] = call.payer
+            headers[GATEWAY_HEADER] = settlement.gateway
+        return headers
 
     async def _attempt(self, call: _Call, miner: MinerState) -> Response | _StreamRelay:
         """Send the call to one miner. Raises _MinerFailed if nothing reached the client."""
@@ -407,10 +624,7 @@ class Gateway:
                 resp = await self.session.post(
                     miner.base_url + call.path,
                     data=call.payload,
-                    headers={
-                        "content-type": "application/json",
-                        REQUEST_ID_HEADER: call.request_id,
-                    },
+                    headers=self._upstream_headers(call),
                 )
             except _UPSTREAM_ERRORS as exc:
                 pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
@@ -443,14 +657,126 @@ class Gateway:
             finally:
                 if not handed_off:
                     resp.release()
+            verified = None
+            if self.settlement is not None:
+                ext = answer.get(EXTENSION_KEY)
+                ext = ext if isinstance(ext, dict) else {}
+                try:
+                    verified = self._verify(
+                        call,
+                        miner,
+                        signed=ext.get(ATTESTATION_KEY),
+                        output_token_ids=ext.get("output_token_ids"),
+                        prompt_token_ids=ext.get("prompt_token_ids"),
+                        usage=answer.get("usage"),
+                    )
+                except AttestationRejected as exc:
+                    # Nothing reached the client: another miner may serve it honestly.
+                    raise _MinerFailed(f"attestation rejected: {exc}") from None
             ok = True
-            return self._answer(call, miner, answer)
+            return await self._answer(call, miner, answer, verified)
         finally:
             if not handed_off:
                 pool.release(miner, ok=ok, latency_ms=latency_ms)
 
-    def _answer(self, call: _Call, miner: MinerState, answer: dict[str, Any]) -> Response:
+    def _verify(
+        self,
+        call: _Call,
+        miner: MinerState,
+        *,
+        signed: Any,
+        output_token_ids: Any,
+        prompt_token_ids: Any,
+        usage: Any,
+    ) -> Verified:
+        """Check the miner's attestation of this call; raises AttestationRejected (counted,
+        logged and kept in the trace)."""
+        settlement = self.settlement
+        assert settlement is not None and call.offer is not None
+        if call.request_hash is None:
+            call.request_hash = request_hash(call.request_id, call.payload)
+        try:
+            return verify_attestation(
+                settlement.domain,
+                record=miner.record,
+                offer=call.offer,
+                request_hash=call.request_hash,
+                signed=signed,
+                output_token_ids=output_token_ids,
+                prompt_token_ids=prompt_token_ids,
+                usage=usage,
+            )
+        except AttestationRejected as exc:
+            self.metrics.attestation_failures.inc()
+            reason = f"{miner.owner}: {exc}"
+            trace = call.trace
+            earlier = trace.attestation_error
+            trace.attestation_error = reason if earlier is None else f"{earlier}; {reason}"
+            log.warning("request %s: attestation rejected: %s", call.request_id, reason)
+            raise
+
+    async def _commit(self, call: _Call, miner: MinerState, verified: Verified) -> int:
+        """Sign and durably store the receipt of a verified response; returns its value.
+
+        The store's group commit runs in its writer thread; this only waits for it. The
+        ledger is charged when the commit lands even if this request is cancelled meanwhile
+        (a client hanging up), so headroom never misses a stored receipt.
+        """
+        settlement = self.settlement
+        assert settlement is not None and call.payer is not None and call.offer is not None
+        attestation = verified.attestation
+        value = request_value(attestation.tokens_in, attestation.tokens_out, call.offer)
+        receipt = Receipt(
+            request_hash=attestation.request_hash,
+            payer=call.payer,
+            miner=miner.owner,
+            gateway=settlement.gateway,
+            model_id=attestation.model_id,
+            tokens_in=attestation.tokens_in,
+            tokens_out=attestation.tokens_out,
+            value=value,
+            timestamp=int(time.time()),
+            attestation_hash=verified.attestation_hash,
+        )
+        started = time.perf_counter()
+        task = asyncio.ensure_future(
+            settlement.store.commit(call.request_id, receipt, attestation, verified.signature)
+        )
+        payer, trace, metrics, ledger = call.payer, call.trace, self.metrics, settlement.ledger
+
+        def committed(done: asyncio.Future[bytes]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            ledger.charge(payer, value)
+            trace.cost_wei = str(value)
+            metrics.receipts.inc()
+            metrics.receipt_value.inc(value)
+            metrics.receipt_commit.observe(time.perf_counter() - started)
+
+        task.add_done_callback(committed)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("request %s: storing its receipt failed: %r", call.request_id, exc)
+            raise _ReceiptFailed(f"{type(exc).__name__}: {exc}") from exc
+        return value
+
+    async def _answer(
+        self, call: _Call, miner: MinerState, answer: dict[str, Any], verified: Verified | None
+    ) -> Response:
         prompt, completion = relay.usage_of(answer)
+        if verified is not None:
+            try:
+                value = await self._commit(call, miner, verified)
+            except _ReceiptFailed:
+                raise APIError(
+                    500, _RECEIPT_FAILED, type="server_error", code="receipt_failed"
+                ) from None
+            usage = answer.get("usage")
+            if isinstance(usage, dict):
+                relay.add_cost(usage, value)
         content = relay.encode(relay.client_view(answer, wants_logprobs=call.wants_logprobs))
         elapsed = time.perf_counter() - call.started
         self._finish_trace(call, miner, 200, elapsed, prompt, completion)
@@ -527,6 +853,10 @@ async def _read_bounded(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BY
     return b"".join(chunks)
 
 
+async def _end(send: Send, body: bytes) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -538,6 +868,11 @@ class _StreamRelay:
     `prime()` reads until the miner has produced output; only then does the gateway commit to
     this miner. The relay owns the upstream response and the miner's in-flight slot from then
     on, and gives both back however the stream ends (finished, broken, or the client leaving).
+
+    Metered, it also collects the token ids of every chunk, holds the finish chunk back, and
+    on the miner's usage chunk checks the attestation and stores the receipt; only then do the
+    finish chunk (with usage and cost when the client did not ask for a usage chunk), the
+    usage chunk (when it did) and [DONE] go out.
     """
 
     def __init__(
@@ -554,9 +889,18 @@ class _StreamRelay:
         self.upstream_done = False  # the miner sent [DONE] or an error event
         self.error: str | None = None
         self.status = 200
+        self.miner_to_blame = True  # False when the gateway itself failed the stream
         self._finished = False
         self._queued: deque[dict[str, Any] | None] = deque()
         self._partial = b""  # the start of a line whose end has not arrived yet
+        # Settlement state.
+        self.metered = gateway.settlement is not None
+        self.token_ids: list[Any] = []
+        self.bad_token_ids = False  # a chunk's token_ids was not a list
+        self.held: dict[str, Any] | None = None  # the finish chunk, until the receipt is stored
+        self.usage_event: dict[str, Any] | None = None  # the miner's usage chunk, unsettled
+        self.settled = False
+        self.tail = b""  # what goes out with [DONE] once settled
 
     async def _read_events(self) -> None:
         """Wait for the miner's next bytes and queue every complete event in them (None for
@@ -598,8 +942,21 @@ class _StreamRelay:
             self.gateway.metrics.stream_errors.inc()
             event.pop(EXTENSION_KEY, None)
             return relay.sse_event(event)
+        if self.metered:
+            if self.settled:
+                return None  # nothing after the attested usage chunk is relayed or charged
+            ext = event.get(EXTENSION_KEY)
+            if isinstance(ext, dict):
+                ids = ext.get("token_ids")
+                if isinstance(ids, list):
+                    self.token_ids.extend(ids)
+                elif ids is not None:
+                    self.bad_token_ids = True
         if relay.is_usage_chunk(event):
             self.prompt_tokens, self.completion_tokens = relay.usage_of(event)
+            if self.metered:
+                self.usage_event = event  # settled by the pump before anything else goes out
+                return None
             if not call.include_usage:
                 return None
         elif self.ttft is None and relay.carries_output(event):
@@ -607,6 +964,9 @@ class _StreamRelay:
         view = relay.client_view(
             event, wants_logprobs=call.wants_logprobs, drop_usage=not call.include_usage
         )
+        if self.metered and relay.finishes(view):
+            self.held = view
+            return None
         return relay.sse_event(view)
 
     async def prime(self) -> None:
@@ -618,6 +978,9 @@ class _StreamRelay:
                 while queued:
                     event = queued.popleft()
                     if event is None:
+                        if self.metered:
+                            # No usage chunk, so no attestation: nothing to charge for.
+                            raise _MinerFailed("stream ended before any output")
                         self.upstream_done = True
                         return
                     if "error" in event:
@@ -633,6 +996,43 @@ class _StreamRelay:
             raise _MinerFailed(f"stream broke before the first token: {exc!r}") from None
         except ValueError as exc:
             raise _MinerFailed(f"sent invalid JSON: {exc}") from None
+
+    async def _settle(self) -> None:
+        """Check the attestation in the usage chunk and store the receipt; then prepare the
+        held finish chunk and the usage chunk, with the cost, to go out with [DONE]."""
+        gateway, call = self.gateway, self.call
+        event = self.usage_event
+        assert event is not None
+        self.usage_event = None
+        ext = event.get(EXTENSION_KEY)
+        ext = ext if isinstance(ext, dict) else {}
+        try:
+            verified = gateway._verify(
+                call,
+                self.miner,
+                signed=ext.get(ATTESTATION_KEY),
+                output_token_ids=None if self.bad_token_ids else self.token_ids,
+                prompt_token_ids=ext.get("prompt_token_ids"),
+                usage=event.get("usage"),
+            )
+        except AttestationRejected as exc:
+            raise _Unverified(str(exc)) from None
+        value = await gateway._commit(call, self.miner, verified)
+        self.settled = True
+        usage = event.get("usage")
+        assert isinstance(usage, dict)  # is_usage_chunk said so
+        relay.add_cost(usage, value)
+        pieces: list[bytes] = []
+        if self.held is not None:
+            if not call.include_usage:
+                # Every stream's last chunk tells what it cost, asked or not.
+                self.held["usage"] = usage
+            pieces.append(relay.sse_event(self.held))
+            self.held = None
+        if call.include_usage:
+            view = relay.client_view(event, wants_logprobs=call.wants_logprobs)
+            pieces.append(relay.sse_event(view))
+        self.tail = b"".join(pieces)
 
     async def _pump(self, send: Send) -> None:
         call = self.call
@@ -656,6 +1056,9 @@ class _StreamRelay:
         queued = self._queued
         try:
             while not self.upstream_done:
+                if self.usage_event is not None:
+                    await self._settle()
+                    continue
                 if not queued:
                     await self._read_events()
                 out: list[bytes] = []
@@ -667,9 +1070,30 @@ class _StreamRelay:
                     piece = self._take(event)  # an error event also ends the stream
                     if piece is not None:
                         out.append(piece)
+                    if self.usage_event is not None:
+                        break  # settle before anything after it goes out
                 if out:
                     body = out[0] if len(out) == 1 else b"".join(out)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+            if self.metered and self.error is None and not self.settled:
+                raise _Unverified("the stream ended without a usage chunk")
+        except _Unverified as exc:
+            # The client has output we cannot charge for: end it with an error and no receipt.
+            self.error = f"attestation rejected after the first token: {exc}"
+            self.status = 502
+            self.gateway.metrics.stream_errors.inc()
+            message = (
+                "The miner serving this request could not vouch for its response; it was not"
+                " charged, and the response is incomplete."
+            )
+            await _end(send, relay.stream_error_event(message, code="attestation_failed"))
+            return
+        except _ReceiptFailed as exc:
+            self.error = f"receipt not stored: {exc}"
+            self.status = 500
+            self.miner_to_blame = False
+            await _end(send, relay.stream_error_event(_RECEIPT_FAILED, code="receipt_failed"))
+            return
         except (_MinerFailed, ValueError, *_UPSTREAM_ERRORS) as exc:
             # The client already has output, so there is no failing over now: end the stream
             # with an error the OpenAI clients raise, and charge nothing for it.
@@ -682,15 +1106,9 @@ class _StreamRelay:
             message = (
                 "The miner serving this request failed mid-stream; the response is incomplete."
             )
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": relay.stream_error_event(message),
-                    "more_body": False,
-                }
-            )
+            await _end(send, relay.stream_error_event(message))
             return
-        tail = SSE_DONE if self.error is None else b""
+        tail = self.tail + SSE_DONE if self.error is None else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -724,9 +1142,12 @@ class _StreamRelay:
         else:
             self.resp.close()  # a half-read stream cannot go back to the keep-alive pool
         ttft_ms = self.ttft * 1000 if self.ttft is not None else None
-        # A client hanging up is not the miner's failure.
-        miner_ok = ok or self.status == 499
+        # A client hanging up is not the miner's failure, nor is the gateway's own.
+        miner_ok = ok or self.status == 499 or not self.miner_to_blame
         gateway.pool.release(self.miner, ok=miner_ok, latency_ms=ttft_ms)
+        if call.reservation is not None:
+            assert gateway.settlement is not None
+            gateway.settlement.ledger.release(call.reservation)
         call.trace.error = self.error
         elapsed = time.perf_counter() - call.started
         if not ok:
@@ -750,14 +1171,22 @@ def create_gateway_app(
     keys: KeyStore,
     traces: TraceStore,
     pool: MinerPool | None = None,
+    settlement: Settlement | None = None,
 ) -> Starlette:
-    """The gateway as an ASGI app; background work starts and stops with its lifespan."""
-    gateway = Gateway(config, discover=discover, keys=keys, traces=traces, pool=pool)
+    """The gateway as an ASGI app; background work starts and stops with its lifespan.
+
+    Without `settlement` it serves unmetered; with one, every request is charged to its key's
+    payer (the caller still owns the settlement's receipt store and closes it)."""
+    gateway = Gateway(
+        config, discover=discover, keys=keys, traces=traces, pool=pool, settlement=settlement
+    )
     routes = [
         Route(CHAT_PATH, gateway.chat_completions, methods=["POST"]),
         Route(COMPLETIONS_PATH, gateway.completions, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
+        Route("/v1/vouchers", gateway.vouchers, methods=["GET"]),
+        Route("/v1/receipts/{request_id}", gateway.receipt, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
     ]
@@ -776,11 +1205,14 @@ def build_server(
     *,
     keys: KeyStore | None = None,
     traces: TraceStore | None = None,
+    settlement: Settlement | None = None,
 ) -> uvicorn.Server:
     """A uvicorn server for the gateway (uvloop + httptools); `await server.serve()` runs it."""
     keys = keys or KeyStore(config.db_path, refresh_s=config.key_refresh_s)
     traces = traces or TraceStore(config.db_path, flush_interval_s=config.trace_flush_s)
-    app = create_gateway_app(config, discover=discover, keys=keys, traces=traces)
+    app = create_gateway_app(
+        config, discover=discover, keys=keys, traces=traces, settlement=settlement
+    )
     uv_config = uvicorn.Config(
         app,
         host=config.host,
@@ -797,12 +1229,19 @@ def build_server(
     return uvicorn.Server(uv_config)
 
 
-def run_gateway(config: GatewayConfig, discover: Callable[[], list[NodeRecord]]) -> None:
-    """Serve the gateway until interrupted (blocking); traces still queued are written."""
+def run_gateway(
+    config: GatewayConfig,
+    discover: Callable[[], list[NodeRecord]],
+    settlement: Settlement | None = None,
+) -> None:
+    """Serve the gateway until interrupted (blocking); traces still queued are written, and
+    the receipt store (metered) is closed after its last commit."""
     keys = KeyStore(config.db_path, refresh_s=config.key_refresh_s)
     traces = TraceStore(config.db_path, flush_interval_s=config.trace_flush_s)
     try:
-        build_server(config, discover, keys=keys, traces=traces).run()
+        build_server(config, discover, keys=keys, traces=traces, settlement=settlement).run()
     finally:
+        if settlement is not None:
+            settlement.close()
         traces.close()
         keys.close()

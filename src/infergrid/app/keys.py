@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from eth_utils import is_address, to_checksum_address
+
 SECRET_PREFIX = "ig-"
 
 _SCHEMA = [
@@ -31,7 +33,8 @@ _SCHEMA = [
         secret_hash BLOB NOT NULL UNIQUE,
         hint        TEXT NOT NULL,
         created_at  REAL NOT NULL,
-        revoked_at  REAL
+        revoked_at  REAL,
+        payer       TEXT
     )""",
     # Bumped with every key change. The file may hold other tables (traces), whose commits
     # also move data_version; this row tells a key change from those without a reload.
@@ -42,6 +45,7 @@ _SCHEMA = [
     "INSERT OR IGNORE INTO api_keys_version (id, version) VALUES (0, 0)",
 ]
 _BUMP = "UPDATE api_keys_version SET version = version + 1 WHERE id = 0"
+_RECORD_COLUMNS = "key_id, name, hint, created_at, revoked_at, payer"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class KeyRecord:
     hint: str  # "ig-…wxyz": enough for an operator to tell keys apart, useless to an attacker
     created_at: float
     revoked_at: float | None = None
+    # The escrow account (checksummed address) this key's requests are charged to; None for
+    # a key made before settlement, which a metered gateway refuses with a 402.
+    payer: str | None = None
 
     @property
     def active(self) -> bool:
@@ -66,6 +73,27 @@ def mask_secret(secret: str) -> str:
     if len(secret) <= 12:
         return "****"
     return f"{secret[:5]}****{secret[-4:]}"
+
+
+def normalize_payer(payer: str | None) -> str | None:
+    """A payer address, checksummed; raises ValueError for anything that is not one."""
+    if payer is None:
+        return None
+    if not isinstance(payer, str) or not is_address(payer.strip()):
+        raise ValueError(f"payer {payer!r} is not an address")
+    return to_checksum_address(payer.strip())
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to this schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+    if "payer" not in columns:
+        try:
+            conn.execute("ALTER TABLE api_keys ADD COLUMN payer TEXT")
+        except sqlite3.OperationalError as exc:
+            # Another process opening the same file may have just added it.
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def connect(db_path: str | Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -89,6 +117,7 @@ class KeyStore:
         self._conn = connect(self.db_path)
         for statement in _SCHEMA:
             self._conn.execute(statement)
+        _migrate(self._conn)
         self._lock = threading.Lock()
         self._live: dict[bytes, KeyRecord] = {}
         self._data_version = -1
@@ -102,8 +131,10 @@ class KeyStore:
 
     # -- CLI side ----------------------------------------------------------------------------
 
-    def create(self, name: str) -> tuple[str, str]:
-        """Make a key; returns (key_id, secret). The secret exists only in this return value."""
+    def create(self, name: str, payer: str | None = None) -> tuple[str, str]:
+        """Make a key, optionally bound to the escrow account `payer` that its requests are
+        charged to; returns (key_id, secret). The secret exists only in this return value."""
+        payer = normalize_payer(payer)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         record = KeyRecord(
@@ -111,13 +142,14 @@ class KeyStore:
             name=name,
             hint=f"{SECRET_PREFIX}…{secret[-4:]}",
             created_at=time.time(),
+            payer=payer,
         )
         digest = hash_secret(secret)
         with self._lock, self._transaction():
             self._conn.execute(
-                "INSERT INTO api_keys (key_id, name, secret_hash, hint, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (record.key_id, record.name, digest, record.hint, record.created_at),
+                "INSERT INTO api_keys (key_id, name, secret_hash, hint, created_at, payer)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (record.key_id, record.name, digest, record.hint, record.created_at, payer),
             )
             self._conn.execute(_BUMP)
             self._live[digest] = record
@@ -126,15 +158,14 @@ class KeyStore:
     def list(self) -> list[KeyRecord]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT key_id, name, hint, created_at, revoked_at FROM api_keys"
-                " ORDER BY created_at, key_id"
+                f"SELECT {_RECORD_COLUMNS} FROM api_keys ORDER BY created_at, key_id"
             ).fetchall()
         return [KeyRecord(*row) for row in rows]
 
     def get(self, key_id: str) -> KeyRecord | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT key_id, name, hint, created_at, revoked_at FROM api_keys WHERE key_id = ?",
+                f"SELECT {_RECORD_COLUMNS} FROM api_keys WHERE key_id = ?",
                 (key_id,),
             ).fetchone()
         return KeyRecord(*row) if row else None
@@ -197,8 +228,7 @@ class KeyStore:
         with self._transaction():
             self._keys_version = self._read_keys_version()
             rows = self._conn.execute(
-                "SELECT secret_hash, key_id, name, hint, created_at, revoked_at FROM api_keys"
-                " WHERE revoked_at IS NULL"
+                f"SELECT secret_hash, {_RECORD_COLUMNS} FROM api_keys WHERE revoked_at IS NULL"
             ).fetchall()
         self._live = {bytes(row[0]): KeyRecord(*row[1:]) for row in rows}
 

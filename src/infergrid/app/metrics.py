@@ -47,6 +47,32 @@ class GatewayMetrics:
             "Streams that broke after the first token.",
             registry=r,
         )
+        self.receipts = Counter(
+            "infergrid_gateway_receipts",
+            "Receipts signed and durably stored (metered gateways).",
+            registry=r,
+        )
+        self.receipt_value = Counter(
+            "infergrid_gateway_receipt_value_wei",
+            "Value of the receipts signed, in wei (a float: for rates, not accounting).",
+            registry=r,
+        )
+        self.receipt_commit = Histogram(
+            "infergrid_gateway_receipt_commit_seconds",
+            "Time to store a receipt durably (group commit), on the request's path.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.attestation_failures = Counter(
+            "infergrid_gateway_attestation_failures",
+            "Miner responses whose attestation was missing or did not check out.",
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "infergrid_gateway_quota_refusals",
+            "Requests refused with 402: no payer, signer not authorized, or no headroom.",
+            registry=r,
+        )
         inflight = Gauge("infergrid_gateway_inflight", "Requests in flight to miners.", registry=r)
         # Read from the pool's own counts at scrape time: nothing to update per request.
         inflight.set_function(lambda: sum(m.inflight for m in self._pool.miners()))

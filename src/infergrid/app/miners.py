@@ -84,6 +84,8 @@ class MinerPool:
         for record in records:
             if record.role != Role.MINER or not record.active or not record.models:
                 continue
+            if record.frozen:
+                continue  # under an open dispute: may be acquitted, but gets no traffic now
             if not record.endpoint:
                 continue
             old = self._miners.get(record.owner)

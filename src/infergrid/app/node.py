@@ -1,14 +1,26 @@
-"""The gateway node's shell: optionally register on-chain, then serve the API from the registry."""
+"""The gateway node's shell: optionally register on-chain, then serve the API from the registry.
+
+With an escrow address the gateway meters: its private key is the signer of its receipts and
+vouchers (payers authorize that address in the escrow), receipts go to their own SQLite file
+(`receipts_db_path`), and with a RewardDistributor address it also anchors their Merkle roots
+on-chain every `anchor_interval_s`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eth_account import Account
 from rich.console import Console
 
+from infergrid.app.billing import DEFAULT_MAX_TOKENS
 from infergrid.protocol.nodes import NodeRecord, Role
+
+if TYPE_CHECKING:
+    from infergrid.app.settlement import Settlement
+    from infergrid.settle.chain import Chain
 
 
 @dataclass(frozen=True)
@@ -19,8 +31,64 @@ class GatewaySettings:
     host: str
     port: int
     discovery_interval_s: float
-    private_key: str | None
+    private_key: str | None  # registers the gateway; with `escrow`, signs its receipts
     stake_wei: int
+    # Settlement: None serves unmetered (no receipts, no 402s).
+    escrow: str | None = None  # PaymentEscrow address
+    rewards: str | None = None  # RewardDistributor address: anchor receipt roots there
+    anchor_interval_s: float = 300.0
+    escrow_poll_s: float = 3.0  # how stale a payer's escrow figures may get
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # reserved for requests that set no limit
+    receipts_db: Path | None = None  # default: receipts_db_path(db_path)
+
+
+def receipts_db_path(db_path: Path) -> Path:
+    """Where a gateway keeps its receipts by default: next to its keys-and-traces file, but
+    apart from it, so the trace writer never holds the lock a receipt commit waits for
+    (gateway.db → gateway.receipts.db)."""
+    return db_path.with_name(db_path.stem + ".receipts" + (db_path.suffix or ".db"))
+
+
+def build_settlement(
+    chain: Chain,
+    *,
+    escrow: str,
+    private_key: str,
+    receipts_db: Path,
+    rewards: str | None = None,
+    anchor_interval_s: float = 300.0,
+    escrow_poll_s: float = 3.0,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Settlement:
+    """A metered gateway's settlement: the escrow's signing domain, the gateway's signer, its
+    receipt store and, with a reward distributor, the anchorer. Reads the chain id once."""
+    from infergrid.app.anchoring import ReceiptAnchorer, distributor_submit
+    from infergrid.app.receipts import ReceiptStore
+    from infergrid.app.settlement import Settlement
+    from infergrid.protocol.eip712 import Signer
+    from infergrid.settle.escrow import PaymentEscrow
+    from infergrid.settle.rewards import RewardDistributor
+
+    reader = PaymentEscrow(chain, escrow)
+    domain = reader.domain()
+    signer = Signer(private_key)
+    store = ReceiptStore(receipts_db, domain, signer)
+    anchorer = None
+    if rewards:
+        # Anchors are kept per sender: they must go out from the signer's own address.
+        distributor = RewardDistributor(chain, rewards)
+        anchorer = ReceiptAnchorer(
+            store, distributor_submit(distributor, private_key), interval_s=anchor_interval_s
+        )
+    return Settlement(
+        domain=domain,
+        signer=signer,
+        store=store,
+        escrow=reader,
+        anchorer=anchorer,
+        poll_interval_s=escrow_poll_s,
+        default_max_tokens=default_max_tokens,
+    )
 
 
 def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
@@ -28,7 +96,8 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
 
-    registry = Registry(Chain.connect(settings.chain_rpc), settings.registry)
+    chain = Chain.connect(settings.chain_rpc)
+    registry = Registry(chain, settings.registry)
     if settings.private_key:
         owner = Account.from_key(settings.private_key).address
         registry.ensure_registered(
@@ -41,6 +110,28 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
         )
         console.print(f"gateway {owner} registered")
 
+    settlement = None
+    if settings.escrow:
+        if not settings.private_key:
+            raise ValueError(
+                "a metered gateway (--escrow) needs its signing key in INFERGRID_PRIVATE_KEY"
+            )
+        settlement = build_settlement(
+            chain,
+            escrow=settings.escrow,
+            private_key=settings.private_key,
+            receipts_db=settings.receipts_db or receipts_db_path(settings.db_path),
+            rewards=settings.rewards,
+            anchor_interval_s=settings.anchor_interval_s,
+            escrow_poll_s=settings.escrow_poll_s,
+            default_max_tokens=settings.default_max_tokens,
+        )
+        anchoring = f", anchoring to {settings.rewards}" if settings.rewards else ""
+        console.print(
+            f"gateway signer {settlement.gateway} charges payers through escrow"
+            f" {settings.escrow}{anchoring}"
+        )
+
     def discover() -> list[NodeRecord]:
         return registry.nodes(active_only=True)
 
@@ -50,4 +141,4 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
         port=settings.port,
         discovery_interval_s=settings.discovery_interval_s,
     )
-    run_gateway(config, discover)
+    run_gateway(config, discover, settlement)

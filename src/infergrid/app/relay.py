@@ -12,6 +12,7 @@ from typing import Any
 
 from infergrid.protocol.json_body import loads
 from infergrid.protocol.openai_types import error_body
+from infergrid.protocol.pricing import wei_to_btt
 from infergrid.protocol.wire import EXTENSION_KEY
 
 # One encoder, built once: json.dumps with non-default options builds a new one per call.
@@ -104,6 +105,23 @@ def carries_output(obj: dict[str, Any]) -> bool:
         if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
             return True
     return False
+
+
+def finishes(obj: dict[str, Any]) -> bool:
+    """Whether a chunk carries a finish_reason: the last chunk with choices in a stream."""
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    return any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
+
+
+def add_cost(usage: dict[str, Any], value_wei: int) -> dict[str, Any]:
+    """Usage as a metered gateway returns it: plus what the request cost, in BTT (a float,
+    for display) and in exact wei (a decimal string: JSON numbers lose precision above 2**53).
+    """
+    usage["cost"] = wei_to_btt(value_wei)
+    usage["cost_wei"] = str(value_wei)
+    return usage
 
 
 def error_message(raw: bytes) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections import deque
 from dataclasses import dataclass, fields
@@ -45,6 +46,12 @@ class Trace:
     total_ms: float | None = None
     attempts: int = 0  # miners tried; more than one means failover happened
     error: str | None = None
+    # Settlement (a metered gateway only): who paid, what the receipt charged (decimal wei as
+    # text: uint256 does not fit SQLite's integers), and why a miner's attestation was
+    # rejected on the way (the request may still have succeeded on another miner).
+    payer: str | None = None
+    cost_wei: str | None = None
+    attestation_error: str | None = None
 
 
 _COLUMNS = [f.name for f in fields(Trace)]
@@ -59,6 +66,19 @@ _INSERT = (
     f" VALUES ({', '.join('?' for _ in _COLUMNS)})"
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM traces"
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A database written by an older gateway lacks the newer columns: add them."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(traces)")}
+    for name in _COLUMNS:
+        if name in present:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE traces ADD COLUMN {name}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it meanwhile
+                raise
 
 
 def _row_to_trace(row: tuple[object, ...]) -> Trace:
@@ -77,6 +97,7 @@ class TraceStore:
         # last transactions, which is acceptable for traces (see module docstring).
         self._conn = connect(self.db_path, synchronous="NORMAL")
         self._conn.execute(_SCHEMA)
+        _add_missing_columns(self._conn)
         self._conn.execute("CREATE INDEX IF NOT EXISTS traces_created ON traces (created_at)")
         self._lock = threading.Lock()
         self._pending: deque[Trace] = deque()
@@ -133,11 +154,18 @@ class TraceStore:
                 self.flush()
 
     def get(self, request_id: str) -> Trace | None:
+        found = self.get_flushed(request_id)
+        # Not yet flushed: the gateway's own process can still answer from the queue.
+        return found if found is not None else self.get_pending(request_id)
+
+    def get_flushed(self, request_id: str) -> Trace | None:
+        """From the database only: safe in a worker thread."""
         with self._lock:
             row = self._conn.execute(_SELECT + " WHERE request_id = ?", (request_id,)).fetchone()
-        if row is not None:
-            return _row_to_trace(row)
-        # Not yet flushed: the gateway's own process can still answer from the queue.
+        return _row_to_trace(row) if row is not None else None
+
+    def get_pending(self, request_id: str) -> Trace | None:
+        """From the unflushed queue only: call it on the thread that records (the loop)."""
         for trace in reversed(self._pending):
             if trace.request_id == request_id:
                 return trace

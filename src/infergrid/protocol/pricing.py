@@ -40,3 +40,25 @@ def split_payment(amount: int, protocol_fee_ppm: int, verifier_pool_ppm: int) ->
 def wei_to_btt(wei: int) -> float:
     """For display and the `cost` field of usage; exact figures stay in wei."""
     return wei / WEI_PER_BTT
+
+
+def btt_to_wei(text: str) -> int:
+    """Parse an amount of BTT written by a person ("1", "0.25", "1e-6") into exact wei."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not an amount of BTT") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{text!r} is not a non-negative amount of BTT")
+    wei = amount * WEI_PER_BTT
+    if wei != wei.to_integral_value():
+        raise ValueError(f"{text!r} has more than 18 decimal places")
+    return int(wei)
+
+
+def format_btt(wei: int) -> str:
+    """Exact decimal BTT for people: 1500000000000000000 → "1.5"."""
+    whole, frac = divmod(wei, WEI_PER_BTT)
+    return f"{whole}.{frac:018d}".rstrip("0").rstrip(".") if frac else str(whole)
