@@ -26,19 +26,21 @@ from infergrid.processes import (
     port_is_free,
     rpc_ready,
 )
-from infergrid.protocol.nodes import WEI_PER_BTT, Role
+from infergrid.protocol.nodes import WEI_PER_BTT
 
 DEVNET_FILE = "devnet.json"
 GATEWAY_DB = "gateway.db"
-DEPLOYER_INDEX = 0
+MAX_MINERS = 8
+DEPLOYER_INDEX = 0  # also the treasury and the reward arbiter
 GATEWAY_KEY_INDEX = 1
 FIRST_MINER_KEY_INDEX = 2
+# The developer whose API key the devnet hands out; it pays from its escrow deposit.
+DEVELOPER_KEY_INDEX = FIRST_MINER_KEY_INDEX + MAX_MINERS
 
-DEVNET_MIN_STAKE_WEI = 10 * WEI_PER_BTT
 DEVNET_MINER_STAKE_WEI = 100 * WEI_PER_BTT
 DEVNET_GATEWAY_STAKE_WEI = 10 * WEI_PER_BTT
-# Short so a developer can watch a full unbond → withdraw cycle on the devnet.
-DEVNET_UNBONDING_DELAY_S = 600
+DEVNET_DEPOSIT_WEI = 100 * WEI_PER_BTT
+DEVNET_ANCHOR_INTERVAL_S = 30.0
 # Enough for a node's stake and a lifetime of gas on any dev chain.
 NODE_FUNDING_WEI = 1_000 * WEI_PER_BTT
 
@@ -55,6 +57,8 @@ class DevnetOptions:
     # Seconds between the gateway's reads of the registry; short on a devnet so new miners
     # appear at once.
     discovery_interval_s: float = 2.0
+    # Miners collect their vouchers this often; short so a developer sees payments land.
+    collect_interval_s: float = 30.0
 
 
 def devnet_file(state_dir: Path) -> Path:
@@ -89,8 +93,11 @@ class Devnet:
 
     def start(self) -> dict[str, Any]:
         from infergrid.app.keys import KeyStore
+        from infergrid.compute.node import default_receipt_log_path
         from infergrid.settle.chain import Chain, as_account, dev_private_keys
-        from infergrid.settle.registry import deploy_registry
+        from infergrid.settle.deploy import deploy_network
+        from infergrid.settle.escrow import PaymentEscrow
+        from infergrid.settle.profiles import DEVNET_PARAMS
 
         opts = self.options
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -113,31 +120,52 @@ class Devnet:
             raise RuntimeError(f"no JSON-RPC answer from {chain_rpc}")
 
         chain = Chain.connect(chain_rpc)
-        keys = dev_private_keys(FIRST_MINER_KEY_INDEX + opts.miners)
+        if not 1 <= opts.miners <= MAX_MINERS:
+            raise ValueError(f"a devnet runs 1 to {MAX_MINERS} miners")
+        keys = dev_private_keys(DEVELOPER_KEY_INDEX + 1)
         deployer = keys[DEPLOYER_INDEX]
-        with step("deploying NodeRegistry"):
-            registry_address = deploy_registry(
-                chain,
-                deployer,
-                {role: DEVNET_MIN_STAKE_WEI for role in Role},
-                DEVNET_UNBONDING_DELAY_S,
-            )
-            # Dev chains fund these accounts already; an external chain may not.
-            for key in keys[GATEWAY_KEY_INDEX:]:
+        developer_key = keys[DEVELOPER_KEY_INDEX]
+        gateway_signer = as_account(keys[GATEWAY_KEY_INDEX]).address
+        node_keys = [keys[GATEWAY_KEY_INDEX], *keys[FIRST_MINER_KEY_INDEX:][: opts.miners]]
+        with step("deploying the settlement contracts"):
+            contracts = deploy_network(chain, deployer, DEVNET_PARAMS)
+            # Dev chains fund the first ten accounts already; an external chain may not.
+            for key in [*node_keys, developer_key]:
                 address = as_account(key).address
                 shortfall = NODE_FUNDING_WEI - chain.balance(address)
                 if shortfall > 0:
                     chain.transfer(deployer, address, shortfall)
-        self._done(f"contracts  NodeRegistry {registry_address} (chain id {chain.chain_id})")
+        registry_address = contracts.NodeRegistry
+        for name, address in contracts.as_dict().items():
+            self._done(f"contract   {name:<17} {address}")
+        self._done(f"chain id   {chain.chain_id}")
+
+        developer = as_account(developer_key).address
+        with step("funding the developer's escrow account"):
+            escrow = PaymentEscrow(chain, contracts.PaymentEscrow)
+            escrow.deposit(developer_key, DEVNET_DEPOSIT_WEI)
+            escrow.authorize_signer(developer_key, gateway_signer)
+        self._done(
+            f"developer  {developer}: {DEVNET_DEPOSIT_WEI // WEI_PER_BTT} BTT in escrow,"
+            f" gateway signer {gateway_signer} authorized"
+        )
 
         self._prepare_model(opts.model)
 
-        common = ["--chain-rpc", chain_rpc, "--registry", registry_address]
+        common = [
+            "--chain-rpc",
+            chain_rpc,
+            "--registry",
+            registry_address,
+            "--escrow",
+            contracts.PaymentEscrow,
+        ]
         miners: list[ManagedProcess] = []
         for index in range(opts.miners):
             port = free_port(opts.host)
             endpoint = f"http://{opts.host}:{port}"
             name = f"miner-{index + 1}"
+            key = keys[FIRST_MINER_KEY_INDEX + index]
             proc = self._spawn(
                 name,
                 infergrid_command(
@@ -150,10 +178,14 @@ class Devnet:
                     str(port),
                     "--stake",
                     str(DEVNET_MINER_STAKE_WEI // WEI_PER_BTT),
+                    "--collect-interval",
+                    str(opts.collect_interval_s),
+                    "--receipt-log",
+                    str(default_receipt_log_path(as_account(key).address, self.state_dir)),
                     *common,
                 ),
                 endpoint=endpoint,
-                env={"INFERGRID_PRIVATE_KEY": keys[FIRST_MINER_KEY_INDEX + index]},
+                env={"INFERGRID_PRIVATE_KEY": key},
             )
             miners.append(proc)
         with step(f"starting {opts.miners} miner(s) with {opts.model}: loading, registering"):
@@ -165,7 +197,7 @@ class Devnet:
         gateway_port = _pick_port(opts.gateway_port, opts.host)
         base_url = f"http://{opts.host}:{gateway_port}/v1"
         db_path = self.state_dir / GATEWAY_DB
-        api_key = KeyStore(db_path).create("devnet demo key")[1]
+        api_key = KeyStore(db_path).create("devnet demo key", payer=developer)[1]
         gateway = self._spawn(
             "gateway",
             infergrid_command(
@@ -178,6 +210,12 @@ class Devnet:
                 str(db_path),
                 "--discovery-interval",
                 str(opts.discovery_interval_s),
+                "--rewards",
+                contracts.RewardDistributor,
+                "--anchor-interval",
+                str(DEVNET_ANCHOR_INTERVAL_S),
+                "--stake",
+                str(DEVNET_GATEWAY_STAKE_WEI // WEI_PER_BTT),
                 *common,
             ),
             endpoint=base_url,
@@ -194,7 +232,11 @@ class Devnet:
             "api_key": api_key,
             "chain_rpc": chain_rpc,
             "chain_id": chain.chain_id,
-            "contracts": {"NodeRegistry": registry_address},
+            "contracts": contracts.as_dict(),
+            "gateway_signer": gateway_signer,
+            "developer": developer,
+            # A dev-mnemonic key, public by design: `infergrid account …` uses it by default.
+            "developer_key": developer_key,
             "model": opts.model,
             "gateway_db": str(db_path),
             "state_dir": str(self.state_dir),

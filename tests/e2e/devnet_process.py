@@ -48,13 +48,18 @@ class DevnetProcess:
         self.stop()
         raise RuntimeError(f"`infergrid up` not ready after {START_TIMEOUT_S} s:\n{self.log()}")
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run an `infergrid` command against this network, as a user in another terminal."""
+    def cli(self, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run an `infergrid` command against this network, as a user in another terminal
+        (with INFERGRID_PRIVATE_KEY set to `key`, if given)."""
+        env = {k: v for k, v in os.environ.items() if k != "INFERGRID_PRIVATE_KEY"}
+        if key is not None:
+            env["INFERGRID_PRIVATE_KEY"] = key
         return subprocess.run(
             [sys.executable, "-m", "infergrid.cli", *args, "--state-dir", str(self.state_dir)],
             capture_output=True,
             text=True,
             timeout=120,
+            env=env,
         )
 
     def node_pids(self) -> list[int]:

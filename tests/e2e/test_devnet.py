@@ -16,7 +16,13 @@ import openai
 import pytest
 import urllib3
 
+from infergrid.devnet import DEVELOPER_KEY_INDEX, FIRST_MINER_KEY_INDEX
 from infergrid.protocol.models import DEFAULT_MODEL
+from infergrid.protocol.nodes import WEI_PER_BTT
+from infergrid.protocol.pricing import split_payment
+from infergrid.settle.chain import Chain, as_account, dev_private_keys
+from infergrid.settle.escrow import PaymentEscrow
+from infergrid.settle.profiles import DEVNET_PARAMS
 
 from .devnet_process import DevnetProcess, pid_alive
 
@@ -27,7 +33,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def devnet(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    net = DevnetProcess(tmp_path_factory.mktemp("devnet"), "--miners", "2")
+    # Miners collect only when told to, so the settlement test sees every collection.
+    net = DevnetProcess(
+        tmp_path_factory.mktemp("devnet"), "--miners", "2", "--collect-interval", "0"
+    )
     try:
         net.wait_up()
         yield net
@@ -96,12 +105,19 @@ def test_openai_client_streams_with_usage(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens >= content_chunks
 
 
-def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
+def test_stream_without_include_usage_ends_with_usage_and_cost(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=DEFAULT_MODEL, messages=QUESTION, max_tokens=5, stream=True
     )
     chunks = list(stream)
-    assert chunks and all(chunk.usage is None for chunk in chunks)
+    # No usage-only chunk (choices: []) that such a client did not ask for; the finish chunk
+    # tells what the response cost.
+    assert chunks and all(chunk.choices for chunk in chunks)
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices[0].finish_reason is not None
+    assert usage is not None and usage.completion_tokens > 0
+    assert int(usage.model_extra["cost_wei"]) > 0
 
 
 def test_legacy_completions(client: openai.OpenAI) -> None:
@@ -188,7 +204,7 @@ def test_chat_command(devnet: DevnetProcess) -> None:
 
 
 def test_keys_created_by_the_cli_work_and_revoked_keys_stop(devnet: DevnetProcess) -> None:
-    created = devnet.cli("keys", "create", "e2e", "--json")
+    created = devnet.cli("keys", "create", "e2e", "--payer", devnet.info["developer"], "--json")
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)
     client = openai.OpenAI(base_url=devnet.info["base_url"], api_key=key["key"], max_retries=0)
@@ -202,6 +218,108 @@ def test_keys_created_by_the_cli_work_and_revoked_keys_stop(devnet: DevnetProces
             break
         assert time.monotonic() < deadline, "revoked key still accepted after 5 s"
         time.sleep(0.2)
+
+
+def _collect_all(devnet: DevnetProcess) -> list[dict[str, Any]]:
+    """`infergrid miner collect --json` as each miner's operator; every result row."""
+    rows = []
+    for index in range(len(miner_nodes(devnet))):
+        key = dev_private_keys(FIRST_MINER_KEY_INDEX + index + 1)[-1]
+        result = devnet.cli("miner", "collect", "--json", key=key)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows += [{**row, "miner": as_account(key).address} for row in json.loads(result.stdout)]
+    return rows
+
+
+def test_payer_pays_exactly_the_usage_and_miners_get_it_less_fees(
+    devnet: DevnetProcess, client: openai.OpenAI
+) -> None:
+    info = devnet.info
+    chain = Chain.connect(info["chain_rpc"])
+    escrow = PaymentEscrow(chain, info["contracts"]["PaymentEscrow"])
+    payer, gateway = info["developer"], info["gateway_signer"]
+    miners = [as_account(k).address for k in dev_private_keys(FIRST_MINER_KEY_INDEX + 2)[2:]]
+    _collect_all(devnet)  # settle whatever earlier tests left owed
+    balance_before = escrow.account(payer).balance_wei
+    collected_before = sum(escrow.collected(payer, gateway, m) for m in miners)
+    miner_balances = {m: chain.balance(m) for m in miners}
+
+    charged = 0
+    for stream in (False, True, False, True, False):
+        if stream:
+            chunks = list(
+                client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=QUESTION, max_tokens=6, stream=True
+                )
+            )
+            usage = chunks[-1].usage
+        else:
+            usage = client.chat.completions.create(
+                model=DEFAULT_MODEL, messages=QUESTION, max_tokens=6
+            ).usage
+        assert usage is not None
+        charged += int(usage.model_extra["cost_wei"])
+    assert charged > 0
+
+    rows = [row for row in _collect_all(devnet) if row["status"] == "collected"]
+    # Each voucher's value agreed with the miner's own receipt log.
+    assert rows and all(row["discrepancy"] == "match" for row in rows), rows
+    # The developer's deposit went down by exactly what the responses' usage said ...
+    assert balance_before - escrow.account(payer).balance_wei == charged
+    assert sum(escrow.collected(payer, gateway, m) for m in miners) - collected_before == charged
+    assert sum(row["paid_wei"] for row in rows) == charged
+    # ... and each miner's balance went up by that less fees (and less its gas).
+    for row in rows:
+        split = split_payment(
+            row["paid_wei"], DEVNET_PARAMS.protocol_fee_ppm, DEVNET_PARAMS.verifier_pool_ppm
+        )
+        assert row["miner_wei"] == split.miner
+    for miner in miners:
+        own = [row for row in rows if row["miner"] == miner]
+        gas_cost = sum(
+            int(r["gasUsed"]) * int(r["effectiveGasPrice"])
+            for r in (chain.w3.eth.get_transaction_receipt(row["tx_hash"]) for row in own)
+        )
+        earned = sum(row["miner_wei"] for row in own)
+        assert chain.balance(miner) - miner_balances[miner] == earned - gas_cost
+
+    # The receipt of a request is provable: signatures, and (once anchored) its Merkle proof.
+    raw = client.chat.completions.with_raw_response.create(
+        model=DEFAULT_MODEL, messages=QUESTION, max_tokens=3
+    )
+    traced = devnet.cli("trace", raw.headers["x-request-id"], "--json")
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    checks = json.loads(traced.stdout)["checks"]
+    assert checks and all(check["ok"] for check in checks)
+
+
+def test_a_payer_out_of_headroom_gets_402(devnet: DevnetProcess) -> None:
+    key = dev_private_keys(DEVELOPER_KEY_INDEX + 2)[-1]
+    payer = as_account(key).address
+    chain = Chain.connect(devnet.info["chain_rpc"])
+    chain.transfer(dev_private_keys(1)[0], payer, WEI_PER_BTT)
+    assert devnet.cli("account", "deposit", "0.0003", key=key).returncode == 0
+    authorized = devnet.cli("account", "authorize", devnet.info["gateway_signer"], key=key)
+    assert authorized.returncode == 0, authorized.stderr
+    created = json.loads(devnet.cli("keys", "create", "small", "--payer", payer, "--json").stdout)
+    client = openai.OpenAI(base_url=devnet.info["base_url"], api_key=created["key"], max_retries=0)
+    spent, served = 0, 0
+    for _ in range(30):
+        try:
+            usage = client.chat.completions.create(
+                model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4
+            ).usage
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 402
+            assert exc.response.headers["x-should-retry"] == "false"
+            assert exc.response.json()["error"]["type"] == "insufficient_quota"
+            break
+        assert usage is not None
+        spent += int(usage.model_extra["cost_wei"])
+        served += 1
+    else:
+        pytest.fail("30 requests served from a 0.0003 BTT deposit")
+    assert served > 0 and spent <= 3 * 10**14
 
 
 def test_a_killed_miner_does_not_stop_service(devnet: DevnetProcess, client: openai.OpenAI) -> None:

@@ -1,0 +1,136 @@
+"""The chains InferGrid settles on, and the settlement parameters each kind of network uses.
+
+BTTC (BitTorrent Chain) mainnet and its Donau testnet run Berlin rules with POA blocks: the
+client sends legacy transactions with an explicit gas price and reads blocks through web3's
+POA extra-data middleware (settle.chain does both, keyed by chain id); contracts are compiled
+for london, which emits no PUSH0 or BASEFEE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infergrid.protocol.nodes import WEI_PER_BTT
+from infergrid.settle.chain import (
+    BTTC_DONAU_CHAIN_ID,
+    BTTC_MAINNET_CHAIN_ID,
+    EMBEDDED_CHAIN_ID,
+    POA_CHAIN_IDS,
+)
+
+ANVIL_CHAIN_ID = 31337
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class ChainProfile:
+    name: str
+    chain_id: int
+    rpc_url: str | None  # a public endpoint, where one exists
+    explorer: str | None
+    poa: bool  # blocks carry POA signatures in extra data
+    hardfork: str  # the newest EVM rules the chain runs
+
+
+PROFILES: dict[str, ChainProfile] = {
+    profile.name: profile
+    for profile in [
+        ChainProfile(
+            "bttc",
+            BTTC_MAINNET_CHAIN_ID,
+            "https://rpc.bt.io",
+            "https://bttcscan.com",
+            True,
+            "berlin",
+        ),
+        ChainProfile(
+            "donau",
+            BTTC_DONAU_CHAIN_ID,
+            "https://pre-rpc.bt.io",
+            "https://testnet.bttcscan.com",
+            True,
+            "berlin",
+        ),
+        ChainProfile("embedded", EMBEDDED_CHAIN_ID, None, None, False, "london"),
+        ChainProfile("anvil", ANVIL_CHAIN_ID, "http://127.0.0.1:8545", None, False, "london"),
+    ]
+}
+assert {p.chain_id for p in PROFILES.values() if p.poa} == POA_CHAIN_IDS
+
+
+def profile_for(chain_id: int) -> ChainProfile | None:
+    return next((p for p in PROFILES.values() if p.chain_id == chain_id), None)
+
+
+@dataclass(frozen=True)
+class SettlementParams:
+    """Every deployment-time number of the settlement contracts."""
+
+    min_stake_miner_wei: int
+    min_stake_verifier_wei: int
+    min_stake_gateway_wei: int
+    unbonding_delay_s: int
+    thaw_period_s: int  # escrow withdrawals and signer revocations
+    protocol_fee_ppm: int
+    verifier_pool_ppm: int
+    dispute_deposit_wei: int
+    voting_period_s: int
+    max_slash_ppm: int
+    challenger_share_ppm: int
+    equivocation_slash_ppm: int
+    min_quorum_stake_wei: int
+    epoch_s: int
+    proposer_bond_wei: int
+    challenge_window_s: int
+
+    def check(self) -> None:
+        """Stake must stay slashable for everything it was paid for (DESIGN §4)."""
+        needed = self.voting_period_s + self.epoch_s + self.challenge_window_s
+        if self.unbonding_delay_s <= needed:
+            raise ValueError(
+                f"unbonding delay {self.unbonding_delay_s} s must exceed the dispute voting"
+                f" period + epoch + challenge window ({needed} s)"
+            )
+        if self.protocol_fee_ppm + self.verifier_pool_ppm > 1_000_000:
+            raise ValueError("protocol fee + verifier pool share exceed 1,000,000 ppm")
+
+
+# Short delays so a developer can watch thaws, disputes and epochs finish on a devnet.
+DEVNET_PARAMS = SettlementParams(
+    min_stake_miner_wei=10 * WEI_PER_BTT,
+    min_stake_verifier_wei=10 * WEI_PER_BTT,
+    min_stake_gateway_wei=10 * WEI_PER_BTT,
+    unbonding_delay_s=900,
+    thaw_period_s=300,
+    protocol_fee_ppm=20_000,  # 2 %
+    verifier_pool_ppm=30_000,  # 3 %
+    dispute_deposit_wei=1 * WEI_PER_BTT,
+    voting_period_s=300,
+    max_slash_ppm=500_000,
+    challenger_share_ppm=200_000,
+    equivocation_slash_ppm=500_000,
+    min_quorum_stake_wei=10 * WEI_PER_BTT,
+    epoch_s=300,
+    proposer_bond_wei=1 * WEI_PER_BTT,
+    challenge_window_s=120,
+)
+
+# What a public network starts from; governance tunes it later.
+MAINNET_PARAMS = SettlementParams(
+    min_stake_miner_wei=10_000 * WEI_PER_BTT,
+    min_stake_verifier_wei=50_000 * WEI_PER_BTT,
+    min_stake_gateway_wei=10_000 * WEI_PER_BTT,
+    unbonding_delay_s=21 * DAY_S,
+    thaw_period_s=2 * DAY_S,
+    protocol_fee_ppm=20_000,
+    verifier_pool_ppm=30_000,
+    dispute_deposit_wei=1_000 * WEI_PER_BTT,
+    voting_period_s=3 * DAY_S,
+    max_slash_ppm=500_000,
+    challenger_share_ppm=200_000,
+    equivocation_slash_ppm=500_000,
+    min_quorum_stake_wei=200_000 * WEI_PER_BTT,
+    epoch_s=DAY_S,
+    proposer_bond_wei=10_000 * WEI_PER_BTT,
+    challenge_window_s=2 * DAY_S,
+)
