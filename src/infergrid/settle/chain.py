@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeAlias, cast
 
@@ -23,7 +24,7 @@ from eth_utils.exceptions import ValidationError as EthValidationError
 from hexbytes import HexBytes
 from web3 import EthereumTesterProvider, HTTPProvider, Web3
 from web3.contract import Contract
-from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception
+from web3.exceptions import ContractLogicError, MismatchedABI, TimeExhausted, Web3Exception
 from web3.middleware import ExtraDataToPOAMiddleware
 from web3.types import RPCEndpoint, RPCResponse, TxParams, TxReceipt
 
@@ -61,6 +62,32 @@ class ContractRevert(ChainError):
         self.tx_hash = tx_hash
         where = f" (tx {tx_hash})" if tx_hash else ""
         super().__init__(f"contract reverted: {reason}{where}")
+
+
+@dataclass(frozen=True)
+class ContractEvent:
+    """One decoded event log: its name and arguments."""
+
+    name: str
+    args: dict[str, Any]
+
+
+def decode_events(contract: Contract, receipt: TxReceipt) -> list[ContractEvent]:
+    """The events `contract` emitted in a transaction, in log order (other contracts' logs,
+    such as the registry's during a slash, are skipped)."""
+    address = to_checksum_address(contract.address)
+    found: list[ContractEvent] = []
+    for log in sorted(receipt["logs"], key=lambda entry: int(entry["logIndex"])):
+        if to_checksum_address(log["address"]) != address:
+            continue
+        for event in contract.events:
+            try:
+                decoded = event.process_log(log)
+            except MismatchedABI:  # not this event's signature
+                continue
+            found.append(ContractEvent(decoded["event"], dict(decoded["args"])))
+            break
+    return found
 
 
 # --- dev accounts -----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from web3.types import TxReceipt
 from infergrid.protocol.eip712 import Domain, InvalidSignature, to_bytes32
 from infergrid.protocol.messages import Attestation, recover_signer
 from infergrid.settle.build import load_artifact
-from infergrid.settle.chain import Chain, ChainError, PrivateKey
+from infergrid.settle.chain import Chain, ChainError, PrivateKey, decode_events
 from infergrid.settle.registry import UINT256_MAX, RegistryEvent, check_address
 
 CONTRACT_NAME = "DisputeManager"
@@ -283,20 +283,7 @@ class DisputeManager:
 
     def events(self, receipt: TxReceipt) -> list[RegistryEvent]:
         """This contract's events in a transaction, in log order (registry events skipped)."""
-        found: list[tuple[int, RegistryEvent]] = []
-        for log in receipt["logs"]:
-            if to_checksum_address(log["address"]) != self.address:
-                continue
-            for event in self.contract.events:
-                try:
-                    decoded = event.process_log(log)
-                except Exception:  # not this event's signature
-                    continue
-                found.append(
-                    (int(log["logIndex"]), RegistryEvent(decoded["event"], dict(decoded["args"])))
-                )
-                break
-        return [event for _, event in sorted(found, key=lambda item: item[0])]
+        return decode_events(self.contract, receipt)
 
     def _event(self, receipt: TxReceipt, name: str) -> RegistryEvent:
         for event in self.events(receipt):

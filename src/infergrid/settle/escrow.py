@@ -14,14 +14,13 @@ from typing import Any
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3.contract import Contract
-from web3.exceptions import MismatchedABI
 from web3.types import TxReceipt
 
 from infergrid.protocol.eip712 import Domain
 from infergrid.protocol.messages import Voucher
 from infergrid.protocol.pricing import PPM
 from infergrid.settle.build import load_artifact
-from infergrid.settle.chain import Chain, ChainError, PrivateKey
+from infergrid.settle.chain import Chain, ChainError, ContractEvent, PrivateKey, decode_events
 from infergrid.settle.registry import check_address
 
 CONTRACT_NAME = "PaymentEscrow"
@@ -54,10 +53,7 @@ class Collection:
     gas_used: int
 
 
-@dataclass(frozen=True)
-class EscrowEvent:
-    name: str
-    args: dict[str, Any]
+EscrowEvent = ContractEvent
 
 
 def _wei(value: int, what: str) -> int:
@@ -210,18 +206,7 @@ class PaymentEscrow:
 
     def events(self, receipt: TxReceipt) -> list[EscrowEvent]:
         """The escrow events a transaction emitted, in log order."""
-        found: list[EscrowEvent] = []
-        for log in sorted(receipt["logs"], key=lambda entry: int(entry["logIndex"])):
-            if to_checksum_address(log["address"]) != self.address:
-                continue
-            for event in self.contract.events:
-                try:
-                    decoded = event.process_log(log)
-                except MismatchedABI:  # not this event's signature
-                    continue
-                found.append(EscrowEvent(decoded["event"], dict(decoded["args"])))
-                break
-        return found
+        return decode_events(self.contract, receipt)
 
     # --- payer operations ---
 

@@ -8,7 +8,6 @@ the list between pages is neither skipped nor seen twice.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from eth_utils import is_address, to_checksum_address
@@ -18,7 +17,7 @@ from web3.types import TxReceipt
 
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.settle.build import load_artifact
-from infergrid.settle.chain import Chain, PrivateKey, as_account
+from infergrid.settle.chain import Chain, ContractEvent, PrivateKey, as_account, decode_events
 
 CONTRACT_NAME = "NodeRegistry"
 MAX_MODELS = 16
@@ -30,10 +29,7 @@ UINT256_MAX = 2**256 - 1
 OfferTuple: TypeAlias = tuple[str, bytes, int, int]
 
 
-@dataclass(frozen=True)
-class RegistryEvent:
-    name: str
-    args: dict[str, Any]
+RegistryEvent = ContractEvent  # the name the settle clients have always used
 
 
 # --- pure conversions between protocol types and contract values --------------------------
@@ -252,20 +248,7 @@ class Registry:
 
     def events(self, receipt: TxReceipt) -> list[RegistryEvent]:
         """The registry events a transaction emitted, in log order."""
-        found: list[tuple[int, RegistryEvent]] = []
-        for log in receipt["logs"]:
-            if to_checksum_address(log["address"]) != self.address:
-                continue
-            for event in self.contract.events:
-                try:
-                    decoded = event.process_log(log)
-                except Exception:  # not this event's signature
-                    continue
-                found.append(
-                    (int(log["logIndex"]), RegistryEvent(decoded["event"], dict(decoded["args"])))
-                )
-                break
-        return [event for _, event in sorted(found, key=lambda item: item[0])]
+        return decode_events(self.contract, receipt)
 
     # --- node operations ---
 

@@ -20,7 +20,7 @@ from web3.types import TxReceipt
 
 from infergrid.protocol.merkle import MAX_PROOF_LENGTH, hash_pair, merkle_root, reward_leaf
 from infergrid.settle.build import load_artifact
-from infergrid.settle.chain import Chain, ChainError, PrivateKey, as_account
+from infergrid.settle.chain import Chain, ChainError, PrivateKey, as_account, decode_events
 from infergrid.settle.registry import RegistryEvent, check_address
 
 CONTRACT_NAME = "RewardDistributor"
@@ -294,20 +294,7 @@ class RewardDistributor:
 
     def events(self, receipt: TxReceipt) -> list[RegistryEvent]:
         """The distributor's events a transaction emitted, in log order."""
-        found: list[tuple[int, RegistryEvent]] = []
-        for log in receipt["logs"]:
-            if to_checksum_address(log["address"]) != self.address:
-                continue
-            for event in self.contract.events:
-                try:
-                    decoded = event.process_log(log)
-                except Exception:  # not this event's signature
-                    continue
-                found.append(
-                    (int(log["logIndex"]), RegistryEvent(decoded["event"], dict(decoded["args"])))
-                )
-                break
-        return [event for _, event in sorted(found, key=lambda item: item[0])]
+        return decode_events(self.contract, receipt)
 
     # --- rewards ---
 
