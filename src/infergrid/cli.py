@@ -478,6 +478,15 @@ def _sender(target: _EscrowTarget) -> str:
     return as_account(target.key).address
 
 
+def _report_transaction(
+    target: _EscrowTarget, payer: str, receipt: Any, as_json: bool, done: str
+) -> None:
+    """After a transaction on a payer's account: the account as it now stands, with the tx."""
+    data = _account_json(target.escrow, _checked_address(payer))
+    data["tx_hash"] = receipt["transactionHash"].to_0x_hex()
+    _print_account(data, as_json, f"{done} (tx {data['tx_hash']})")
+
+
 @account_app.command("deposit")
 @friendly_errors
 def account_deposit(
@@ -500,9 +509,7 @@ def account_deposit(
     assert target.key is not None
     payer = for_account or _sender(target)
     receipt = target.escrow.deposit(target.key, wei, payer=payer)
-    data = _account_json(target.escrow, _checked_address(payer))
-    data["tx_hash"] = receipt["transactionHash"].to_0x_hex()
-    _print_account(data, as_json, f"deposited {amount} BTT (tx {data['tx_hash']})")
+    _report_transaction(target, payer, receipt, as_json, f"deposited {amount} BTT")
 
 
 @account_app.command("balance")
@@ -538,9 +545,7 @@ def account_thaw(
     target = _escrow_target(chain_rpc, escrow, state_dir, need_key=True)
     assert target.key is not None
     receipt = target.escrow.thaw(target.key, btt_to_wei(amount))
-    data = _account_json(target.escrow, _sender(target))
-    data["tx_hash"] = receipt["transactionHash"].to_0x_hex()
-    _print_account(data, as_json, f"thawing {amount} BTT (tx {data['tx_hash']})")
+    _report_transaction(target, _sender(target), receipt, as_json, f"thawing {amount} BTT")
 
 
 @account_app.command("withdraw")
@@ -555,9 +560,7 @@ def account_withdraw(
     target = _escrow_target(chain_rpc, escrow, state_dir, need_key=True)
     assert target.key is not None
     receipt = target.escrow.withdraw(target.key)
-    data = _account_json(target.escrow, _sender(target))
-    data["tx_hash"] = receipt["transactionHash"].to_0x_hex()
-    _print_account(data, as_json, f"withdrew thawed BTT (tx {data['tx_hash']})")
+    _report_transaction(target, _sender(target), receipt, as_json, "withdrew thawed BTT")
 
 
 @account_app.command("authorize")
