@@ -56,6 +56,19 @@ class CLIError(Exception):
     """A problem the user can fix; printed as one line, exit code 1."""
 
 
+_USER_ERRORS = (CLIError, FileNotFoundError, ValueError, ConnectionError, RuntimeError)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, _USER_ERRORS):
+        return True
+    # A contract revert or a chain that said no (settle.chain.ChainError). Looked up rather
+    # than imported: web3 loads only for commands that use the chain, and where it did not
+    # load, nothing can have raised one.
+    chain = sys.modules.get("infergrid.settle.chain")
+    return chain is not None and isinstance(exc, chain.ChainError)
+
+
 def friendly_errors(func: F) -> F:
     """Turn expected failures into one readable line and a non-zero exit, not a traceback."""
 
@@ -63,7 +76,9 @@ def friendly_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (CLIError, FileNotFoundError, ValueError, ConnectionError, RuntimeError) as exc:
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

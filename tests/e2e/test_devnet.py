@@ -320,6 +320,11 @@ def test_a_payer_out_of_headroom_gets_402(devnet: DevnetProcess) -> None:
     else:
         pytest.fail("30 requests served from a 0.0003 BTT deposit")
     assert served > 0 and spent <= 3 * 10**14
+    # Withdrawing before the thaw matures is the contract's "no": one readable line, exit 1.
+    assert devnet.cli("account", "thaw", "0.0001", key=key).returncode == 0
+    early = devnet.cli("account", "withdraw", key=key)
+    assert early.returncode == 1
+    assert early.stderr.strip().splitlines() == ["error: contract reverted: thaw not matured"]
 
 
 def test_a_killed_miner_does_not_stop_service(devnet: DevnetProcess, client: openai.OpenAI) -> None:
