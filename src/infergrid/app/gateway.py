@@ -54,6 +54,7 @@ from infergrid.app.miners import (
     NoHealthyMiner,
     PoolMaintainer,
 )
+from infergrid.app.openapi import OPENAPI_PATH, openapi_endpoint
 from infergrid.app.settlement import (
     AttestationRejected,
     Settlement,
@@ -1189,6 +1190,7 @@ def create_gateway_app(
         Route("/v1/receipts/{request_id}", gateway.receipt, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+        Route(OPENAPI_PATH, openapi_endpoint(max_body_bytes=config.max_body_bytes)),
     ]
     app = Starlette(
         routes=routes,

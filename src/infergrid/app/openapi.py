@@ -1,0 +1,336 @@
+"""The gateway's OpenAPI 3.1 document, served at GET /openapi.json.
+
+The request bodies are generated from the very pydantic models the gateway validates with
+(protocol.openai_types), so the document says what is really accepted and follows every change
+to them; nothing about a request's shape is written here by hand. What the models cannot say
+in JSON Schema (a parameter the network refuses by name, a rule across two fields) is refused
+with a 400 in OpenAI's error shape, which every operation documents.
+
+`build_document` is a pure function; `openapi_endpoint` builds the document once, when the
+app is created, and serves the same bytes to every request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import Response
+
+from infergrid import __version__
+from infergrid.protocol.openai_types import ChatCompletionRequest, CompletionRequest
+
+OPENAPI_PATH = "/openapi.json"
+_REF = "#/components/schemas/{model}"
+_JSON = "application/json"
+
+# OpenAI's error shape, as protocol.openai_types.error_body writes it.
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_ERRORS = {
+    400: "The body is not valid JSON, or a parameter is invalid or not supported (named in"
+    " `error.param`).",
+    401: "No API key, or an unknown or revoked one.",
+    402: "Metered gateways: the key has no payer, the payer has not authorized this gateway,"
+    " or the payer's escrow cannot cover the request's worst case.",
+    404: "Not found: no miner in the network serves the model, or no such object.",
+    405: "The path does not take this method.",
+    409: "A miner already answered a request with this id and body (passed through).",
+    413: "The request body is larger than the gateway accepts.",
+    500: "The gateway failed (for example, it could not store the receipt; nothing was charged).",
+    502: "A miner's answer could not be relayed.",
+    503: "No miner can take the request right now, or the registry has not been read yet;"
+    " retry (see `retry-after`).",
+}
+
+_COMPLETION_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object"}},
+        "usage": {
+            "type": "object",
+            "description": "Token counts; on a metered gateway also `cost_wei`, the charge in"
+            " wei as a decimal string.",
+        },
+    },
+}
+
+_MODEL: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
+
+_MODEL_LIST: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+    },
+}
+
+_HEALTH: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "miners", "models"],
+    "properties": {
+        "status": {"type": "string"},
+        "miners": {
+            "type": "object",
+            "required": ["registered", "healthy"],
+            "properties": {"registered": {"type": "integer"}, "healthy": {"type": "integer"}},
+        },
+        "models": {"type": "array", "items": {"type": "string"}},
+        "discovery_error": {"type": ["string", "null"]},
+        "settlement": {"type": "object"},
+    },
+}
+
+_RECEIPT: dict[str, Any] = {
+    "type": "object",
+    "required": ["anchor", "trace"],
+    "properties": {
+        "anchor": {"type": ["object", "null"]},
+        "trace": {"type": "object"},
+    },
+    "description": "The signed receipt (its fields at the top level), its anchor proof once"
+    " anchored, and the request's trace.",
+}
+
+_VOUCHERS: dict[str, Any] = {
+    "type": "object",
+    "required": ["gateway", "vouchers"],
+    "properties": {
+        "gateway": {"type": "string"},
+        "vouchers": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+_COMPLETION_ROUTES = (
+    (
+        "/v1/chat/completions",
+        "createChatCompletion",
+        "ChatCompletionRequest",
+        "Creates a model response for the given chat conversation.",
+    ),
+    (
+        "/v1/completions",
+        "createCompletion",
+        "CompletionRequest",
+        "Creates a completion for the given prompt (the legacy API).",
+    ),
+)
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"$ref": f"#/components/responses/Error{s}"} for s in statuses}
+
+
+def _ok(description: str, schema: dict[str, Any], media_type: str = _JSON) -> dict[str, Any]:
+    return {"description": description, "content": {media_type: {"schema": schema}}}
+
+
+def _request_schemas() -> dict[str, Any]:
+    """The request models' JSON Schemas, their nested models hoisted into components."""
+    _, defs = models_json_schema(
+        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+        ref_template=_REF,
+    )
+    return dict(defs.get("$defs", {}))
+
+
+def _completion_operation(op_id: str, schema_name: str, summary: str) -> dict[str, Any]:
+    return {
+        "operationId": op_id,
+        "summary": summary,
+        "description": "Unknown fields are accepted and ignored; a known parameter the network"
+        " cannot honour is refused with 400 `unsupported_parameter`, naming it.",
+        "requestBody": {
+            "required": True,
+            "content": {_JSON: {"schema": {"$ref": _REF.format(model=schema_name)}}},
+        },
+        "responses": {
+            "200": {
+                "description": "The completion; a stream of server-sent events when `stream`"
+                " is true.",
+                "content": {
+                    _JSON: {"schema": _COMPLETION_RESPONSE},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            **_errors(400, 401, 402, 404, 405, 409, 413, 500, 502, 503),
+        },
+    }
+
+
+def build_document(*, max_body_bytes: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a gateway that accepts bodies up to `max_body_bytes`."""
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    paths: dict[str, Any] = {}
+    for path, op_id, schema_name, summary in _COMPLETION_ROUTES:
+        paths[path] = {"post": _completion_operation(op_id, schema_name, summary)}
+    paths["/v1/models"] = {
+        "get": {
+            "operationId": "listModels",
+            "summary": "The models some registered miner serves.",
+            "responses": {
+                "200": _ok("The models.", {"$ref": "#/components/schemas/ModelList"}),
+                **_errors(401, 405),
+            },
+        }
+    }
+    paths["/v1/models/{model}"] = {
+        "get": {
+            "operationId": "retrieveModel",
+            "summary": "One model, if some registered miner serves it.",
+            "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": _ok("The model.", {"$ref": "#/components/schemas/Model"}),
+                **_errors(401, 404, 405),
+            },
+        }
+    }
+    paths["/v1/receipts/{request_id}"] = {
+        "get": {
+            "operationId": "retrieveReceipt",
+            "summary": "The receipt of one of this key's requests (metered gateways).",
+            "parameters": [
+                {
+                    "name": "request_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "The request's `x-request-id` response header.",
+                }
+            ],
+            "responses": {
+                "200": _ok("The receipt.", {"$ref": "#/components/schemas/Receipt"}),
+                **_errors(401, 404, 405),
+            },
+        }
+    }
+    paths["/v1/vouchers"] = {
+        "get": {
+            "operationId": "listVouchers",
+            "summary": "A miner's cumulative vouchers, one per payer (metered gateways).",
+            "security": [],
+            "parameters": [
+                {
+                    "name": "miner",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                    "description": "The miner's address: checksummed, or all in one case.",
+                }
+            ],
+            "responses": {
+                "200": _ok("The vouchers.", {"$ref": "#/components/schemas/Vouchers"}),
+                **_errors(400, 404, 405),
+            },
+        }
+    }
+    paths["/health"] = {
+        "get": {
+            "operationId": "health",
+            "summary": "Whether the gateway serves, and what it knows of the network.",
+            "security": [],
+            "responses": {
+                "200": _ok("The gateway's state.", {"$ref": "#/components/schemas/Health"}),
+                **_errors(405),
+            },
+        }
+    }
+    paths["/metrics"] = {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics.",
+            "security": [],
+            "responses": {
+                "200": _ok("Prometheus text format.", {"type": "string"}, "text/plain"),
+                **_errors(405),
+            },
+        }
+    }
+    paths[OPENAPI_PATH] = {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document.",
+            "security": [],
+            "responses": {
+                "200": _ok("The OpenAPI document.", {"type": "object"}),
+                **_errors(405),
+            },
+        }
+    }
+    schemas = {
+        **_request_schemas(),
+        "Error": _ERROR_SCHEMA,
+        "Model": _MODEL,
+        "ModelList": _MODEL_LIST,
+        "Health": _HEALTH,
+        "Receipt": _RECEIPT,
+        "Vouchers": _VOUCHERS,
+    }
+    responses = {
+        f"Error{status}": {
+            "description": description
+            + (f" The limit is {max_body_bytes} bytes." if status == 413 else ""),
+            "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for status, description in _ERRORS.items()
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "InferGrid gateway",
+            "version": __version__,
+            "description": "An OpenAI-compatible API in front of InferGrid's miners.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "responses": responses,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": bearer,
+    }
+
+
+def openapi_endpoint(*, max_body_bytes: int) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint serving the document, built once, now."""
+    content = json.dumps(build_document(max_body_bytes=max_body_bytes)).encode()
+
+    async def endpoint(request: Request) -> Response:
+        return Response(content, media_type=_JSON)
+
+    return endpoint
