@@ -505,3 +505,31 @@ def test_acknowledged_receipts_survive_kill_9(db: Path) -> None:
         assert sorted(s.seq for s in present) == list(range(1, len(present) + 1))
     finally:
         store.close()
+
+
+async def test_an_unstorable_receipt_fails_alone_and_is_counted(
+    store: ReceiptStore, db: Path
+) -> None:
+    # A timestamp is a uint256 in the receipt but past SQLite's INTEGER: the batch around it
+    # used to fail whole, failing every other commit of the batch.
+    request_id, receipt, attestation, att_sig = make(99)
+    poisoned = replace(receipt, timestamp=2**63)
+    store.start()
+    with writer_paused(store):
+        tasks = [asyncio.create_task(commit(store, i)) for i in range(1, 6)]
+        tasks.append(asyncio.create_task(store.commit(request_id, poisoned, attestation, att_sig)))
+        tasks += [asyncio.create_task(commit(store, i)) for i in range(6, 9)]
+        while store.pending < len(tasks):
+            await asyncio.sleep(0)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], ValueError)
+    assert "req-99" in str(failed[0]) and "cannot be stored" in str(failed[0])
+    assert raw_count(db) == 8 and store.rejected == 1
+    # Not charged: totals and seqs cover exactly the stored receipts.
+    assert store.payer_total(PAYER) == sum(make(i)[1].value for i in range(1, 9))
+    assert [s.seq for s in store.receipts_for(MINER, PAYER)] == list(range(1, 9))
+    assert store.get("req-99") is None
+    # Nothing is retried, and the store goes on.
+    assert await commit(store, 9)
+    assert raw_count(db) == 9 and store.rejected == 1

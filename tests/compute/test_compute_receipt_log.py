@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -129,3 +130,19 @@ def test_bad_addresses_and_closed_logs_are_refused(tmp_path: Path) -> None:
     log.close()  # idempotent
     with pytest.raises(RuntimeError):
         log.append(record(1, 1))
+
+
+def test_an_unstorable_response_is_dropped_alone(tmp_path: Path) -> None:
+    # A token count past SQLite's INTEGER raised OverflowError, which the writer did not
+    # catch: the writer thread died and nothing was logged (or flushed) after it.
+    with ReceiptLog(tmp_path / "log.db", flush_interval_s=0.5) as log:
+        poisoned = dataclasses.replace(record(2, 5), tokens_in=2**63)
+        for item in (record(1, 100), poisoned, record(3, 7)):
+            log.append(item)
+        log.flush(timeout=10)
+        assert [r.request_id for r in log.responses()] == ["r1", "r3"]
+        assert log.total(PAYER, GATEWAY) == 107
+        assert (log.rejected, log.write_errors) == (1, 0)
+        log.append(record(4, 1))
+        log.flush(timeout=10)
+        assert log.total(PAYER, GATEWAY) == 108 and log.rejected == 1

@@ -201,6 +201,9 @@ class Gateway:
             health_timeout_s=config.health_timeout_s,
         )
         self.metrics = GatewayMetrics(self.pool)
+        self.metrics.watch_writer("traces", lambda: traces.rejected)
+        if settlement is not None:
+            self.metrics.watch_writer("receipts", lambda: settlement.store.rejected)
         self.session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None,

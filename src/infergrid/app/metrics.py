@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 
 from infergrid.app.miners import MinerPool
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _RejectedRows:
+    """`infergrid_writer_rejected_rows_total{writer}`: rows a background writer could not
+    store and dropped (infergrid.batch_writes), read from each writer's own count at scrape
+    time."""
+
+    def __init__(self) -> None:
+        self.writers: dict[str, Callable[[], int]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "infergrid_writer_rejected_rows",
+            "Rows a background writer could not store and dropped, by writer (each distinct"
+            " failure is logged once).",
+            labels=["writer"],
+        )
+        for name, read in sorted(self.writers.items()):
+            family.add_metric([name], read())
+        yield family
 
 
 class GatewayMetrics:
@@ -85,10 +108,17 @@ class GatewayMetrics:
         miners.labels("healthy").set_function(lambda: self._count(True))
         miners.labels("unhealthy").set_function(lambda: self._count(False))
         miners.labels("unchecked").set_function(lambda: self._count(None))
+        self._rejected_rows = _RejectedRows()
+        r.register(self._rejected_rows)
         self._children: dict[tuple[str, int], MetricWrapperBase] = {}
         self._latency_children: dict[str, Histogram] = {}
         self.prompt_tokens = self.tokens.labels("prompt")
         self.completion_tokens = self.tokens.labels("completion")
+
+    def watch_writer(self, name: str, rejected: Callable[[], int]) -> None:
+        """Export a background writer's count of rejected rows as
+        infergrid_writer_rejected_rows_total{writer=name}."""
+        self._rejected_rows.writers[name] = rejected
 
     def _count(self, healthy: bool | None) -> int:
         return sum(1 for m in self._pool.miners() if m.healthy is healthy)

@@ -11,6 +11,9 @@ awaits a future; one writer thread takes everything queued, signs it, writes all
 single transaction (one fsync) and resolves every waiter. Under load a batch holds all the
 requests that arrived during the previous fsync; when idle a batch is one receipt and costs
 one fsync, the floor for durability. The event loop never touches the disk or signs.
+A receipt that cannot be stored (a value SQLite cannot hold) fails its own commit and no other:
+the batch is written again receipt by receipt (infergrid.batch_writes), and the rejects are
+counted (`rejected`, `infergrid_writer_rejected_rows_total{writer="receipts"}`).
 
 Per (miner, payer) the store keeps the count, the cumulative value and the seq of the last
 receipt in memory (loaded from `receipt_totals` at open, which the writer updates in the same
@@ -54,6 +57,7 @@ from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 
 from infergrid.app.keys import connect
+from infergrid.batch_writes import FailureLog, write_isolating
 from infergrid.protocol import merkle
 from infergrid.protocol.eip712 import ZERO32, Domain, Signer, hex32
 from infergrid.protocol.messages import (
@@ -433,6 +437,8 @@ class ReceiptStore:
         # Counters for tests, metrics and benchmarks.
         self.batches_written = 0  # write transactions committed, i.e. fsyncs paid
         self.receipts_written = 0
+        # Receipts that could not be stored (their commits failed), and database failures.
+        self.failures = FailureLog("receipt store", log)
         self._load_totals()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -519,6 +525,11 @@ class ReceiptStore:
         return await pending.future
 
     @property
+    def rejected(self) -> int:
+        """Receipts that could not be stored (their commits failed; nothing was charged)."""
+        return self.failures.rejected
+
+    @property
     def pending(self) -> int:
         """Commits waiting for the disk: queued, or taken by the writer and not yet resolved."""
         return self._unwritten
@@ -565,58 +576,80 @@ class ReceiptStore:
                 rows.append(item)
             except Exception as exc:
                 item.error = exc
-        written: list[_Pending] = []
         if rows:
+            # One transaction for the batch; if a receipt cannot be stored (a value SQLite
+            # cannot hold), each is written alone so only that one's commit fails.
             with self._write_lock:
-                conn = self._wconn
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for item in rows:
-                        r = item.receipt
-                        try:
-                            cursor = conn.execute(
-                                _INSERT,
-                                (
-                                    item.request_id,
-                                    r.request_hash,
-                                    r.payer,
-                                    r.miner,
-                                    r.gateway,
-                                    r.model_id,
-                                    r.tokens_in,
-                                    r.tokens_out,
-                                    str(r.value),
-                                    r.timestamp,
-                                    r.attestation_hash,
-                                    item.signature,
-                                    json.dumps(item.attestation.to_json(), separators=(",", ":")),
-                                    item.attestation_signature,
-                                    item.leaf,
-                                ),
-                            )
-                        except sqlite3.IntegrityError:
-                            # A failed statement rolls back only itself: the rest of the
-                            # batch goes on in the same transaction.
-                            item.error = ValueError(f"duplicate request id {item.request_id!r}")
-                            continue
-                        item.seq = int(cursor.lastrowid or 0)
-                        written.append(item)
-                    deltas = self._batch_deltas(written)
-                    conn.executemany(_UPSERT_TOTAL, deltas)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    for item in written:
-                        item.seq = 0
-                    raise
-            with self._totals_lock:
-                for item in written:
-                    r = item.receipt
-                    self._add_total(r.miner, r.payer, 1, r.value, item.seq)
-            self.batches_written += 1
-            self.receipts_written += len(written)
+                outcome = write_isolating(rows, self._write_rows)
+            for item, exc in outcome.rejected:
+                self.failures.reject(f"the receipt of request {item.request_id!r}", exc)
+                item.error = ValueError(
+                    f"the receipt of request {item.request_id!r} cannot be stored:"
+                    f" {type(exc).__name__}: {exc}"
+                )
+            if outcome.error is not None:
+                self.failures.database_failed(
+                    outcome.error, len(outcome.failed), "their commits fail, nothing is charged"
+                )
+                for item in outcome.failed:
+                    item.error = outcome.error
         self._resolve(batch)
+
+    def _write_rows(self, rows: Sequence[_Pending]) -> None:
+        """Store `rows` and their pairs' new totals in one transaction, or none of them
+        (raising). A duplicate request id fails only its own row. Caller holds _write_lock."""
+        conn = self._wconn
+        written: list[_Pending] = []
+        duplicates: list[_Pending] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for item in rows:
+                r = item.receipt
+                try:
+                    cursor = conn.execute(
+                        _INSERT,
+                        (
+                            item.request_id,
+                            r.request_hash,
+                            r.payer,
+                            r.miner,
+                            r.gateway,
+                            r.model_id,
+                            r.tokens_in,
+                            r.tokens_out,
+                            str(r.value),
+                            r.timestamp,
+                            r.attestation_hash,
+                            item.signature,
+                            json.dumps(item.attestation.to_json(), separators=(",", ":")),
+                            item.attestation_signature,
+                            item.leaf,
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    # A failed statement rolls back only itself: the rest of the batch goes
+                    # on in the same transaction.
+                    item.error = ValueError(f"duplicate request id {item.request_id!r}")
+                    duplicates.append(item)
+                    continue
+                item.seq = int(cursor.lastrowid or 0)
+                written.append(item)
+            conn.executemany(_UPSERT_TOTAL, self._batch_deltas(written))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for item in written:
+                item.seq = 0
+            for item in duplicates:  # tried again (alone), they are judged again
+                item.error = None
+            raise
+        with self._totals_lock:
+            for item in written:
+                r = item.receipt
+                self._add_total(r.miner, r.payer, 1, r.value, item.seq)
+        self.batches_written += 1
+        self.receipts_written += len(written)
 
     def _batch_deltas(
         self, written: Sequence[_Pending]

@@ -4,6 +4,14 @@
 transaction every ~100 ms (in a worker thread, so disk waits never stall the event loop) and once
 more on shutdown. A trace is an operator's record, not a receipt: losing the last 100 ms of them
 in a crash is the accepted price of not paying a disk write per request.
+
+No trace can block the others (infergrid.batch_writes): a batch that fails because of a row is
+written again row by row; a trace that cannot be stored as it is (an integer past 64 bits, a
+string with a lone surrogate) is stored with those values made storable (the integer dropped,
+the string escaped), and only one that still fails is dropped. Both are counted
+(`infergrid_writer_rejected_rows_total{writer="traces"}` counts the dropped) and logged once.
+A database that fails as a whole (locked, disk full) loses nothing: the batch goes back to the
+queue and the flusher retries it, backing off up to MAX_RETRY_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -14,16 +22,22 @@ import logging
 import sqlite3
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from infergrid.app.keys import connect
+from infergrid.batch_writes import FailureLog, write_isolating
 
 log = logging.getLogger(__name__)
 
 # Beyond this many unflushed traces the oldest are dropped (and counted) rather than letting a
 # stuck disk grow the gateway's memory without bound.
 MAX_PENDING = 100_000
+# While the database itself fails, the flusher retries at most this far apart.
+MAX_RETRY_INTERVAL_S = 5.0
+# What SQLite's INTEGER holds.
+_INT64 = range(-(2**63), 2**63)
 
 
 @dataclass(slots=True)
@@ -81,6 +95,23 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
                 raise
 
 
+def _storable(trace: Trace) -> Trace:
+    """A copy of `trace` that SQLite can hold: integers past 64 bits become None, strings that
+    are not valid UTF-8 (lone surrogates) are backslash-escaped."""
+    values: dict[str, object] = {}
+    for name in _COLUMNS:
+        value = getattr(trace, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            value = None
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        values[name] = value
+    return Trace(**values)  # type: ignore[arg-type]
+
+
 def _row_to_trace(row: tuple[object, ...]) -> Trace:
     trace = Trace(*row)  # type: ignore[arg-type]
     trace.stream = bool(trace.stream)
@@ -101,8 +132,12 @@ class TraceStore:
         self._conn.execute("CREATE INDEX IF NOT EXISTS traces_created ON traces (created_at)")
         self._lock = threading.Lock()
         self._pending: deque[Trace] = deque()
-        self.dropped = 0
+        self.dropped = 0  # oldest traces dropped from a full queue
         self.flushed = 0
+        self.degraded = 0  # stored with unstorable values made storable
+        # Rows dropped because they could not be stored, and database failures.
+        self.failures = FailureLog("trace store", log)
+        self._database_failing = False
 
     def record(self, trace: Trace) -> None:
         """Queue a trace; O(1) and no I/O, safe on the request path."""
@@ -115,8 +150,29 @@ class TraceStore:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def rejected(self) -> int:
+        """Traces dropped because even their storable copy could not be written."""
+        return self.failures.rejected
+
+    def _write(self, batch: Sequence[Trace]) -> None:
+        """All of `batch` in one transaction, or none of it (raising). Caller holds _lock."""
+        rows = [tuple(getattr(trace, name) for name in _COLUMNS) for trace in batch]
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(_INSERT, rows)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
     def flush(self) -> int:
-        """Write everything queued so far in one transaction; returns how many."""
+        """Write everything queued so far; returns how many traces were stored.
+
+        Never raises for a trace: one that cannot be stored is stored degraded or dropped
+        (module docstring). If the database fails, the unwritten traces go back to the front
+        of the queue for the next flush."""
         batch: list[Trace] = []
         pending = self._pending
         # popleft on a deque is atomic, so record() from the loop thread can run concurrently.
@@ -124,31 +180,46 @@ class TraceStore:
             batch.append(pending.popleft())
         if not batch:
             return 0
-        rows = [tuple(getattr(trace, name) for name in _COLUMNS) for trace in batch]
         with self._lock:
-            try:
-                self._conn.execute("BEGIN")
-                self._conn.executemany(_INSERT, rows)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                # Put them back so the next flush retries them, oldest first as before.
-                pending.extendleft(reversed(batch))
-                raise
-        self.flushed += len(batch)
-        return len(batch)
+            outcome = write_isolating(batch, self._write)
+            copies = [(_storable(trace), exc) for trace, exc in outcome.rejected]
+            retried = write_isolating([copy for copy, _ in copies], self._write)
+        errors = {id(copy): exc for copy, exc in copies}
+        for trace in retried.written:
+            self.degraded += 1
+            self.failures.note(
+                f"trace {trace.request_id!r} as it was; stored it with those values made storable",
+                errors[id(trace)],
+            )
+        for trace, exc in retried.rejected:
+            self.failures.reject(f"trace {trace.request_id!r}", exc)
+        failed = outcome.failed + retried.failed
+        self._database_failing = bool(failed)
+        error = outcome.error or retried.error
+        if error is not None:
+            self.failures.database_failed(error, len(failed), "they stay queued for a retry")
+            # Back at the front, oldest first as before; newer traces keep queueing behind.
+            pending.extendleft(reversed(failed))
+        written = len(outcome.written) + len(retried.written)
+        self.flushed += written
+        return written
 
     async def run_flusher(self) -> None:
-        """Flush every flush_interval_s until cancelled, then flush what is left."""
+        """Flush every flush_interval_s until cancelled, then flush what is left. While the
+        database fails, the interval doubles up to MAX_RETRY_INTERVAL_S."""
+        interval = self.flush_interval_s
         try:
             while True:
-                await asyncio.sleep(self.flush_interval_s)
+                await asyncio.sleep(interval)
                 if self._pending:
                     try:
                         await asyncio.to_thread(self.flush)
-                    except Exception:
-                        log.exception("writing traces failed; will retry")
+                    except Exception:  # a bug, not a trace: keep flushing the others
+                        log.exception("writing traces failed")
+                if self._database_failing:
+                    interval = min(interval * 2, max(MAX_RETRY_INTERVAL_S, self.flush_interval_s))
+                else:
+                    interval = self.flush_interval_s
         finally:
             with contextlib.suppress(Exception):
                 self.flush()

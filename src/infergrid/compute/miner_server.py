@@ -368,7 +368,15 @@ class MinerState:
                 if self.settlement is not None
                 else {}
             ),
+            **self._receipt_log_health(),
         }
+
+    def _receipt_log_health(self) -> dict[str, Any]:
+        log = self.settlement.log if self.settlement is not None else None
+        if log is None:
+            return {}
+        # Responses the log dropped as unstorable, and batches its database failed.
+        return {"receipt_log": {"rejected_rows": log.rejected, "write_errors": log.write_errors}}
 
 
 # -- request parsing (pure apart from the tokenizer) ---------------------------------------

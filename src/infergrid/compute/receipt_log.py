@@ -5,6 +5,8 @@ can tell when a gateway's cumulative voucher for a payer says less than the mine
 (a shortfall) and stop trusting that gateway. It is SQLite, written by one background thread
 in group commits (every `flush_interval_s`): a crash loses at most that last slice, which
 only weakens this check, never the money (the gateway's receipts are the durable record).
+A response that cannot be stored (a count past SQLite's 64 bits) is dropped alone and counted
+(`rejected`, in /health); it never stops the writer or the other responses of its batch.
 
 Amounts are wei and exceed SQLite's 64-bit integers, so they are stored as decimal text and
 added up in Python; a `totals` table, updated in the same transaction as each batch, keeps
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eth_utils import is_address, to_checksum_address
+
+from infergrid.batch_writes import BatchOutcome, FailureLog, write_isolating
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,9 @@ class ReceiptLog:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._closed = False
-        self.write_errors = 0  # batches that could not be written (see the log)
+        self.write_errors = 0  # batches the database failed (see the log)
+        # Responses that could not be stored, dropped alone (see infergrid.batch_writes).
+        self.failures = FailureLog("receipt log", log)
         # Readers share one connection behind a lock; WAL lets them run beside the writer.
         self._reader = self._connect()
         self._reader.executescript(_SCHEMA)
@@ -190,12 +196,7 @@ class ReceiptLog:
                         break
                 records = [i for i in items if isinstance(i, LoggedResponse)]
                 if records:
-                    try:
-                        self._write(conn, records)
-                    except sqlite3.Error:
-                        # Never fatal: serving goes on, and the collector reports the gap.
-                        self.write_errors += 1
-                        log.exception("receipt log: could not write %d responses", len(records))
+                    self._write_isolating(conn, records)
                 for item in items:
                     if isinstance(item, _Flush):
                         item.done.set()
@@ -203,6 +204,27 @@ class ReceiptLog:
                         stop = True
         finally:
             conn.close()
+
+    def _write_isolating(self, conn: sqlite3.Connection, records: list[LoggedResponse]) -> None:
+        """Write a batch; never fatal to the writer. A response that cannot be stored is
+        dropped alone (the batch is written again row by row); if the database fails, the
+        batch is lost: serving goes on, and the collector reports the gap."""
+        try:
+            outcome = write_isolating(records, lambda rows: self._write(conn, rows))
+        except Exception as exc:  # a bug, not a row: the thread must survive it
+            outcome = BatchOutcome(failed=records, error=exc)
+        for record, exc in outcome.rejected:
+            self.failures.reject(f"the response to request {record.request_id!r}", exc)
+        if outcome.error is not None:
+            self.write_errors += 1
+            self.failures.database_failed(
+                outcome.error, len(outcome.failed), "those responses are not in the log"
+            )
+
+    @property
+    def rejected(self) -> int:
+        """Responses dropped because they could not be stored."""
+        return self.failures.rejected
 
     @staticmethod
     def _write(conn: sqlite3.Connection, records: Sequence[LoggedResponse]) -> None:
