@@ -187,6 +187,14 @@ def miner(
     receipt_log: Annotated[
         Path | None, typer.Option(help="The miner's own receipt log (SQLite).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for inference (default: every core; miners sharing a machine"
+            " should split its cores).",
+        ),
+    ] = None,
 ) -> None:
     """Run a miner: load the model, register and stake on-chain (idempotent), serve requests;
     with --escrow, attest every response and collect vouchers on a schedule.
@@ -216,6 +224,7 @@ def miner(
         collect_interval_s=collect_interval,
         gateway_urls=tuple(gateway_url or ()),
         receipt_log=receipt_log,
+        threads=threads,
     )
     run_miner(settings, err)
 

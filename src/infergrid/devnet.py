@@ -74,6 +74,13 @@ def read_devnet(state_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def threads_per_miner(miners: int, cores: int) -> int:
+    """Each miner's share of the machine's cores (at least one): torch in every miner
+    running a thread per core would oversubscribe the CPU, and N miners would then serve
+    less than one."""
+    return max(1, cores // max(1, miners))
+
+
 def _pick_port(preferred: int, host: str) -> int:
     return preferred if port_is_free(preferred, host) else free_port(host)
 
@@ -94,6 +101,7 @@ class Devnet:
     def start(self) -> dict[str, Any]:
         from infergrid.app.keys import KeyStore
         from infergrid.compute.node import default_receipt_log_path
+        from infergrid.compute.transformers_engine import available_cores
         from infergrid.settle.chain import Chain, as_account, dev_private_keys
         from infergrid.settle.deploy import deploy_network
         from infergrid.settle.escrow import PaymentEscrow
@@ -160,12 +168,18 @@ class Devnet:
             "--escrow",
             contracts.PaymentEscrow,
         ]
+        threads = threads_per_miner(opts.miners, available_cores())
+        # The OpenMP and MKL pools too, for whatever in the miner sizes them before torch does.
+        thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         miners: list[ManagedProcess] = []
+        miner_info: list[dict[str, Any]] = []
         for index in range(opts.miners):
             port = free_port(opts.host)
             endpoint = f"http://{opts.host}:{port}"
             name = f"miner-{index + 1}"
             key = keys[FIRST_MINER_KEY_INDEX + index]
+            address = as_account(key).address
+            receipt_log = default_receipt_log_path(address, self.state_dir)
             proc = self._spawn(
                 name,
                 infergrid_command(
@@ -181,14 +195,30 @@ class Devnet:
                     "--collect-interval",
                     str(opts.collect_interval_s),
                     "--receipt-log",
-                    str(default_receipt_log_path(as_account(key).address, self.state_dir)),
+                    str(receipt_log),
+                    "--threads",
+                    str(threads),
                     *common,
                 ),
                 endpoint=endpoint,
-                env={"INFERGRID_PRIVATE_KEY": key},
+                env={"INFERGRID_PRIVATE_KEY": key, **thread_env},
             )
             miners.append(proc)
-        with step(f"starting {opts.miners} miner(s) with {opts.model}: loading, registering"):
+            miner_info.append(
+                {
+                    "name": name,
+                    "address": address,
+                    # A dev-mnemonic key, public by design: `infergrid miner collect` uses it.
+                    "key": key,
+                    "endpoint": endpoint,
+                    "receipt_log": str(receipt_log),
+                    "threads": threads,
+                }
+            )
+        with step(
+            f"starting {opts.miners} miner(s) with {opts.model}, {threads} CPU thread(s) each:"
+            " loading, registering"
+        ):
             for proc in miners:
                 proc.wait_until(lambda e=proc.endpoint: health_ok(e + "/health"), 300, "health")
         for proc in miners:
@@ -239,6 +269,7 @@ class Devnet:
             "developer_key": developer_key,
             "model": opts.model,
             "gateway_db": str(db_path),
+            "miners": miner_info,
             "state_dir": str(self.state_dir),
             "nodes": [
                 {

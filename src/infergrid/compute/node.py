@@ -54,6 +54,9 @@ class MinerSettings:
     gateway_urls: tuple[str, ...] = field(default_factory=tuple)
     # The miner's own receipt log; None means default_receipt_log_path(owner).
     receipt_log: Path | None = None
+    # torch CPU threads; None means every core this process may use (right for a lone miner;
+    # miners sharing a machine should split its cores between them).
+    threads: int | None = None
 
 
 def make_attestor(escrow: PaymentEscrow, private_key: str) -> Attestor:
@@ -102,6 +105,7 @@ def miner_settlement(
     create_miner_app(attestor=, receipt_log=, offer=)."""
     from infergrid.compute.collector import CollectionLoop, Collector, VoucherResult
     from infergrid.compute.receipt_log import ReceiptLog
+    from infergrid.settle.binding import miner_binding
     from infergrid.settle.escrow import PaymentEscrow
 
     if settings.escrow is None:
@@ -109,7 +113,8 @@ def miner_settlement(
     escrow = PaymentEscrow(chain, settings.escrow)
     attestor = make_attestor(escrow, settings.private_key)
     log_path = settings.receipt_log or default_receipt_log_path(attestor.miner)
-    with ReceiptLog(log_path) as receipts:
+    chain_binding = miner_binding(chain, registry=settings.registry, escrow=escrow.address)
+    with ReceiptLog(log_path, chain=chain_binding) as receipts:
         if console is not None:
             console.print(f"attesting for escrow {escrow.address}; receipt log {log_path}")
         collector: Collector | None = None
@@ -140,13 +145,16 @@ def miner_settlement(
 
 def run_miner(settings: MinerSettings, console: Console) -> None:
     from infergrid.compute.miner_server import create_miner_app, run_miner_server
-    from infergrid.compute.transformers_engine import TransformersEngine
+    from infergrid.compute.receipt_log import ReceiptLog
+    from infergrid.compute.transformers_engine import TransformersEngine, available_cores
+    from infergrid.settle.binding import miner_binding
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
 
     owner = Account.from_key(settings.private_key).address
-    console.print(f"miner {owner}: loading {settings.model}")
-    engine = TransformersEngine.load(settings.model)
+    threads = settings.threads or available_cores()
+    console.print(f"miner {owner}: loading {settings.model} ({threads} CPU threads)")
+    engine = TransformersEngine.load(settings.model, num_threads=threads)
     offer = ModelOffer(
         name=engine.name,
         model_id=engine.model_id,
@@ -157,6 +165,13 @@ def run_miner(settings: MinerSettings, console: Console) -> None:
 
     chain = Chain.connect(settings.chain_rpc)
     registry = Registry(chain, settings.registry)
+    if settings.escrow is not None:
+        # Before registering: a log of another chain's responses must not start a miner here
+        # (ChainMismatch); miner_settlement checks it again when it opens the log.
+        ReceiptLog(
+            settings.receipt_log or default_receipt_log_path(owner),
+            chain=miner_binding(chain, registry=settings.registry, escrow=settings.escrow),
+        ).close()
     # Idempotent: a restarted miner updates its record and tops up its stake, never re-registers.
     # The owner key is also the registered signer: attestations are signed with it.
     registry.ensure_registered(

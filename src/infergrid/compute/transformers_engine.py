@@ -6,6 +6,8 @@ protocol sampler (infergrid.protocol.sampling) for verifiers to replay it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,31 @@ from infergrid.protocol.models import model_id as protocol_model_id
 
 # Chat templates written before the "developer" role treat it as unknown.
 _ROLE_ALIASES = {"developer": "system"}
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (which taskset, cpusets and
+    container limits narrow), else the machine's count; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Size torch's CPU thread pools, process-wide: `threads` intra-op threads (one matmul
+    split across cores) and as many inter-op threads.
+
+    Each process on a machine should get its share of the cores, not all of them: two miners
+    whose torch each runs a thread per core thrash each other's caches and serve less than
+    one (see docs/benchmarks.md). The inter-op pool can be sized only before it first runs;
+    after that it keeps its size, which is harmless because the decode loop never uses it.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # the inter-op pool already ran in this process
+        torch.set_num_interop_threads(threads)
 
 
 def pick_device(device: str) -> torch.device:
@@ -78,14 +105,15 @@ class TransformersEngine:
     ) -> TransformersEngine:
         """Load a safetensors directory (its infergrid.json names it, if present).
 
-        `num_threads` sets torch's CPU threads, process-wide. On a small CPU one thread is
-        as fast for small models (they are bound by memory or by Python, not by arithmetic)
-        and leaves a core to the HTTP server.
+        `num_threads` sizes torch's CPU thread pools, process-wide (set_torch_threads); None
+        leaves them as they are. On a small CPU one thread is as fast for small models (they
+        are bound by memory or by Python, not by arithmetic) and leaves a core to the HTTP
+        server.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if num_threads is not None:
-            torch.set_num_threads(num_threads)
+            set_torch_threads(num_threads)
         model_dir = Path(model_dir)
         meta = model_store.directory_metadata(model_dir, cache_dir)
         with model_store.quiet_transformers():
