@@ -31,6 +31,7 @@ from infergrid.protocol.messages import (
     recover_signer,
     sign_message,
 )
+from infergrid.settle.binding import ChainBinding, ChainMismatch
 
 DOMAIN = Domain(chain_id=1337, verifying_contract="0x" + "ab" * 20)
 GATEWAY_KEY = "0x" + "11" * 32
@@ -533,3 +534,18 @@ async def test_an_unstorable_receipt_fails_alone_and_is_counted(
     # Nothing is retried, and the store goes on.
     assert await commit(store, 9)
     assert raw_count(db) == 9 and store.rejected == 1
+
+
+async def test_store_is_bound_to_one_chain(db: Path) -> None:
+    a = ChainBinding.make(1337, "0x" + "aa" * 32, {"PaymentEscrow": DOMAIN.verifying_contract})
+    store = ReceiptStore(db, DOMAIN, GATEWAY, chain=a)
+    await commit(store, 1)
+    store.close()
+    # A fresh chain at the same addresses (a restarted devnet) has another genesis block.
+    restarted = ChainBinding.make(1337, "0x" + "bb" * 32, dict(a.contracts))
+    for other in (restarted, ChainBinding.make(1337, a.genesis_hash, {"PaymentEscrow": MINER})):
+        with pytest.raises(ChainMismatch, match=r"the gateway.s receipt store .* another chain"):
+            ReceiptStore(db, DOMAIN, GATEWAY, chain=other)
+    again = ReceiptStore(db, DOMAIN, GATEWAY, chain=a)
+    assert again.count() == 1 and again.binding == a
+    again.close()

@@ -10,6 +10,7 @@ import pytest
 from eth_utils import keccak
 
 from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
+from infergrid.settle.binding import ChainBinding, ChainMismatch
 
 PAYER = "0x" + "11" * 20
 GATEWAY = "0x" + "22" * 20
@@ -146,3 +147,15 @@ def test_an_unstorable_response_is_dropped_alone(tmp_path: Path) -> None:
         log.append(record(4, 1))
         log.flush(timeout=10)
         assert log.total(PAYER, GATEWAY) == 108 and log.rejected == 1
+
+
+def test_log_is_bound_to_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    a = ChainBinding.make(1337, "0x" + "aa" * 32, {"PaymentEscrow": GATEWAY})
+    with ReceiptLog(path, chain=a) as log:
+        log.append(record(1, 100))
+    other = ChainBinding.make(1337, "0x" + "bb" * 32, {"PaymentEscrow": GATEWAY})
+    with pytest.raises(ChainMismatch, match=r"the miner.s receipt log .* genesis block differs"):
+        ReceiptLog(path, chain=other)
+    with ReceiptLog(path, chain=a) as log:
+        assert log.total(PAYER, GATEWAY) == 100

@@ -20,6 +20,7 @@ from infergrid.protocol.nodes import NodeRecord, Role
 
 if TYPE_CHECKING:
     from infergrid.app.settlement import Settlement
+    from infergrid.settle.binding import ChainBinding
     from infergrid.settle.chain import Chain
 
 
@@ -59,9 +60,12 @@ def build_settlement(
     anchor_interval_s: float = 300.0,
     escrow_poll_s: float = 3.0,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    binding: ChainBinding | None = None,
 ) -> Settlement:
     """A metered gateway's settlement: the escrow's signing domain, the gateway's signer, its
-    receipt store and, with a reward distributor, the anchorer. Reads the chain id once."""
+    receipt store and, with a reward distributor, the anchorer. Reads the chain id once.
+    With `binding` (gateway_binding), the receipt store is bound to that deployment:
+    ChainMismatch if it holds another chain's receipts."""
     from infergrid.app.anchoring import ReceiptAnchorer, distributor_submit
     from infergrid.app.receipts import ReceiptStore
     from infergrid.app.settlement import Settlement
@@ -72,7 +76,7 @@ def build_settlement(
     reader = PaymentEscrow(chain, escrow)
     domain = reader.domain()
     signer = Signer(private_key)
-    store = ReceiptStore(receipts_db, domain, signer)
+    store = ReceiptStore(receipts_db, domain, signer, chain=binding)
     anchorer = None
     if rewards:
         # Anchors are kept per sender: they must go out from the signer's own address.
@@ -93,11 +97,38 @@ def build_settlement(
 
 def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
     from infergrid.app.gateway import GatewayConfig, run_gateway
+    from infergrid.settle.binding import bind_file, gateway_binding
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
 
     chain = Chain.connect(settings.chain_rpc)
     registry = Registry(chain, settings.registry)
+    # Before anything else touches the chain or the files: the keys, traces and receipts of
+    # another chain must not serve (or bill) on this one.
+    binding = gateway_binding(
+        chain,
+        registry=settings.registry,
+        escrow=settings.escrow,
+        rewards=settings.rewards if settings.escrow else None,
+    )
+    bind_file(settings.db_path, binding, what="the gateway's database")
+    if settings.escrow and not settings.private_key:
+        raise ValueError(
+            "a metered gateway (--escrow) needs its signing key in INFERGRID_PRIVATE_KEY"
+        )
+    settlement = None
+    if settings.escrow and settings.private_key:
+        settlement = build_settlement(
+            chain,
+            escrow=settings.escrow,
+            private_key=settings.private_key,
+            receipts_db=settings.receipts_db or receipts_db_path(settings.db_path),
+            rewards=settings.rewards,
+            anchor_interval_s=settings.anchor_interval_s,
+            escrow_poll_s=settings.escrow_poll_s,
+            default_max_tokens=settings.default_max_tokens,
+            binding=binding,
+        )
     if settings.private_key:
         owner = Account.from_key(settings.private_key).address
         registry.ensure_registered(
@@ -110,22 +141,7 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
         )
         console.print(f"gateway {owner} registered")
 
-    settlement = None
-    if settings.escrow:
-        if not settings.private_key:
-            raise ValueError(
-                "a metered gateway (--escrow) needs its signing key in INFERGRID_PRIVATE_KEY"
-            )
-        settlement = build_settlement(
-            chain,
-            escrow=settings.escrow,
-            private_key=settings.private_key,
-            receipts_db=settings.receipts_db or receipts_db_path(settings.db_path),
-            rewards=settings.rewards,
-            anchor_interval_s=settings.anchor_interval_s,
-            escrow_poll_s=settings.escrow_poll_s,
-            default_max_tokens=settings.default_max_tokens,
-        )
+    if settlement is not None:
         anchoring = f", anchoring to {settings.rewards}" if settings.rewards else ""
         console.print(
             f"gateway signer {settlement.gateway} charges payers through escrow"

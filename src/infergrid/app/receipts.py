@@ -67,6 +67,7 @@ from infergrid.protocol.messages import (
     recover_signer,
     signed_json,
 )
+from infergrid.settle.binding import ChainBinding, bind_database
 
 log = logging.getLogger(__name__)
 
@@ -403,8 +404,16 @@ class ReceiptStore:
     """
 
     def __init__(
-        self, db_path: str | Path, domain: Domain, signer: Signer, *, max_batch: int = 1024
+        self,
+        db_path: str | Path,
+        domain: Domain,
+        signer: Signer,
+        *,
+        max_batch: int = 1024,
+        chain: ChainBinding | None = None,
     ) -> None:
+        """Open (or create) the store; with `chain`, bind it to that deployment first
+        (settle.binding: ChainMismatch if it holds another chain's receipts)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.db_path = Path(db_path)
@@ -418,6 +427,15 @@ class ReceiptStore:
         self._wconn = connect(self.db_path, synchronous="FULL")
         for statement in _SCHEMA:
             self._wconn.execute(statement)
+        self.binding: ChainBinding | None = None
+        if chain is not None:
+            try:
+                self.binding = bind_database(
+                    self._wconn, chain, what="the gateway's receipt store", path=self.db_path
+                )
+            except BaseException:
+                self._wconn.close()
+                raise
         self._rconn = connect(self.db_path, synchronous="FULL")
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()

@@ -42,6 +42,7 @@ from infergrid.protocol.json_body import too_deep
 from infergrid.protocol.messages import Voucher, recover_signer
 from infergrid.protocol.nodes import Role
 from infergrid.protocol.pricing import format_btt
+from infergrid.settle.binding import miner_binding
 from infergrid.settle.chain import Chain, ChainError, ContractRevert, as_account
 from infergrid.settle.escrow import PaymentEscrow
 from infergrid.settle.registry import Registry
@@ -472,10 +473,15 @@ def collect_now(
 
     `log_path` is the miner's receipt log (safe to open while the miner runs: SQLite WAL);
     None, or a file that does not exist, skips the comparison with the log rather than
-    creating an empty log that would flag every voucher as a surplus.
+    creating an empty log that would flag every voucher as a surplus. A log of another
+    chain's responses is refused (settle.binding.ChainMismatch): compared with this chain's
+    vouchers, it would report shortfalls that are not there.
     """
     chain = Chain.connect(chain_rpc)
-    receipts = ReceiptLog(log_path) if log_path is not None and Path(log_path).exists() else None
+    receipts = None
+    if log_path is not None and Path(log_path).exists():
+        binding = miner_binding(chain, registry=registry, escrow=escrow)
+        receipts = ReceiptLog(log_path, chain=binding)
     try:
         collector = Collector(
             PaymentEscrow(chain, escrow),

@@ -27,6 +27,7 @@ from pathlib import Path
 from eth_utils import is_address, to_checksum_address
 
 from infergrid.batch_writes import BatchOutcome, FailureLog, write_isolating
+from infergrid.settle.binding import ChainBinding, bind_database
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,14 @@ class ReceiptLog:
     """
 
     def __init__(
-        self, path: str | Path, *, flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+        self,
+        path: str | Path,
+        *,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        chain: ChainBinding | None = None,
     ) -> None:
+        """Open (or create) the log; with `chain`, bind it to that deployment first
+        (settle.binding: ChainMismatch if it holds another chain's responses)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._flush_interval = flush_interval_s
@@ -133,6 +140,15 @@ class ReceiptLog:
         # Readers share one connection behind a lock; WAL lets them run beside the writer.
         self._reader = self._connect()
         self._reader.executescript(_SCHEMA)
+        self.binding: ChainBinding | None = None
+        if chain is not None:
+            try:
+                self.binding = bind_database(
+                    self._reader, chain, what="the miner's receipt log", path=self.path
+                )
+            except BaseException:
+                self._reader.close()
+                raise
         self._read_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="receipt-log", daemon=True)
         self._writer.start()

@@ -291,6 +291,7 @@ class Chain:
         self.gas_price_wei = gas_price_wei
         self.receipt_timeout_s = receipt_timeout_s
         self._chain_id: int | None = None
+        self._genesis_hash: str | None = None
         self.poa = False  # whether blocks are read through the POA extra-data middleware
         self._sender_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -330,6 +331,18 @@ class Chain:
             except Exception as exc:
                 raise ChainError(f"cannot reach the chain: {exc}") from exc
         return self._chain_id
+
+    def genesis_hash(self) -> str:
+        """The hash of block 0 as lowercase 0x-hex: with the chain id, what tells this chain
+        apart from another with the same id (every fresh devnet or anvil; see
+        settle.binding)."""
+        if self._genesis_hash is None:
+            try:
+                block = self.w3.eth.get_block(0)
+            except Exception as exc:
+                raise ChainError(f"cannot read the chain's genesis block: {exc}") from exc
+            self._genesis_hash = "0x" + bytes(block["hash"]).hex()
+        return self._genesis_hash
 
     def block_number(self) -> int:
         return int(self.w3.eth.block_number)
