@@ -11,14 +11,16 @@ import json
 from typing import Any
 
 from infergrid.protocol.json_body import loads
-from infergrid.protocol.openai_types import error_body
+from infergrid.protocol.openai_types import GENERATED_SEED_BITS, error_body
 from infergrid.protocol.pricing import wei_to_btt
 from infergrid.protocol.wire import EXTENSION_KEY
 
 # One encoder, built once: json.dumps with non-default options builds a new one per call.
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
-SEED_BITS = 63  # fits a signed 64-bit integer, whatever the miner's RNG takes
+# The seeds the gateway picks for requests that bring none (protocol.openai_types says what a
+# seed is; a client's own passes through as sent, already checked to be in range).
+SEED_BITS = GENERATED_SEED_BITS
 
 
 def encode(obj: Any) -> bytes:

@@ -2,8 +2,11 @@
 
 Generation runs in worker threads (at most `max_concurrency` at once; further requests
 queue) and hands tokens to the event loop in batches (see _Job). A client that goes away
-stops its generation at the next token. Client mistakes are OpenAI-shaped 4xx responses;
-penalties are refused (the protocol sampler has none) and vLLM's `top_k` extra is honoured.
+stops its generation at the next token. Client mistakes are OpenAI-shaped 4xx responses,
+checked by the same rules as the gateway's (protocol.openai_types.parse_request: parameters
+the network cannot honour, penalties among them, are refused by name; vLLM's `top_k` extra
+is honoured). A body larger than `max_body_bytes` or slower than `body_timeout_s` is refused
+(413, 408).
 
 When the client sends no `max_tokens`, the miner allows min(DEFAULT_MAX_TOKENS, what is
 left of the context after the prompt).
@@ -39,7 +42,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -53,10 +56,11 @@ from infergrid.compute.attestation import (
 from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
 from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
 from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
-from infergrid.protocol.json_body import decode_request_json
+from infergrid.protocol.json_body import decode_request_json, read_body
 from infergrid.protocol.messages import request_hash, signed_json
 from infergrid.protocol.nodes import ModelOffer
 from infergrid.protocol.openai_types import (
+    GENERATED_SEED_BITS,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,7 +86,9 @@ DEFAULT_STREAM_INTERVAL = 0.02
 # Prompts longer than this are templated and tokenized off the event loop.
 _INLINE_TOKENIZE_CHARS = 4096
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_SEED_BITS = 63
+# The gateway forwards up to its own limit (16 MiB by default) plus the fields it adds.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class _Done:
@@ -345,6 +351,8 @@ class MinerState:
     stats: MinerStats = field(default_factory=MinerStats)
     jobs: set[_Job] = field(default_factory=set)
     settlement: Settlement | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     def model_matches(self, model: str) -> bool:
         return model in (self.engine.name, self.engine.model_id)
@@ -380,34 +388,6 @@ class MinerState:
 
 
 # -- request parsing (pure apart from the tokenizer) ---------------------------------------
-
-
-def _top_k(body: Mapping[str, Any]) -> int | None:
-    """vLLM-style `top_k` extra: absent, 0 or -1 disables it."""
-    value = body.get("top_k")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-        raise APIError(
-            400,
-            "Invalid value for 'top_k': expected an integer >= 1 (or 0 / -1 to disable).",
-            param="top_k",
-            code="invalid_value",
-        )
-    return value if value > 0 else None
-
-
-def _reject_penalties(req: ChatCompletionRequest | CompletionRequest) -> None:
-    # The protocol sampler has no penalties; silently ignoring them would return a different
-    # distribution than asked, and applying them would make the output unverifiable.
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(
-                400,
-                f"'{name}' is not supported by InferGrid miners; omit it or send 0.",
-                param=name,
-                code="unsupported_parameter",
-            )
 
 
 def token_budget(
@@ -491,7 +471,12 @@ def _address_header(request: Request, name: str) -> str | None:
 
 async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared:
     # The exact bytes received: the attestation's request hash covers them, not a re-encoding.
-    raw = await request.body()
+    try:
+        raw = await read_body(
+            request.stream(), max_bytes=state.max_body_bytes, timeout_s=state.body_timeout_s
+        )
+    except ClientDisconnect:
+        raise APIError(499, "The client closed the connection.", code="client_closed") from None
     body = decode_request_json(raw)
     req: ChatCompletionRequest | CompletionRequest = parse_request(
         ChatCompletionRequest if chat else CompletionRequest, body
@@ -504,8 +489,7 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
             param="model",
             code="model_not_found",
         )
-    _reject_penalties(req)
-    top_k = _top_k(body)
+    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else None
     request_id = _request_id(request)
     attesting: _Attesting | None = None
     if state.settlement is not None:
@@ -529,7 +513,7 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
     elif attesting is not None:
         seed = seed_for(attesting.request_hash)  # a replay must not sample differently
     else:
-        seed = secrets.randbits(_SEED_BITS)
+        seed = secrets.randbits(GENERATED_SEED_BITS)
     if isinstance(req, ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
@@ -553,6 +537,7 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
         prompt_token_ids=prompt_ids,
         eos_token_ids=engine.eos_token_ids,
         token_bytes=engine.token_bytes,
+        decode=engine.decode,
         logprobs=logprobs,
         include_usage=req.include_usage(),
         attest=_attest_fn(attesting, engine.model_id, len(prompt_ids)),
@@ -649,7 +634,9 @@ def _sse_error(exc: Exception) -> bytes:
 
 
 def _error_response(exc: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(
+        exc.body(), status_code=exc.status, headers={**exc.headers, **(headers or {})}
+    )
 
 
 async def _serve_completion(request: Request, chat: bool) -> Response:
@@ -781,6 +768,8 @@ def create_miner_app(
     receipt_log: ReceiptLog | None = None,
     offer: ModelOffer | None = None,
     remembered: int = DEFAULT_REMEMBERED,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Starlette:
     """The miner's ASGI app over one engine; `app.state.miner` holds its state and stats.
 
@@ -815,6 +804,8 @@ def create_miner_app(
         stream_interval,
         executor,
         settlement=settlement,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
     )
 
     @contextlib.asynccontextmanager

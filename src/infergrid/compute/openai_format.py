@@ -59,6 +59,8 @@ class ResponseContext:
     prompt_token_ids: Sequence[int]
     eos_token_ids: frozenset[int]
     token_bytes: TokenBytes
+    # The engine's decode (special tokens skipped), for text offsets inside a character.
+    decode: Callable[[Sequence[int]], str]
     # None: the client asked for no logprobs; else how many alternatives per token.
     logprobs: int | None = None
     include_usage: bool = False
@@ -104,6 +106,46 @@ def chat_logprobs(ctx: ResponseContext, tokens: Sequence[GeneratedToken]) -> dic
     return {"content": content, "refusal": None} if content else None
 
 
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def text_offsets(ctx: ResponseContext, tokens: Sequence[GeneratedToken], start: int) -> list[int]:
+    """The legacy `text_offset` of each visible token: the character of the output text where
+    it starts, counted from `start` (the characters sent before these tokens).
+
+    A token starts after the text its predecessors decode to, as far as that agrees with the
+    output: a token that continues a character cut by the previous one (byte-fallback
+    tokens, partial UTF-8) starts where that character does, while bytes that turned out
+    invalid count as the U+FFFD the output holds for them. The engine releases text only once
+    characters are whole, so such tokens release nothing and a later one releases the text of
+    the group; offsets inside a group come from decoding its first tokens, not from each
+    token's own released text. A group of one token needs no decoding.
+    """
+    offsets: list[int] = []
+    group: list[int] = []
+    last = len(tokens) - 1
+    for i, tok in enumerate(tokens):
+        group.append(tok.token_id)
+        if not tok.text and i != last:
+            continue
+        offsets.append(start)
+        for k in range(1, len(group)):
+            decoded = ctx.decode(group[:k])
+            offsets.append(start + _common_prefix(decoded, tok.text))
+        start += len(tok.text)
+        group = []
+    return [
+        offset
+        for offset, tok in zip(offsets, tokens, strict=True)
+        if tok.token_id not in ctx.eos_token_ids
+    ]
+
+
 def legacy_logprobs(
     ctx: ResponseContext, tokens: Sequence[GeneratedToken], text_offset: int
 ) -> dict[str, Any] | None:
@@ -113,11 +155,7 @@ def legacy_logprobs(
     visible = ctx.visible(tokens)
     if not visible:
         return None
-    offsets = []
-    for tok in tokens:
-        if tok.token_id not in ctx.eos_token_ids:
-            offsets.append(text_offset)
-        text_offset += len(tok.text)
+    offsets = text_offsets(ctx, tokens, text_offset)
     return {
         "tokens": [token_string(ctx.token_bytes(t.token_id)) for t in visible],
         "token_logprobs": [finite(t.logprob) for t in visible],
