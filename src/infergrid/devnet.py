@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
+from infergrid.devnet_state import StateLock, move_previous_state
 from infergrid.processes import (
     ManagedProcess,
     free_port,
@@ -81,8 +82,13 @@ def threads_per_miner(miners: int, cores: int) -> int:
     return max(1, cores // max(1, miners))
 
 
-def _pick_port(preferred: int, host: str) -> int:
-    return preferred if port_is_free(preferred, host) else free_port(host)
+def _pick_port(preferred: int, host: str) -> tuple[int, str | None]:
+    """The preferred port if nothing listens there (one in TIME_WAIT after a stop counts as
+    free), else a free one and a line saying why it was picked."""
+    if port_is_free(preferred, host):
+        return preferred, None
+    port = free_port(host)
+    return port, f"port {preferred} on {host} is in use by another process; using {port} instead"
 
 
 class Devnet:
@@ -95,6 +101,21 @@ class Devnet:
         self.description: dict[str, Any] = {}
         self.state_dir = options.state_dir.resolve()
         self.log_dir = self.state_dir / "logs"
+        self.lock = StateLock(self.state_dir)
+
+    def acquire(self) -> None:
+        """Take the state directory (DevnetRunning if a network runs from it) and move what a
+        previous network left there aside: it belongs to another chain (devnet_state)."""
+        if self.lock.held:
+            return
+        self.lock.acquire()
+        moved = move_previous_state(self.state_dir)
+        if moved is not None:
+            folder, count = moved
+            self._done(
+                f"previous   network's state ({count} entries: gateway database, receipt"
+                f" logs, logs) moved to {folder}; this chain starts fresh"
+            )
 
     # -- start ----------------------------------------------------------------------------
 
@@ -108,13 +129,14 @@ class Devnet:
         from infergrid.settle.profiles import DEVNET_PARAMS
 
         opts = self.options
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        devnet_file(self.state_dir).unlink(missing_ok=True)
+        self.acquire()
         step = self.console.status
 
         chain_rpc = opts.chain_rpc
         if chain_rpc is None:
-            port = _pick_port(opts.chain_port, opts.host)
+            port, note = _pick_port(opts.chain_port, opts.host)
+            if note:
+                self._note(f"chain      {note}")
             chain_rpc = f"http://{opts.host}:{port}"
             with step(f"starting the embedded EVM at {chain_rpc}"):
                 chain_proc = self._spawn(
@@ -224,7 +246,9 @@ class Devnet:
         for proc in miners:
             self._done(f"{proc.name:<10} {proc.endpoint} (pid {proc.pid})")
 
-        gateway_port = _pick_port(opts.gateway_port, opts.host)
+        gateway_port, note = _pick_port(opts.gateway_port, opts.host)
+        if note:
+            self._note(f"gateway    {note}")
         base_url = f"http://{opts.host}:{gateway_port}/v1"
         db_path = self.state_dir / GATEWAY_DB
         api_key = KeyStore(db_path).create("devnet demo key", payer=developer)[1]
@@ -317,6 +341,9 @@ class Devnet:
     def _done(self, line: str) -> None:
         self.console.print(f"[green]✓[/green] {line}")
 
+    def _note(self, line: str) -> None:
+        self.console.print(f"[yellow]![/yellow] {line}", highlight=False)
+
     # -- run and stop ---------------------------------------------------------------------
 
     def watch(self, should_stop: Callable[[], bool]) -> None:
@@ -336,7 +363,11 @@ class Devnet:
         # Gateway first so no request lands on a miner that is going away; chain last.
         for proc in reversed(self.processes):
             proc.stop()
-        devnet_file(self.state_dir).unlink(missing_ok=True)
+        # Only the devnet that holds the directory may remove its description: a refused
+        # second start must leave the running network's devnet.json alone.
+        if self.lock.held:
+            devnet_file(self.state_dir).unlink(missing_ok=True)
+            self.lock.release()
 
 
 def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
@@ -351,6 +382,8 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
 
     # SIGHUP too: a closed terminal must take the children down with the parent.
     stop_signals = (signal.SIGTERM, signal.SIGHUP)
+    # Refused (a network already runs from this directory) before anything starts or prints.
+    devnet.acquire()
     previous = {signum: signal.signal(signum, request_stop) for signum in stop_signals}
     try:
         try:
