@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -251,6 +252,10 @@ def test_openai_client_against_the_miner(
         ({"model": "M", "messages": CHAT, "n": 2}, 400, "n"),
         ({"model": "M", "messages": CHAT, "top_k": "x"}, 400, "top_k"),
         ({"model": "M", "messages": CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"model": "M", "messages": CHAT, "seed": 2**63}, 400, "seed"),
+        ({"model": "M", "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"model": "M", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+        ({"model": "M", "messages": CHAT, "stop": ["a"] * 5}, 400, "stop"),
         ({"model": "M", "messages": CHAT, "max_tokens": 5000}, 400, "max_tokens"),
         ({"model": "other-model", "messages": CHAT}, 404, "model"),
     ],
@@ -411,3 +416,244 @@ def test_requests_queue_beyond_max_concurrency(
                 i for e in events[:-1] if EXTENSION_KEY in e for i in e[EXTENSION_KEY]["token_ids"]
             ]
         assert got == expected
+
+
+# -- bad input: one rule with the gateway, every error a 4xx ---------------------------------
+
+
+def _error(status: int, raw: bytes, want: int) -> dict[str, Any]:
+    assert status == want, raw
+    error = json.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_seed_is_a_signed_64_bit_integer(
+    miner: MinerServerThread, tiny_engine: TransformersEngine
+) -> None:
+    for seed in (2**63, -(2**63) - 1, 10**30):
+        status, _, raw = _post(miner, "/v1/chat/completions", _chat(tiny_engine, seed=seed))
+        error = _error(status, raw, 400)
+        assert (error["param"], error["code"]) == ("seed", "invalid_value")
+        assert "64-bit" in error["message"]
+    for seed in (2**63 - 1, -(2**63)):
+        status, _, raw = _post(miner, "/v1/chat/completions", _chat(tiny_engine, seed=seed))
+        assert status == 200 and json.loads(raw)[EXTENSION_KEY]["seed"] == seed
+
+
+def test_every_unsupported_parameter_is_refused_by_name(
+    miner: MinerServerThread, tiny_engine: TransformersEngine
+) -> None:
+    from infergrid.protocol.params import REFUSED
+
+    asking = {"asks": "for something"}  # no parameter's neutral value
+    for rule in REFUSED:
+        for path, body in (
+            ("/v1/chat/completions", _chat(tiny_engine)),
+            ("/v1/completions", {"model": tiny_engine.name, "prompt": "x", "max_tokens": 2}),
+        ):
+            status, _, raw = _post(miner, path, {**body, rule.name: asking})
+            error = _error(status, raw, 400)
+            assert (error["param"], error["code"]) == (rule.name, "unsupported_parameter")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "see"}, image]}]
+    status, _, raw = _post(miner, "/v1/chat/completions", _chat(tiny_engine, messages=messages))
+    error = _error(status, raw, 400)
+    assert error["param"] == "messages[0].content[1]" and "images" in error["message"]
+    # What client libraries send by default is served.
+    neutral = {"tool_choice": "none", "response_format": {"type": "text"}, "n": 1}
+    status, _, _ = _post(miner, "/v1/chat/completions", _chat(tiny_engine, **neutral))
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (rb'"messages":[{"role":"user","content":"\ud800"}]', "messages[0].content"),
+        (rb'"messages":[{"role":"user","content":"x","name":"\udfff"}]', "messages[0].name"),
+        (rb'"messages":[{"role":"user","content":"x"}],"user":"\ud800"', "user"),
+        (
+            rb'"messages":[{"role":"user","content":[{"type":"text","text":"a\udc00"}]}]',
+            "messages[0].content[0].text",
+        ),
+        (rb'"messages":[{"role":"user","content":"x"}],"ext":["\ud800"]', "ext[0]"),
+        (rb'"messages":[{"role":"user","content":"x"}],"\ud800":1', None),
+    ],
+)
+def test_unencodable_strings_are_400_not_tokenizer_errors(
+    miner: MinerServerThread, tiny_engine: TransformersEngine, raw: bytes, param: str | None
+) -> None:
+    body = b'{"model":"' + tiny_engine.name.encode() + b'",' + raw + b"}"
+    status, _, answer = _post(miner, "/v1/chat/completions", body)
+    error = _error(status, answer, 400)
+    assert (error["code"], error["param"]) == ("invalid_unicode", param)
+    assert "surrogates not allowed" not in error["message"]  # the codec's words
+
+
+def _partial_request(path: str, raw: bytes, declared: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n".encode()
+        + f"content-length: {declared}\r\n\r\n".encode()
+        + raw
+    )
+
+
+def test_stalled_body_is_timed_out(tiny_engine: TransformersEngine) -> None:
+    app = create_miner_app(tiny_engine, node_address=MINER_ADDRESS, body_timeout_s=0.5)
+    with MinerServerThread(app) as server:
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        try:
+            sock.sendall(_partial_request("/v1/chat/completions", b'{"model": "x', 500))
+            received = b""
+            while True:  # the miner answers, then closes the connection
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        finally:
+            sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), received
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_client_leaving_mid_body_is_no_traceback(
+    tiny_engine: TransformersEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_miner_app(tiny_engine, node_address=MINER_ADDRESS)
+    with MinerServerThread(app, log_level="info") as server:
+        errors = logging.getLogger("uvicorn.error")
+        errors.addHandler(caplog.handler)
+        try:
+            sock = socket.create_connection((server.host, server.port), timeout=10)
+            sock.sendall(_partial_request("/v1/chat/completions", b'{"model": "x', 500))
+            time.sleep(0.2)
+            sock.close()
+            # A request after it shows the server is idle again.
+            status, _, _ = _post(server, "/v1/chat/completions", _chat(tiny_engine, max_tokens=2))
+            assert status == 200
+        finally:
+            errors.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+# -- legacy text offsets ---------------------------------------------------------------------
+
+
+def _reference_offsets(engine: TransformersEngine, ids: list[int], text: str) -> list[int]:
+    """Where each visible token starts: the length of what the tokens before it decode to,
+    as far as that agrees with the output (an unfinished character is not yet in it)."""
+    offsets = []
+    for i, token in enumerate(ids):
+        if token in engine.eos_token_ids:
+            continue
+        before = engine.decode(ids[:i])
+        common = 0
+        while common < min(len(before), len(text)) and before[common] == text[common]:
+            common += 1
+        offsets.append(common)
+    return offsets
+
+
+def _forced(engine: TransformersEngine, ids: list[int]) -> list[GeneratedToken]:
+    """The engine's own decode loop (detokenizer, stop matcher) made to emit exactly `ids`."""
+    import torch
+
+    from infergrid.compute.engine import decode_loop
+
+    vocab = len(engine.tokenizer)
+
+    def logits(token: int) -> torch.Tensor:
+        x = torch.full((vocab,), -10.0)
+        x[token] = 10.0
+        return x
+
+    following = iter([*ids[1:], ids[0]])
+    return list(
+        decode_loop(
+            logits(ids[0]),
+            lambda _: logits(next(following)),
+            SamplingParams(max_tokens=len(ids), temperature=0),
+            eos_token_ids=engine.eos_token_ids,
+            decode=engine.decode,
+        )
+    )
+
+
+def test_text_offset_after_byte_fallback_tokens(tiny_engine: TransformersEngine) -> None:
+    from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body
+
+    engine = tiny_engine
+    byte = 3  # the tiny tokenizer's id for byte b is 3 + b
+    # "é" in two byte tokens, a stray continuation byte (U+FFFD), a cut lead byte before an
+    # ASCII letter (U+FFFD), "€" in three byte tokens, and a special token.
+    ids = [
+        *engine.encode("A"),
+        byte + 0xC3,
+        byte + 0xA9,
+        byte + 0x80,
+        *engine.encode("B"),
+        byte + 0xC3,
+        *engine.encode("C"),
+        byte + 0xE2,
+        byte + 0x82,
+        byte + 0xAC,
+        *engine.encode("D"),
+        1,
+        *engine.encode("E"),
+    ]
+    tokens = _forced(engine, ids)
+    ctx = ResponseContext(
+        completion_id="cmpl-x",
+        created=0,
+        model=engine.name,
+        model_id=engine.model_id,
+        chat=False,
+        seed=0,
+        prompt_token_ids=[1],
+        eos_token_ids=engine.eos_token_ids,
+        token_bytes=engine.token_bytes,
+        decode=engine.decode,
+        logprobs=0,
+    )
+    choice = completion_body(ctx, tokens)["choices"][0]
+    assert choice["text"] == "Aé\ufffdB\ufffdC€DE"
+    assert choice["logprobs"]["text_offset"] == [0, 1, 1, 2, 3, 4, 5, 6, 6, 6, 7, 8, 8]
+    assert choice["logprobs"]["text_offset"] == _reference_offsets(engine, ids, choice["text"])
+    # Streamed one token at a time, the offsets are the same.
+    writer = StreamWriter(ctx)
+    raw = b"".join(writer.feed([t]) for t in tokens)
+    streamed = [
+        offset
+        for event in iter_sse(raw.split(b"\n"))
+        if event["choices"] and event["choices"][0]["logprobs"]
+        for offset in event["choices"][0]["logprobs"]["text_offset"]
+    ]
+    assert streamed == choice["logprobs"]["text_offset"]
+
+
+def test_text_offsets_of_sampled_completions(
+    miner: MinerServerThread, tiny_engine: TransformersEngine
+) -> None:
+    """The tiny byte-level model samples split and invalid UTF-8 all the time."""
+    for seed in range(6):
+        body = {
+            "model": tiny_engine.name,
+            "prompt": "Once upon a time",
+            "max_tokens": 40,
+            "seed": seed,
+            "logprobs": 0,
+        }
+        answer = json.loads(_post(miner, "/v1/completions", body)[2])
+        choice = answer["choices"][0]
+        ids = answer[EXTENSION_KEY]["output_token_ids"]
+        expected = _reference_offsets(tiny_engine, ids, choice["text"])
+        assert choice["logprobs"]["text_offset"] == expected, seed
+        events = _events(_post(miner, "/v1/completions", {**body, "stream": True})[2])
+        streamed = [
+            offset
+            for e in events
+            if e["choices"] and e["choices"][0]["logprobs"]
+            for offset in e["choices"][0]["logprobs"]["text_offset"]
+        ]
+        assert streamed == expected, seed
