@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -529,3 +530,263 @@ def test_build_server_serves_fast_on_loopback(keys: KeyStore, traces: TraceStore
     config = server.config
     assert (config.host, config.loop, config.http) == ("127.0.0.1", "uvloop", "httptools")
     assert config.access_log is False
+
+
+# -- one rule with the miner: ranges, refused parameters, encodable strings ----------------
+
+
+async def test_seed_outside_64_bits_is_refused_before_any_miner(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    async with miners_running(1) as miners, running_gateway(miners, keys, traces) as gw:
+        for seed in (2**63, 2**64 + 5, -(2**63) - 1):
+            body = {"model": MODEL, "messages": MESSAGES, "seed": seed}
+            status, headers, data = await raw_post(gw, "/v1/chat/completions", body, api_key)
+            err = assert_openai_error(status, headers, data, 400)
+            assert (err["param"], err["code"]) == ("seed", "invalid_value")
+            assert "64-bit" in err["message"]
+        assert miners[0].served == 0
+        # The ends of the range are served, and their traces are stored.
+        oa = client(gw, api_key)
+        for seed in (2**63 - 1, -(2**63)):
+            raw = await oa.chat.completions.with_raw_response.create(
+                model=MODEL, messages=MESSAGES, seed=seed
+            )
+            trace = await wait_flushed(traces, raw.headers[REQUEST_ID_HEADER])
+            assert trace.status == 200 and trace.seed == seed
+
+
+async def test_every_unsupported_parameter_is_refused_by_name(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    from infergrid.protocol.params import REFUSED
+
+    asking = {"asks": "for something"}  # no parameter's neutral value
+    async with miners_running(1) as miners, running_gateway(miners, keys, traces) as gw:
+        for rule in REFUSED:
+            for path, body in (
+                ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}),
+                ("/v1/completions", {"model": MODEL, "prompt": "hi"}),
+            ):
+                status, headers, data = await raw_post(
+                    gw, path, {**body, rule.name: asking}, api_key
+                )
+                err = assert_openai_error(status, headers, data, 400)
+                assert (err["param"], err["code"]) == (rule.name, "unsupported_parameter")
+        assert miners[0].served == 0  # refused before a miner was picked
+
+        # Through the official client, as an application would call it.
+        oa = client(gw, api_key)
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        with pytest.raises(openai.BadRequestError) as info:
+            await oa.chat.completions.create(
+                model=MODEL, messages=MESSAGES, tools=[tool], tool_choice="required"
+            )
+        assert info.value.param == "tools" and info.value.code == "unsupported_parameter"
+        schema = {"name": "Answer", "strict": True, "schema": {"type": "object"}}
+        with pytest.raises(openai.BadRequestError) as info:
+            await oa.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                response_format={"type": "json_schema", "json_schema": schema},
+            )
+        assert info.value.param == "response_format"
+        image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+        with pytest.raises(openai.BadRequestError) as info:
+            await oa.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": [{"type": "text", "text": "?"}, image]}],
+            )
+        assert info.value.param == "messages[0].content[1]"
+        assert "images are not supported" in str(info.value)
+        # What client libraries send by default to mean "off" is served.
+        await oa.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            n=1,
+            tool_choice="none",
+            response_format={"type": "text"},
+            logit_bias={},
+            presence_penalty=0,
+            store=False,
+        )
+        assert miners[0].served == 1
+
+
+# The bodies LangChain's ChatOpenAI (langchain-openai 0.3) sends for bind_tools and for each
+# method of with_structured_output: each must be a 400, never a 200 without the tool call.
+_WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+_LC_TOOL = {
+    "type": "function",
+    "function": {"name": "GetWeather", "description": "Weather.", "parameters": _WEATHER},
+}
+LANGCHAIN_BODIES: list[tuple[str, dict[str, Any], str]] = [
+    ("bind_tools", {"tools": [_LC_TOOL]}, "tools"),
+    (
+        "with_structured_output function_calling",
+        {
+            "tools": [_LC_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "GetWeather"}},
+            "parallel_tool_calls": False,
+        },
+        "tools",
+    ),
+    (
+        "with_structured_output json_schema",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "GetWeather", "strict": True, "schema": _WEATHER},
+            }
+        },
+        "response_format",
+    ),
+    (
+        "with_structured_output json_mode",
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", LANGCHAIN_BODIES, ids=[c[0] for c in LANGCHAIN_BODIES])
+async def test_langchain_tools_and_structured_output_get_a_400(
+    case: tuple[str, dict[str, Any], str], keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    _, extra, param = case
+    body = {"model": MODEL, "messages": MESSAGES, "n": 1, "stream": False, "temperature": 0.7}
+    async with miners_running(1) as miners, running_gateway(miners, keys, traces) as gw:
+        status, headers, data = await raw_post(
+            gw, "/v1/chat/completions", {**body, **extra}, api_key
+        )
+        err = assert_openai_error(status, headers, data, 400)
+        assert (err["param"], err["code"]) == (param, "unsupported_parameter")
+        assert miners[0].served == 0
+
+
+_SURROGATES: list[tuple[bytes, str | None]] = [
+    (rb'"messages":[{"role":"user","content":"\ud800"}]', "messages[0].content"),
+    (rb'"messages":[{"role":"user","content":"x","name":"\udfff"}]', "messages[0].name"),
+    (rb'"messages":[{"role":"user","content":"x"}],"user":"\ud800"', "user"),
+    (
+        rb'"messages":[{"role":"user","content":[{"type":"text","text":"\ud83d"}]}]',
+        "messages[0].content[0].text",
+    ),
+    (rb'"messages":[{"role":"user","content":"x"}],"extension":{"a":"\ude00"}', "extension.a"),
+    (rb'"messages":[{"role":"user","content":"x"}],"\ud800":true', None),
+]
+
+
+async def test_unencodable_strings_are_400_and_keep_the_connection(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    async with miners_running(1) as miners, running_gateway(miners, keys, traces) as gw:
+        headers = {"content-type": "application/json", "authorization": f"Bearer {api_key}"}
+        # One connection for everything: a 400 must not drop it.
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for fragment, param in _SURROGATES:
+                raw = b'{"model":"' + MODEL.encode() + b'",' + fragment + b"}"
+                async with session.post(
+                    gw.v1 + "/chat/completions", data=raw, headers=headers
+                ) as resp:
+                    err = assert_openai_error(resp.status, resp.headers, await resp.read(), 400)
+                    assert (err["code"], err["param"]) == ("invalid_unicode", param)
+            body = {"model": MODEL, "messages": MESSAGES}
+            async with session.post(
+                gw.v1 + "/chat/completions", json=body, headers=headers
+            ) as resp:
+                assert resp.status == 200
+        assert miners[0].served == 1
+
+
+async def test_validation_errors_name_the_parameter_as_written(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    async with miners_running(1) as miners, running_gateway(miners, keys, traces) as gw:
+        body = {"model": MODEL, "messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}
+        status, headers, data = await raw_post(gw, "/v1/chat/completions", body, api_key)
+        err = assert_openai_error(status, headers, data, 400)
+        assert err["param"] == "stop" and "at most 4 stop sequences" in err["message"]
+        assert "constrained-str" not in err["message"]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": 5}]}
+        status, headers, data = await raw_post(gw, "/v1/chat/completions", body, api_key)
+        err = assert_openai_error(status, headers, data, 400)
+        assert err["param"] == "messages[0].content"
+        assert ".str" not in err["message"] and "list[" not in err["message"]
+
+
+# -- bodies that stall, clients that leave ---------------------------------------------------
+
+
+def _partial_post(path: str, key: str, raw: bytes, declared: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer {key}\r\ncontent-length: {declared}\r\n\r\n"
+    ).encode() + raw
+
+
+async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    received = b""
+    while chunk := await reader.read(65536):
+        received += chunk
+    return received
+
+
+async def test_stalled_body_is_timed_out(keys: KeyStore, traces: TraceStore, api_key: str) -> None:
+    async with (
+        miners_running(1) as miners,
+        running_gateway(miners, keys, traces, body_timeout_s=0.5) as gw,
+    ):
+        host, port = gw.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_partial_post("/v1/chat/completions", api_key, b'{"model": "ti', 400))
+        await writer.drain()
+        # The gateway answers 408 and closes the connection; the bound is generous.
+        received = await asyncio.wait_for(_read_until_closed(reader), 10)
+        writer.close()
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), received
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert miners[0].served == 0
+
+
+async def test_clients_leaving_are_one_log_line_not_a_traceback(
+    keys: KeyStore, traces: TraceStore, api_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="infergrid.app.gateway")
+    async with miners_running(1, token_delay_s=0.05) as miners:
+        app = create_gateway_app(
+            GatewayConfig(discovery_interval_s=0.5, health_interval_s=0.5),
+            discover=lambda: [m.record() for m in miners],
+            keys=keys,
+            traces=traces,
+        )
+        async with serve(app, log_level="info") as url:
+            uvicorn_errors = logging.getLogger("uvicorn.error")
+            uvicorn_errors.addHandler(caplog.handler)
+            try:
+                host, port = url.removeprefix("http://").split(":")
+                # Gone half-way through the body.
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.write(_partial_post("/v1/chat/completions", api_key, b'{"mo', 400))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.close()
+                # Gone mid-stream.
+                body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+                headers = {"authorization": f"Bearer {api_key}"}
+                async with aiohttp.ClientSession() as session:
+                    resp = await session.post(
+                        url + "/v1/chat/completions", json=body, headers=headers
+                    )
+                    rid = resp.headers[REQUEST_ID_HEADER]
+                    await resp.content.readuntil(b"\n\n")
+                    resp.close()
+                await wait_flushed(traces, rid)
+                await asyncio.sleep(0.2)
+            finally:
+                uvicorn_errors.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    left = [r for r in caplog.records if "closed the connection" in r.getMessage()]
+    assert len(left) == 2 and all(r.exc_info is None for r in left), caplog.text
