@@ -21,6 +21,8 @@ class GatewayConfig:
     read_timeout_s: float = 120.0
     max_attempts: int = 3  # distinct miners tried before the first token reaches the client
     max_body_bytes: int = 16 * 1024 * 1024
+    # The most a request body may take to arrive, however slowly it trickles (408 after).
+    body_timeout_s: float = 30.0
     key_refresh_s: float = 0.25  # how stale the in-memory key set may get (revocation delay)
     trace_flush_s: float = 0.1
     shutdown_grace_s: float = 10.0

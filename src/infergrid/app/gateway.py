@@ -37,7 +37,7 @@ import uvicorn
 from eth_utils import is_address, to_checksum_address
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -127,7 +127,7 @@ def _request_id(scope: Scope) -> str:
 def error_response(
     exc: APIError, request_id: str, headers: dict[str, str] | None = None
 ) -> Response:
-    all_headers = {REQUEST_ID_HEADER: request_id}
+    all_headers = {REQUEST_ID_HEADER: request_id, **exc.headers}
     if headers:
         all_headers.update(headers)
     return Response(
@@ -447,10 +447,13 @@ class Gateway:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"The request body is larger than {limit} bytes.", code="too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"The request body is larger than {limit} bytes.", code="too_large")
-        return raw
+        try:
+            return await json_body.read_body(
+                request.stream(), max_bytes=limit, timeout_s=self.config.body_timeout_s
+            )
+        except ClientDisconnect:
+            log.info("request %s: the client closed the connection", _request_id(request.scope))
+            raise APIError(499, "The client closed the connection.", code="client_closed") from None
 
     @staticmethod
     def _model_not_found(model: str) -> APIError:
@@ -1128,12 +1131,19 @@ class _StreamRelay:
             for task in (pump, watch):
                 task.cancel()
             results = await asyncio.gather(pump, watch, return_exceptions=True)
-            if isinstance(results[0], Exception) and self.error is None:
+            failure = results[0] if isinstance(results[0], Exception) else None
+            if isinstance(failure, OSError) and self.error is None:
+                # Some servers raise from send() once the client has gone: a hang-up too.
+                self.status, self.error, failure = 499, "client closed the connection", None
+            if failure is not None and self.error is None:
                 self.status = 500
-                self.error = f"gateway bug: {results[0]!r}"
+                self.error = f"gateway bug: {failure!r}"
+            if self.status == 499:
+                # One line: a client leaving is routine, and the trace records it.
+                log.info("request %s: the client closed the connection", self.call.request_id)
             self._finish()
-        if isinstance(results[0], Exception):
-            raise results[0]
+        if failure is not None:
+            raise failure
 
     def _finish(self) -> None:
         if self._finished:
