@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from infergrid import __version__
 from infergrid.protocol.openai_types import ChatCompletionRequest, CompletionRequest
+from infergrid.protocol.params import REFUSED, Refused
 
 OPENAPI_PATH = "/openapi.json"
 _REF = "#/components/schemas/{model}"
@@ -134,6 +135,24 @@ _VOUCHERS: dict[str, Any] = {
     },
 }
 
+# What a refused parameter's `neutral` rule is asked about: the values that ask for nothing
+# in OpenAI's API and the extensions protocol.params lists.
+_NEUTRAL_CANDIDATES: tuple[Any, ...] = (
+    None,
+    False,
+    True,
+    0,
+    1,
+    "",
+    "none",
+    "auto",
+    "default",
+    [],
+    {},
+    ["text"],
+    {"type": "text"},
+)
+
 _COMPLETION_ROUTES = (
     (
         "/v1/chat/completions",
@@ -158,13 +177,40 @@ def _ok(description: str, schema: dict[str, Any], media_type: str = _JSON) -> di
     return {"description": description, "content": {media_type: {"schema": schema}}}
 
 
+def _neutral_values(rule: Refused) -> list[Any]:
+    """The values among _NEUTRAL_CANDIDATES that `rule` lets through (None included if so).
+
+    The rule is a predicate, not a schema, so it is asked: a neutral value it has that is not
+    among the candidates goes undocumented, which leaves the document stricter than the
+    gateway, never looser.
+    """
+    return [value for value in _NEUTRAL_CANDIDATES if rule.neutral(value)]
+
+
+def _document_refused(schema: dict[str, Any]) -> None:
+    """Add each refused parameter to a request body's schema as what it is: accepted only
+    with a value that asks for nothing, refused by name (400) otherwise."""
+    properties = schema.setdefault("properties", {})
+    for rule in REFUSED:
+        hint = f"; send {rule.neutral_hint} or omit it" if rule.neutral_hint else "; omit it"
+        note = f"Not supported: {rule.why}{hint} (anything else is a 400 naming it)."
+        prop = properties.setdefault(rule.name, {})
+        # Beside the model's own schema, if it has one: a value must satisfy both.
+        prop["enum"] = _neutral_values(rule)
+        prop["description"] = note
+
+
 def _request_schemas() -> dict[str, Any]:
-    """The request models' JSON Schemas, their nested models hoisted into components."""
+    """The request models' JSON Schemas, their nested models hoisted into components, with
+    the parameters the network refuses (protocol.params) documented as refused."""
     _, defs = models_json_schema(
         [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
         ref_template=_REF,
     )
-    return dict(defs.get("$defs", {}))
+    schemas = dict(defs.get("$defs", {}))
+    for model in (ChatCompletionRequest, CompletionRequest):
+        _document_refused(schemas[model.__name__])
+    return schemas
 
 
 def _completion_operation(op_id: str, schema_name: str, summary: str) -> dict[str, Any]:
@@ -314,7 +360,9 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
         "info": {
             "title": "InferGrid gateway",
             "version": __version__,
-            "description": "An OpenAI-compatible API in front of InferGrid's miners.",
+            "description": "An OpenAI-compatible API in front of InferGrid's miners. Types"
+            " are strict: an integer is written without a fraction (2, not 2.0, though JSON"
+            " Schema counts both as integers), a string is not a number.",
         },
         "paths": paths,
         "components": {
