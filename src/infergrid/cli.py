@@ -305,6 +305,28 @@ def gateway(
     anchor_interval: Annotated[
         float, typer.Option(help="Seconds between receipt anchors.")
     ] = 300.0,
+    first_token_timeout_floor: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a miner may always take to its first token before the request moves"
+            " to another miner (the deadline is 3 × the model's observed time to first token,"
+            " longer for long prompts, within floor and cap)."
+        ),
+    ] = 10.0,
+    first_token_timeout_cap: Annotated[
+        float,
+        typer.Option(
+            help="Longest wait for a miner's first token (also the wait before the model's"
+            " speed has been observed, or when no other miner could take the request)."
+        ),
+    ] = 60.0,
+    stream_stall_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds of silence after the first token that end a stream with an error"
+            " (not charged)."
+        ),
+    ] = 30.0,
 ) -> None:
     """Run a gateway: OpenAI-compatible API in front of the miners in the registry.
 
@@ -313,6 +335,13 @@ def gateway(
     """
     from infergrid.app.node import GatewaySettings, run_gateway_node
 
+    if not 0 < first_token_timeout_floor <= first_token_timeout_cap:
+        raise CLIError(
+            f"--first-token-timeout-floor ({first_token_timeout_floor:g} s) must be positive and"
+            f" at most --first-token-timeout-cap ({first_token_timeout_cap:g} s)"
+        )
+    if stream_stall_timeout <= 0:
+        raise CLIError(f"--stream-stall-timeout must be positive, not {stream_stall_timeout:g}")
     settings = GatewaySettings(
         chain_rpc=chain_rpc,
         registry=registry,
@@ -325,6 +354,9 @@ def gateway(
         escrow=escrow,
         rewards=rewards,
         anchor_interval_s=anchor_interval,
+        first_token_timeout_floor_s=first_token_timeout_floor,
+        first_token_timeout_cap_s=first_token_timeout_cap,
+        stream_stall_timeout_s=stream_stall_timeout,
     )
     if escrow is not None and settings.private_key is None:
         raise CLIError(f"a billing gateway (--escrow) signs receipts: set {PRIVATE_KEY_ENV}")

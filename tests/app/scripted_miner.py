@@ -51,6 +51,10 @@ Mode = Literal[
     "die_mid_stream",  # streams: two tokens, then the connection dies
     "leak_logprobs",  # includes OpenAI logprobs even when not asked (a misbehaving miner)
     "text_400",  # refuses with a 400 whose body is plain text, not OpenAI's error shape
+    # Hung, while /health still says ok (a stuck generation, not a dead process): every
+    # completion is held for hang_s before its first token (streams: after the role chunk).
+    "hang_before_first",
+    "stall_mid_stream",  # streams: two tokens, then nothing for hang_s, then the rest
 ]
 
 Attest = Literal[
@@ -83,6 +87,7 @@ class ScriptedMiner:
     mode: Mode = "ok"
     healthy: bool = True
     token_delay_s: float = 0.0
+    hang_s: float = 30.0  # how long the hang modes hold a request (unless the client leaves)
     prompt_len: int = 7  # token ids it claims for the prompt; large ones make a long SSE line
     base_url: str = ""
     price_in_wei: int = 1
@@ -93,6 +98,8 @@ class ScriptedMiner:
     attest: Attest = "ok"
     # Every completion request as received: (headers, body).
     seen: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    # Requests held by a hang mode whose client (the gateway) hung up during the hold.
+    hung_up: int = 0
 
     def offers(self) -> tuple[ModelOffer, ...]:
         return tuple(
@@ -139,6 +146,20 @@ class ScriptedMiner:
     @property
     def served(self) -> int:
         return len(self.seen)
+
+    async def _hold(self, request: Request) -> None:
+        """Hold for hang_s, or until the client hangs up (counted in hung_up). A streaming
+        response is cancelled when its client leaves, which counts too."""
+        deadline = time.monotonic() + self.hang_s
+        try:
+            while time.monotonic() < deadline:
+                if await request.is_disconnected():
+                    self.hung_up += 1
+                    return
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            self.hung_up += 1
+            raise
 
     # -- the app -----------------------------------------------------------------------------
 
@@ -205,6 +226,8 @@ class ScriptedMiner:
             "total_tokens": len(prompt_ids) + len(tokens),
         }
         if not req.stream:
+            if self.mode == "hang_before_first":
+                await self._hold(request)
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s * len(tokens))  # "generating"
             text = "".join(tokens)
@@ -265,10 +288,14 @@ class ScriptedMiner:
             if self.mode == "die_before_first":
                 await asyncio.sleep(0.01)
                 raise ScriptedDeath
+            if self.mode == "hang_before_first":
+                await self._hold(request)
             for i, token in enumerate(tokens):
                 if self.mode == "die_mid_stream" and i == 2:
                     await asyncio.sleep(0.01)
                     raise ScriptedDeath
+                if self.mode == "stall_mid_stream" and i == 2:
+                    await self._hold(request)
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 lp = _logprobs([token], [lps[i]], chat) if logprobs_wanted else None

@@ -17,8 +17,19 @@ class GatewayConfig:
     health_interval_s: float = 2.0
     health_timeout_s: float = 1.0
     connect_timeout_s: float = 2.0
-    # Longest silence from a miner: before its first byte, and between streamed chunks.
+    # Longest silence from a miner: before its first byte, and between streamed chunks; also
+    # the most a non-streamed answer may take. The deadlines below are tighter.
     read_timeout_s: float = 120.0
+    # How long one miner may take to its first token before the request moves to another
+    # (app.deadlines has the rule): factor × the model's observed high time to first token,
+    # scaled up for prompts longer than usual, within [floor, cap]; the cap until observed.
+    # Non-streamed requests add factor × per-token time × max_tokens, up to read_timeout_s.
+    # A request with no other miner to go to waits up to the cap (non-streamed: read timeout).
+    first_token_timeout_floor_s: float = 10.0
+    first_token_timeout_cap_s: float = 60.0
+    first_token_timeout_factor: float = 3.0
+    # After the first token, a silence this long ends the stream with an error, uncharged.
+    stream_stall_timeout_s: float = 30.0
     max_attempts: int = 3  # distinct miners tried before the first token reaches the client
     max_body_bytes: int = 16 * 1024 * 1024
     # The most a request body may take to arrive, however slowly it trickles (408 after).

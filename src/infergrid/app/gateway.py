@@ -43,8 +43,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from infergrid.app import relay
-from infergrid.app.billing import InsufficientHeadroom, Reservation, worst_case_wei
+from infergrid.app.billing import (
+    DEFAULT_MAX_TOKENS,
+    InsufficientHeadroom,
+    Reservation,
+    worst_case_wei,
+)
 from infergrid.app.config import GatewayConfig
+from infergrid.app.deadlines import DeadlineRule, FirstTokenWatch, StallWatch
 from infergrid.app.keys import KeyRecord, KeyStore, mask_secret
 from infergrid.app.metrics import GatewayMetrics
 from infergrid.app.miners import (
@@ -147,6 +153,10 @@ class _ReceiptFailed(Exception):
     """The gateway could not store the receipt: its own failure, not the miner's."""
 
 
+class _Stalled(_MinerFailed):
+    """The miner sent nothing for longer than the stall timeout after the first token."""
+
+
 @dataclass(slots=True)
 class _Call:
     """One client request on its way through the gateway."""
@@ -160,10 +170,12 @@ class _Call:
     payload: bytes
     started: float  # perf_counter at arrival
     trace: Trace
-    # Settlement only: who pays, the worst case the request may cost (completion tokens), the
-    # hold on the payer's headroom, and the chosen miner's offer for the model.
+    # The completion tokens the request may take (its limit, or the default a miner applies):
+    # the worst case it may cost, and how long its answer may take (app.deadlines).
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    # Settlement only: who pays, the hold on the payer's headroom, and the chosen miner's
+    # offer for the model.
     payer: str | None = None
-    max_tokens: int = 0
     reservation: Reservation | None = None
     offer: ModelOffer | None = None
     request_hash: bytes | None = None  # computed once, on the first attempt
@@ -212,6 +224,12 @@ class Gateway:
             sock_read=config.read_timeout_s,
         )
         self._seeds = random.SystemRandom()
+        self.deadlines = DeadlineRule(
+            floor_s=config.first_token_timeout_floor_s,
+            cap_s=config.first_token_timeout_cap_s,
+            factor=config.first_token_timeout_factor,
+            answer_cap_s=config.read_timeout_s,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -511,6 +529,7 @@ class Gateway:
                 payload=payload,
                 started=started,
                 trace=trace,
+                max_tokens=parsed.token_limit() or DEFAULT_MAX_TOKENS,
             )
             if settlement is not None:
                 call.payer = key.payer
@@ -563,7 +582,13 @@ class Gateway:
         refused: InsufficientHeadroom | None = None  # the cheapest miner the payer can't afford
         attempts = 0
         metered = self.settlement is not None
-        while attempts < max(1, self.config.max_attempts):
+        limit = max(1, self.config.max_attempts)
+
+        def can_fail_over() -> bool:
+            """Whether another miner could still take the call if this attempt gave up."""
+            return attempts < limit and self.pool.can_serve(call.model, tried)
+
+        while attempts < limit:
             try:
                 miner = self.pool.pick(call.model, tried)
             except ModelNotServed:
@@ -591,7 +616,7 @@ class Gateway:
             attempts += 1
             call.trace.attempts += 1
             try:
-                return await self._attempt(call, miner)
+                return await self._attempt(call, miner, can_fail_over)
             except _MinerFailed as exc:
                 last_error = f"{miner.owner}: {exc}"
                 self.metrics.failovers.inc()
@@ -617,53 +642,88 @@ class Gateway:
             headers[GATEWAY_HEADER] = settlement.gateway
         return headers
 
-    async def _attempt(self, call: _Call, miner: MinerState) -> Response | _StreamRelay:
-        """Send the call to one miner. Raises _MinerFailed if nothing reached the client."""
-        assert self.session is not None, "gateway used outside its lifespan"
+    async def _attempt(
+        self, call: _Call, miner: MinerState, can_fail_over: Callable[[], bool]
+    ) -> Response | _StreamRelay:
+        """Send the call to one miner. Raises _MinerFailed if nothing reached the client: the
+        miner failed, missed its first-token deadline, or was taken out of service while the
+        call waited for its first token and another miner could take it (app.deadlines)."""
         pool = self.pool
         pool.acquire(miner)
         handed_off = False  # a _StreamRelay took over the response and its bookkeeping
         ok = False
-        latency_ms: float | None = None
+        prompt_bytes = len(call.payload)
+        latency = pool.latency(call.model)
+        rule = self.deadlines
+        if call.stream:
+            deadline, cap = rule.first_token_s(latency, prompt_bytes), rule.cap_s
+        else:
+            deadline = rule.answer_s(latency, prompt_bytes, call.max_tokens)
+            cap = rule.answer_cap_s
         sent = time.perf_counter()
+        latency_ms: float | None = None  # time to the whole answer, non-streamed
+        scope = asyncio.timeout(None)
+        watch: FirstTokenWatch | None = None
+        resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await self.session.post(
-                    miner.base_url + call.path,
-                    data=call.payload,
-                    headers=self._upstream_headers(call),
-                )
-            except _UPSTREAM_ERRORS as exc:
-                pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
-                raise _MinerFailed(f"unreachable: {type(exc).__name__}: {exc}") from None
-            try:
-                status = resp.status
-                if status >= 500 or status == 429:
-                    # 429 too: a busy miner is not the client's fault, and another may be idle.
-                    detail = (await resp.content.read(200)).decode("utf-8", "replace")
-                    raise _MinerFailed(f"HTTP {status}: {detail}")
-                if status >= 400:
-                    passed = await self._pass_through(call, miner, resp)
-                    ok = True  # the miner did its job: the request itself is bad
-                    return passed
-                if call.stream:
-                    stream = _StreamRelay(self, call, miner, resp)
-                    await stream.prime()
-                    handed_off = True
-                    return stream
-                raw = await _read_bounded(resp)
-                latency_ms = (time.perf_counter() - sent) * 1000
+                # Everything until the first token (non-streamed: the whole answer) is bounded
+                # by the watch; nothing that stores a receipt runs inside it.
+                async with scope:
+                    watch = FirstTokenWatch(
+                        scope,
+                        deadline,
+                        cap,
+                        can_fail_over=can_fail_over,
+                        miner_down=lambda: miner.healthy is False,
+                    )
+                    miner.down_watchers.add(watch.on_miner_down)
+                    resp = await self._post(call, miner)
+                    status = resp.status
+                    if status >= 500 or status == 429:
+                        # 429 too: a busy miner is not the client's fault, another may be idle.
+                        detail = (await resp.content.read(200)).decode("utf-8", "replace")
+                        raise _MinerFailed(f"HTTP {status}: {detail}")
+                    if status >= 400:
+                        passed = await self._pass_through(call, miner, resp)
+                        ok = True  # the miner did its job: the request itself is bad
+                        return passed
+                    if call.stream:
+                        stream = _StreamRelay(self, call, miner, resp)
+                        await stream.prime()
+                        stream.first_token_at = time.perf_counter()
+                        pool.observed_latency(call.model).observe_first_token(
+                            prompt_bytes, stream.first_token_at - sent
+                        )
+                        handed_off = True
+                        return stream
+                    raw = await _read_bounded(resp)
+                answer_s = time.perf_counter() - sent
                 answer = json_body.loads(raw, strict=False)
                 if not isinstance(answer, dict):
                     raise _MinerFailed("answer is not a JSON object")
+            except TimeoutError as exc:
+                if watch is None or not scope.expired():  # aiohttp's own read timeout
+                    pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
+                    raise _MinerFailed(f"timed out: {type(exc).__name__}: {exc}") from None
+                self.metrics.first_token_timeouts.labels(watch.reason or "deadline").inc()
+                if watch.reason == "miner_down":
+                    raise _MinerFailed("taken out of service before its first token") from None
+                what = "first token" if call.stream else "answer"
+                raise _MinerFailed(f"no {what} within {deadline:.1f} s") from None
             except _UPSTREAM_ERRORS as exc:
                 pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
                 raise _MinerFailed(f"broke before answering: {type(exc).__name__}: {exc}") from None
             except ValueError as exc:
                 raise _MinerFailed(f"sent invalid JSON: {exc}") from None
             finally:
-                if not handed_off:
-                    resp.release()
+                if watch is not None:
+                    watch.stop()
+                    miner.down_watchers.discard(watch.on_miner_down)
+                if resp is not None and not handed_off:
+                    # A half-read answer cannot go back to the keep-alive pool; closing it
+                    # also tells the miner to stop generating.
+                    resp.release() if ok or resp.content.is_eof() else resp.close()
             verified = None
             if self.settlement is not None:
                 ext = answer.get(EXTENSION_KEY)
@@ -681,10 +741,25 @@ class Gateway:
                     # Nothing reached the client: another miner may serve it honestly.
                     raise _MinerFailed(f"attestation rejected: {exc}") from None
             ok = True
+            latency_ms = answer_s * 1000
+            pool.observed_latency(call.model).observe_answer(
+                prompt_bytes, answer_s, relay.usage_of(answer)[1]
+            )
             return await self._answer(call, miner, answer, verified)
         finally:
             if not handed_off:
                 pool.release(miner, ok=ok, latency_ms=latency_ms)
+
+    async def _post(self, call: _Call, miner: MinerState) -> aiohttp.ClientResponse:
+        session = self.session
+        assert session is not None, "gateway used outside its lifespan"
+        try:
+            return await session.post(
+                miner.base_url + call.path, data=call.payload, headers=self._upstream_headers(call)
+            )
+        except _UPSTREAM_ERRORS as exc:
+            self.pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
+            raise _MinerFailed(f"unreachable: {type(exc).__name__}: {exc}") from None
 
     def _verify(
         self,
@@ -891,6 +966,7 @@ class _StreamRelay:
         self.resp = resp
         self.buffer: list[bytes] = []
         self.ttft: float | None = None
+        self.first_token_at: float | None = None  # perf_counter when prime() got output
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.upstream_done = False  # the miner sent [DONE] or an error event
@@ -1061,13 +1137,17 @@ class _StreamRelay:
             )
             self.buffer.clear()
         queued = self._queued
+        # Only the waits for the miner count toward a stall, not a slow client or the receipt.
+        stall = StallWatch(self.gateway.config.stream_stall_timeout_s, self._stalled)
         try:
             while not self.upstream_done:
                 if self.usage_event is not None:
                     await self._settle()
                     continue
                 if not queued:
+                    stall.reading()
                     await self._read_events()
+                    stall.idle()
                 out: list[bytes] = []
                 while queued and not self.upstream_done:
                     event = queued.popleft()
@@ -1101,6 +1181,21 @@ class _StreamRelay:
             self.miner_to_blame = False
             await _end(send, relay.stream_error_event(_RECEIPT_FAILED, code="receipt_failed"))
             return
+        except _Stalled as exc:
+            self.gateway.metrics.stream_stalls.inc()
+            if not self.settled:
+                self.error = f"miner stalled after the first token: {exc}"
+                self.status = 502
+                self.gateway.metrics.stream_errors.inc()
+                message = (
+                    f"The miner serving this request sent nothing for {exc}; the response is"
+                    " incomplete and was not charged."
+                )
+                await _end(send, relay.stream_error_event(message, code="miner_stalled"))
+                return
+            # Stalled after its usage chunk: the receipt is stored and everything the client
+            # needs is in the tail, so only the miner's [DONE] is missing.
+            self.upstream_done = True
         except (_MinerFailed, ValueError, *_UPSTREAM_ERRORS) as exc:
             # The client already has output, so there is no failing over now: end the stream
             # with an error the OpenAI clients raise, and charge nothing for it.
@@ -1115,8 +1210,16 @@ class _StreamRelay:
             )
             await _end(send, relay.stream_error_event(message))
             return
+        finally:
+            stall.stop()
         tail = self.tail + SSE_DONE if self.error is None else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    def _stalled(self) -> None:
+        # Delivered as a read error, so it can only end a wait for the miner, never cut into
+        # storing a receipt.
+        gap = self.gateway.config.stream_stall_timeout_s
+        self.resp.content.set_exception(_Stalled(f"{gap:g} s"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -1156,6 +1259,10 @@ class _StreamRelay:
         else:
             self.resp.close()  # a half-read stream cannot go back to the keep-alive pool
         ttft_ms = self.ttft * 1000 if self.ttft is not None else None
+        if ok and self.first_token_at is not None:
+            gateway.pool.observed_latency(call.model).observe_rest(
+                time.perf_counter() - self.first_token_at, self.completion_tokens
+            )
         # A client hanging up is not the miner's failure, nor is the gateway's own.
         miner_ok = ok or self.status == 499 or not self.miner_to_blame
         gateway.pool.release(self.miner, ok=miner_ok, latency_ms=ttft_ms)

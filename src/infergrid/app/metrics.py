@@ -70,6 +70,19 @@ class GatewayMetrics:
             "Streams that broke after the first token.",
             registry=r,
         )
+        self.first_token_timeouts = Counter(
+            "infergrid_gateway_first_token_timeouts",
+            "Attempts given up before the first token (also counted as failovers), by reason:"
+            " `deadline` (the miner was too slow) or `miner_down` (taken out of service).",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_stalls = Counter(
+            "infergrid_gateway_stream_stalls",
+            "Streams ended because the miner went silent after the first token (also counted"
+            " as stream errors).",
+            registry=r,
+        )
         self.receipts = Counter(
             "infergrid_gateway_receipts",
             "Receipts signed and durably stored (metered gateways).",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from infergrid.app.deadlines import ModelLatency
 from infergrid.protocol.nodes import NodeRecord, Role
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class MinerState:
     last_error: str | None = None
     served: int = 0
     failed: int = 0
+    # Called whenever the pool takes the miner out of service, so that requests still waiting
+    # for its first token can move to another miner instead of waiting for a frozen one.
+    down_watchers: set[Callable[[], None]] = field(default_factory=set, repr=False)
 
     @property
     def owner(self) -> str:
@@ -71,6 +75,7 @@ class MinerPool:
     _by_model: dict[str, list[MinerState]] = field(default_factory=dict)
     _first_seen: dict[str, int] = field(default_factory=dict)  # model -> unix time
     _names: list[str] = field(default_factory=list)
+    _latency: dict[str, ModelLatency] = field(default_factory=dict)  # by the model as routed
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -139,11 +144,13 @@ class MinerPool:
             state.health_rtt_ms = rtt_ms
         else:
             state.last_error = error
+            _taken_out(state)
 
     def mark_unreachable(self, state: MinerState, error: str) -> None:
         """A connection to the miner failed: no more traffic until a health check passes."""
         state.healthy = False
         state.last_error = error
+        _taken_out(state)
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -177,6 +184,26 @@ class MinerPool:
             best = [s for s in best if s.latency_ewma_ms is None or s.latency_ewma_ms <= cutoff]
         return best[0] if len(best) == 1 else self.rng.choice(best)
 
+    def can_serve(self, model: str, exclude: Iterable[MinerState] = ()) -> bool:
+        """Whether pick() would find a miner for `model` outside `exclude`."""
+        excluded = set(exclude)
+        return any(
+            state.healthy is True and state not in excluded
+            for state in self._by_model.get(model, ())
+        )
+
+    def latency(self, model: str) -> ModelLatency | None:
+        """What has been observed of the model's speed (None: nothing yet)."""
+        return self._latency.get(model)
+
+    def observed_latency(self, model: str) -> ModelLatency:
+        """The model's latency record, to add an observation to; call only for a model that
+        some miner served, so that the records stay as few as the models."""
+        latency = self._latency.get(model)
+        if latency is None:
+            latency = self._latency[model] = ModelLatency()
+        return latency
+
     def acquire(self, state: MinerState) -> None:
         state.inflight += 1
 
@@ -197,6 +224,12 @@ class MinerPool:
             if state.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 state.healthy = False
                 state.last_error = f"{state.consecutive_failures} failed requests in a row"
+                _taken_out(state)
+
+
+def _taken_out(state: MinerState) -> None:
+    for watcher in tuple(state.down_watchers):  # a watcher may unregister itself
+        watcher()
 
 
 def health_ok(payload: object) -> bool:

@@ -16,6 +16,7 @@ from eth_account import Account
 from rich.console import Console
 
 from infergrid.app.billing import DEFAULT_MAX_TOKENS
+from infergrid.app.config import GatewayConfig
 from infergrid.protocol.nodes import NodeRecord, Role
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ class GatewaySettings:
     escrow_poll_s: float = 3.0  # how stale a payer's escrow figures may get
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # reserved for requests that set no limit
     receipts_db: Path | None = None  # default: receipts_db_path(db_path)
+    # How long a miner may keep a request (GatewayConfig documents the rule).
+    first_token_timeout_floor_s: float = GatewayConfig.first_token_timeout_floor_s
+    first_token_timeout_cap_s: float = GatewayConfig.first_token_timeout_cap_s
+    stream_stall_timeout_s: float = GatewayConfig.stream_stall_timeout_s
 
 
 def receipts_db_path(db_path: Path) -> Path:
@@ -96,7 +101,7 @@ def build_settlement(
 
 
 def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
-    from infergrid.app.gateway import GatewayConfig, run_gateway
+    from infergrid.app.gateway import run_gateway
     from infergrid.settle.binding import bind_file, gateway_binding
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
@@ -156,5 +161,8 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
         host=settings.host,
         port=settings.port,
         discovery_interval_s=settings.discovery_interval_s,
+        first_token_timeout_floor_s=settings.first_token_timeout_floor_s,
+        first_token_timeout_cap_s=settings.first_token_timeout_cap_s,
+        stream_stall_timeout_s=settings.stream_stall_timeout_s,
     )
     run_gateway(config, discover, settlement)
