@@ -14,9 +14,9 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from eth_utils import keccak
 
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from infergrid.app.receipts import ReceiptStore
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# An escrow read is a few RPCs of milliseconds; one still waiting after this long means a chain
+# that is not answering, which /health says before the request times out.
+ESCROW_STALL_S = 5.0
 
 # --- attestation checks (pure) ----------------------------------------------------------------
 
@@ -228,7 +233,8 @@ class Settlement:
         self.first_read_timeout_s = first_read_timeout_s
         self.default_max_tokens = default_max_tokens
         self.ledger = Ledger()
-        self.escrow_error: str | None = None  # the last poll's failure, for /health
+        self._escrow_error: str | None = None  # the last read's failure (escrow_error)
+        self._reads_started: dict[int, float] = {}  # escrow reads in flight: when each began
         self.anchor_error: str | None = None
         self._first_reads: dict[str, asyncio.Future[None]] = {}
         self._started = False
@@ -261,6 +267,30 @@ class Settlement:
         self.store.close()
 
     # -- escrow figures ----------------------------------------------------------------------
+
+    @property
+    def escrow_error(self) -> str | None:
+        """For /health: the last escrow read's failure or, while a read has been waiting for
+        longer than ESCROW_STALL_S, that the chain is not answering. A chain that accepts
+        connections and never answers so shows in seconds, not when its request times out."""
+        if self._reads_started:
+            waited = time.monotonic() - min(self._reads_started.values())
+            if waited > ESCROW_STALL_S:
+                return f"the chain has not answered an escrow read for {waited:.0f} s"
+        return self._escrow_error
+
+    @escrow_error.setter
+    def escrow_error(self, error: str | None) -> None:
+        self._escrow_error = error
+
+    async def _read_in_thread(self, read: Callable[..., _T], *args: Any) -> _T:
+        """`read(*args)` in a worker thread, counted as in flight for escrow_error."""
+        token = object()
+        self._reads_started[id(token)] = time.monotonic()
+        try:
+            return await asyncio.to_thread(read, *args)
+        finally:
+            del self._reads_started[id(token)]
 
     def read_escrow(self, payer: str) -> EscrowSnapshot:
         """Read one payer's figures from the chain (blocking: call it in a thread)."""
@@ -301,7 +331,7 @@ class Settlement:
         if not payers:
             return
         # One worker thread for the whole round: the reads are many small RPCs.
-        snapshots, error = await asyncio.to_thread(self._read_many, payers)
+        snapshots, error = await self._read_in_thread(self._read_many, payers)
         for payer, snapshot in snapshots.items():
             self.ledger.update_escrow(payer, snapshot)
         if error is not None:
@@ -317,7 +347,7 @@ class Settlement:
                 log.exception("escrow poll failed")
 
     async def _first_read(self, payer: str) -> None:
-        snapshot = await asyncio.to_thread(self.read_escrow, payer)
+        snapshot = await self._read_in_thread(self.read_escrow, payer)
         self.ledger.update_escrow(payer, snapshot)
 
     async def admit(self, payer: str) -> PayerAccount:
@@ -335,7 +365,11 @@ class Settlement:
                 # Shielded: one request giving up must not cancel the read others wait on.
                 await asyncio.wait_for(asyncio.shield(pending), self.first_read_timeout_s)
             except (Exception, TimeoutError) as exc:
-                self.escrow_error = f"{type(exc).__name__}: {exc}"
+                self.escrow_error = (
+                    f"{type(exc).__name__}: {exc}"
+                    if str(exc)
+                    else f"the escrow read took longer than {self.first_read_timeout_s:g} s"
+                )
                 log.warning("first escrow read for %s failed: %s", payer, self.escrow_error)
                 raise escrow_unavailable_error() from None
         escrow = account.escrow

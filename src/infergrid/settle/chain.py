@@ -8,12 +8,14 @@ EIP-1559. Web3 calls are blocking: async services call them through `asyncio.to_
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeAlias, cast
 
+import requests
 from eth_abi.exceptions import DecodingError
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -24,8 +26,15 @@ from eth_utils.exceptions import ValidationError as EthValidationError
 from hexbytes import HexBytes
 from web3 import EthereumTesterProvider, HTTPProvider, Web3
 from web3.contract import Contract
-from web3.exceptions import ContractLogicError, MismatchedABI, TimeExhausted, Web3Exception
+from web3.exceptions import (
+    ContractLogicError,
+    MismatchedABI,
+    TimeExhausted,
+    Web3Exception,
+    Web3RPCError,
+)
 from web3.middleware import ExtraDataToPOAMiddleware
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
 from web3.types import RPCEndpoint, RPCResponse, TxParams, TxReceipt
 
 from infergrid.protocol.nodes import WEI_PER_BTT
@@ -43,6 +52,13 @@ BTTC_DONAU_CHAIN_ID = 1029
 # Chains whose blocks carry more than 32 bytes of extra data (POA signatures).
 POA_CHAIN_IDS = frozenset({BTTC_MAINNET_CHAIN_ID, BTTC_DONAU_CHAIN_ID})
 POA_MIDDLEWARE = "extradata_to_poa"
+
+# Seconds to wait for one JSON-RPC answer, for every node and command unless the environment
+# variable overrides it. A chain that accepts connections and never answers fails each request
+# after this long, once: a timed-out request is not retried (web3's default retries it five
+# times, which made a hung chain hold a command for 2.5 minutes).
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_ENV = "INFERGRID_CHAIN_TIMEOUT"
 
 ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 _REVERT_PREFIX = "execution reverted"
@@ -170,15 +186,43 @@ def revert_reason(exc: BaseException) -> str | None:
     return None
 
 
+def default_request_timeout_s() -> float:
+    """The JSON-RPC request timeout: $INFERGRID_CHAIN_TIMEOUT seconds, else the default."""
+    raw = os.environ.get(REQUEST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_REQUEST_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"{REQUEST_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return value
+
+
 def _translate(exc: Exception, tx_hash: str | None = None) -> ChainError:
     reason = revert_reason(exc)
     if reason is not None:
         return ContractRevert(reason, tx_hash)
+    if isinstance(exc, Web3RPCError):
+        # The node's own words, not the repr of the JSON-RPC error object.
+        error = (exc.rpc_response or {}).get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return ChainError(" ".join(str(message or exc.message or exc).split()))
+    if isinstance(exc, requests.Timeout):
+        return ChainError(f"the chain did not answer in time ({exc})")
+    if isinstance(exc, requests.RequestException):
+        return ChainError(f"cannot reach the chain ({exc})")
     return ChainError(str(exc) or type(exc).__name__)
 
 
-# Errors that mean "the chain said no" rather than a bug in this code.
-_CHAIN_ERRORS = (Web3Exception, TesterTransactionFailed, EthValidationError)
+# Errors that mean "the chain said no" (or did not answer) rather than a bug in this code.
+_CHAIN_ERRORS = (
+    Web3Exception,
+    TesterTransactionFailed,
+    EthValidationError,
+    requests.RequestException,
+)
 
 
 # --- the embedded EVM -------------------------------------------------------------------
@@ -307,14 +351,23 @@ class Chain:
         cls,
         url: str,
         *,
-        request_timeout_s: float = 30.0,
+        request_timeout_s: float | None = None,
         gas_price_wei: int | None = None,
         receipt_timeout_s: float = 120.0,
     ) -> Chain:
-        """A client on any JSON-RPC endpoint (http:// or https://)."""
+        """A client on any JSON-RPC endpoint (http:// or https://). Each request waits at
+        most `request_timeout_s` (default: default_request_timeout_s()); a timeout is not
+        retried."""
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"unsupported chain URL {url!r} (expected http:// or https://)")
-        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": request_timeout_s}))
+        timeout = (
+            request_timeout_s if request_timeout_s is not None else default_request_timeout_s()
+        )
+        retry = ExceptionRetryConfiguration(errors=(ConnectionError, requests.HTTPError))
+        provider = HTTPProvider(
+            url, request_kwargs={"timeout": timeout}, exception_retry_configuration=retry
+        )
+        w3 = Web3(provider)
         chain = cls(w3, gas_price_wei=gas_price_wei, receipt_timeout_s=receipt_timeout_s, url=url)
         if chain.chain_id in POA_CHAIN_IDS:
             w3.middleware_onion.inject(ExtraDataToPOAMiddleware, name=POA_MIDDLEWARE, layer=0)
@@ -329,7 +382,10 @@ class Chain:
             try:
                 self._chain_id = int(self.w3.eth.chain_id)
             except Exception as exc:
-                raise ChainError(f"cannot reach the chain: {exc}") from exc
+                where = f" at {self.url}" if self.url else ""
+                if isinstance(exc, requests.Timeout):
+                    raise ChainError(f"the chain{where} did not answer in time ({exc})") from exc
+                raise ChainError(f"cannot reach the chain{where}: {exc}") from exc
         return self._chain_id
 
     def genesis_hash(self) -> str:
