@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 from rich.console import Console
 
@@ -61,8 +63,25 @@ def ask(
     if usage is not None:
         err.print(
             f"[dim]{model} · {usage.prompt_tokens} prompt + {usage.completion_tokens} completion "
-            f"tokens · request {request_id}[/dim]"
+            f"tokens{cost_text(usage)} · request {request_id}[/dim]",
+            highlight=False,
         )
+
+
+def cost_text(usage: Any) -> str:
+    """' · cost 0.000042 BTT' from the usage a metered gateway returns (cost_wei, exact), or ''
+    when the gateway does not bill."""
+    from infergrid.protocol.pricing import format_btt
+
+    extra = getattr(usage, "model_extra", None) or {}
+    cost_wei = extra.get("cost_wei")
+    try:
+        value = int(cost_wei) if cost_wei is not None else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        return ""
+    return f" · cost {format_btt(value)} BTT ({value} wei)"
 
 
 def _message(exc: openai.APIStatusError) -> str:

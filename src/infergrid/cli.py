@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 if TYPE_CHECKING:
+    from infergrid.app.keys import KeyStore
     from infergrid.settle.escrow import PaymentEscrow
 
 app = typer.Typer(
@@ -66,7 +66,11 @@ def _is_user_error(exc: BaseException) -> bool:
     # than imported: web3 loads only for commands that use the chain, and where it did not
     # load, nothing can have raised one.
     chain = sys.modules.get("infergrid.settle.chain")
-    return chain is not None and isinstance(exc, chain.ChainError)
+    if chain is not None and isinstance(exc, chain.ChainError):
+        return True
+    # A chain that stopped answering in the middle of a command (web3's HTTP client).
+    requests = sys.modules.get("requests")
+    return requests is not None and isinstance(exc, requests.RequestException)
 
 
 def friendly_errors(func: F) -> F:
@@ -229,6 +233,44 @@ def miner(
     run_miner(settings, err)
 
 
+@dataclass(frozen=True)
+class _CollectingMiner:
+    name: str | None  # its name in devnet.json, if it is a devnet miner
+    key: str
+    receipt_log: Path
+
+
+def _collecting_miners(
+    miner: str | None, receipt_log: Path | None, state_dir: Path
+) -> list[_CollectingMiner]:
+    """Whose vouchers to collect: the devnet miner named `miner`; else the operator's key
+    (INFERGRID_PRIVATE_KEY); else every miner the devnet describes."""
+    from infergrid.compute.node import default_receipt_log_path
+    from infergrid.settle.chain import as_account
+
+    key = os.environ.get(PRIVATE_KEY_ENV, "").strip()
+    if miner is None and key:
+        log = receipt_log or default_receipt_log_path(as_account(key).address, state_dir)
+        return [_CollectingMiner(None, key, log)]
+    described = _devnet_info(state_dir).get("miners") or []
+    if not described:
+        raise CLIError(
+            f"the devnet at {state_dir} describes no miners: set {PRIVATE_KEY_ENV} to the"
+            " miner's key"
+        )
+    if miner is not None:
+        described = [entry for entry in described if entry["name"] == miner]
+        if not described:
+            names = ", ".join(entry["name"] for entry in _devnet_info(state_dir)["miners"])
+            raise CLIError(f"the devnet has no miner {miner!r} (it has {names})")
+    if receipt_log is not None and len(described) > 1:
+        raise CLIError("--receipt-log names one miner's log: pick the miner with --miner NAME")
+    return [
+        _CollectingMiner(entry["name"], entry["key"], receipt_log or Path(entry["receipt_log"]))
+        for entry in described
+    ]
+
+
 @miner_app.command("collect")
 @friendly_errors
 def miner_collect(
@@ -245,38 +287,56 @@ def miner_collect(
         Path | None,
         typer.Option(help="The miner's receipt log, to check vouchers against."),
     ] = None,
+    miner: Annotated[
+        str | None,
+        typer.Option(
+            "--miner",
+            help="Which devnet miner (its name in devnet.json, e.g. miner-1); default: the"
+            f" one whose key is in {PRIVATE_KEY_ENV}, else every devnet miner.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
-    """Ask gateways for this miner's vouchers, check them against its receipt log, and
-    collect each on-chain (one transaction per payer and gateway). Key: INFERGRID_PRIVATE_KEY."""
+    """Ask gateways for a miner's vouchers, check them against its receipt log, and collect
+    each on-chain (one transaction per payer and gateway). The miner: its key in
+    INFERGRID_PRIVATE_KEY, or on a devnet --miner NAME (default: all of the devnet's)."""
     from infergrid.compute.collector import collect_now
-    from infergrid.compute.node import default_receipt_log_path
     from infergrid.settle.chain import as_account
 
-    key = _private_key()
+    miners = _collecting_miners(miner, receipt_log, state_dir)
     if chain_rpc is None or registry is None or escrow is None:
         info = _devnet_info(state_dir)
         chain_rpc = chain_rpc or info["chain_rpc"]
         registry = registry or info["contracts"]["NodeRegistry"]
         escrow = escrow or info["contracts"]["PaymentEscrow"]
-    owner = as_account(key).address
-    results = collect_now(
-        chain_rpc,
-        registry,
-        escrow,
-        key,
-        receipt_log or default_receipt_log_path(owner, state_dir),
-        list(gateway_url) if gateway_url else None,
-    )
-    if as_json:
-        out.print_json(data=[result.to_json() for result in results])
-    else:
+    rows: list[dict[str, Any]] = []
+    failed = False
+    for one in miners:
+        address = as_account(one.key).address
+        label = one.name or address
+        results = collect_now(
+            chain_rpc,
+            registry,
+            escrow,
+            one.key,
+            one.receipt_log,
+            list(gateway_url) if gateway_url else None,
+        )
+        failed = failed or any(result.status.startswith("failed") for result in results)
+        rows += [
+            {"miner": address, "miner_name": one.name, **result.to_json()} for result in results
+        ]
+        if as_json:
+            continue
+        prefix = f"{label}: " if len(miners) > 1 or one.name else ""
         if not results:
-            out.print("no gateway has receipts for this miner")
+            out.print(f"{prefix}no gateway has receipts for this miner", highlight=False)
         for result in results:
-            out.print(result.summary(), highlight=False)
-    if any(result.status.startswith("failed") for result in results):
+            out.print(f"{prefix}{result.summary()}", highlight=False, soft_wrap=True)
+    if as_json:
+        out.print_json(data=rows)
+    if failed:
         raise typer.Exit(1)
 
 
@@ -367,16 +427,38 @@ def gateway(
 
 DbOption = Annotated[
     Path | None,
-    typer.Option("--db", help="Gateway SQLite file (default: the running devnet's)."),
+    typer.Option(
+        "--db", help="The gateway's SQLite file (default: the devnet's, under --state-dir)."
+    ),
 ]
 
 
-def _key_db(db: Path | None, state_dir: Path) -> Path:
-    if db is not None:
-        return db
+def _key_store(db: Path | None, state_dir: Path, *, init: bool = False) -> KeyStore:
+    """The key store of an existing gateway database; NoGatewayDatabase (one line) when there
+    is none, so that no key is written where no gateway will read it. `init` creates one."""
+    from infergrid.app.keys import KeyStore
     from infergrid.devnet import GATEWAY_DB
 
-    return state_dir / GATEWAY_DB
+    return KeyStore(db if db is not None else state_dir / GATEWAY_DB, create=init)
+
+
+def _unpaid_key_warning(store: KeyStore) -> str:
+    """Why a key without a payer may be useless, as far as the database tells."""
+    from infergrid.settle.binding import ESCROW
+
+    binding = store.chain_binding()
+    if binding is None:
+        return (
+            "no payer: if the gateway bills (--escrow), this key gets only 402 errors;"
+            " create it with --payer 0x…"
+        )
+    escrow = binding.contract(ESCROW)
+    if escrow is None:
+        return ""
+    return (
+        f"no payer: the gateway using {store.db_path} bills through escrow {escrow}, so this"
+        " key gets only 402 errors; create it with --payer 0x… (an escrow account)"
+    )
 
 
 @keys_app.command("create")
@@ -388,23 +470,40 @@ def keys_create(
         typer.Option(help="Escrow account that pays for this key's requests (0x… address)."),
     ] = None,
     db: DbOption = None,
+    init: Annotated[
+        bool,
+        typer.Option(
+            "--init",
+            help="Create the gateway database if it does not exist (before a gateway's first"
+            " start with this --db).",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """Create an API key; the secret is printed once and stored only as a hash.
 
     A gateway that bills (settlement on) serves only keys bound to a payer account."""
-    from infergrid.app.keys import KeyStore
-
     if payer is not None:
         payer = _checked_address(payer)
-    key_id, secret = KeyStore(_key_db(db, state_dir)).create(name, payer=payer)
+    store = _key_store(db, state_dir, init=init)
+    warning = "" if payer is not None else _unpaid_key_warning(store)
+    key_id, secret = store.create(name, payer=payer)
+    if warning:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(data={"id": key_id, "name": name, "payer": payer, "key": secret})
     else:
         billed = f", billed to {payer}" if payer else ""
-        out.print(f"created key {key_id} ({name}{billed}); the secret is shown only once:")
-        out.print(secret, highlight=False)
+        out.print(
+            f"created key {key_id} ({name}{billed}); the secret is shown only once:",
+            highlight=False,
+            soft_wrap=True,
+        )
+        out.print(secret, highlight=False, markup=False, soft_wrap=True)
+
+
+KEY_COLUMNS = ("id", "name", "hint", "payer", "created", "revoked")
 
 
 @keys_app.command("list")
@@ -415,9 +514,7 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List API keys (never their secrets)."""
-    from infergrid.app.keys import KeyStore
-
-    records = KeyStore(_key_db(db, state_dir)).list()
+    records = _key_store(db, state_dir).list()
     rows = [
         {
             "id": record.key_id,
@@ -432,14 +529,15 @@ def keys_list(
     if as_json:
         out.print_json(data=rows)
         return
-    table = (
-        Table(*rows[0].keys())
-        if rows
-        else Table("id", "name", "hint", "payer", "created", "revoked")
-    )
-    for row in rows:
-        table.add_row(*(str(value or "") for value in row.values()))
-    out.print(table)
+    # Plain aligned columns, never wrapped or cut to the terminal: the id is what
+    # `keys revoke` takes, and an address cut short is no address.
+    cells = [list(KEY_COLUMNS)] + [[str(row[c] or "-") for c in KEY_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(KEY_COLUMNS))]
+    for line in cells:
+        text = "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        out.print(text.rstrip(), highlight=False, markup=False, soft_wrap=True)
+    if not rows:
+        out.print("(no keys yet: `infergrid keys create NAME --payer 0x…`)", highlight=False)
 
 
 def _iso_time(unix_time: float) -> str:
@@ -454,11 +552,9 @@ def keys_revoke(
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Revoke an API key; the gateway refuses it within a second or two."""
-    from infergrid.app.keys import KeyStore
-
-    if not KeyStore(_key_db(db, state_dir)).revoke(key_id):
+    if not _key_store(db, state_dir).revoke(key_id):
         raise CLIError(f"no active key with id {key_id!r}")
-    out.print(f"revoked key {key_id}")
+    out.print(f"revoked key {key_id}", highlight=False)
 
 
 # -- escrow accounts ----------------------------------------------------------------------------
@@ -556,14 +652,21 @@ def account_deposit(
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Deposit BTT into the escrow; gateways bill your requests against it."""
-    from infergrid.protocol.pricing import btt_to_wei
+    from infergrid.protocol.pricing import btt_to_wei, format_btt
 
     wei = btt_to_wei(amount)
     if wei == 0:
         raise CLIError("deposit a positive amount")
     target = _escrow_target(chain_rpc, escrow, state_dir, need_key=True)
     assert target.key is not None
-    payer = for_account or _sender(target)
+    sender = _sender(target)
+    held = target.escrow.chain.balance(sender)
+    if wei > held:
+        raise CLIError(
+            f"cannot deposit {amount} BTT: wallet {sender} holds {format_btt(held)} BTT"
+            " (and the transaction needs gas too)"
+        )
+    payer = for_account or sender
     receipt = target.escrow.deposit(target.key, wei, payer=payer)
     _report_transaction(target, payer, receipt, as_json, f"deposited {amount} BTT")
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
-from infergrid.app.keys import SECRET_PREFIX, KeyStore, hash_secret, mask_secret
+import pytest
+from eth_utils import to_checksum_address
+
+from infergrid.app.keys import (
+    SECRET_PREFIX,
+    KeyStore,
+    NoGatewayDatabase,
+    hash_secret,
+    mask_secret,
+)
+from infergrid.settle.binding import ChainBinding, bind_file
 
 
 def test_create_list_verify_revoke(keys: KeyStore) -> None:
@@ -96,3 +107,35 @@ def test_trace_writes_in_the_same_file_do_not_reload_keys(tmp_path: Path) -> Non
     assert reloads == 1
     for store in (keys, other, traces):
         store.close()
+
+
+def test_opening_without_create_refuses_a_missing_database_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "nowhere" / "gateway.db"
+    with pytest.raises(NoGatewayDatabase, match="no gateway database at"):
+        KeyStore(missing, create=False)
+    assert not missing.parent.exists()
+
+
+def test_opening_without_create_refuses_a_database_without_keys(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(NoGatewayDatabase, match="not a gateway database"):
+        KeyStore(other, create=False)
+    tables = sqlite3.connect(other).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("t",)]  # looked at, not written to
+
+
+def test_opening_without_create_uses_the_gateways_database(keys: KeyStore) -> None:
+    key_id, secret = KeyStore(keys.db_path, create=False).create("from the cli")
+    assert keys.verify(secret) is not None and keys.verify(secret).key_id == key_id  # type: ignore[union-attr]
+
+
+def test_chain_binding_tells_whether_the_gateway_bills(keys: KeyStore) -> None:
+    assert keys.chain_binding() is None  # no gateway has bound it yet
+    escrow = "0x" + "e5" * 20
+    bound = ChainBinding.make(1337, "0x" + "ab" * 32, {"PaymentEscrow": escrow})
+    bind_file(keys.db_path, bound, what="gateway db")
+    assert keys.chain_binding() == bound
+    assert bound.contract("PaymentEscrow") == to_checksum_address(escrow)

@@ -21,8 +21,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eth_utils import is_address, to_checksum_address
+
+if TYPE_CHECKING:
+    from infergrid.settle.binding import ChainBinding
 
 SECRET_PREFIX = "ig-"
 
@@ -108,12 +112,51 @@ def connect(db_path: str | Path, *, synchronous: str = "FULL") -> sqlite3.Connec
     return conn
 
 
-class KeyStore:
-    """API keys in one SQLite file; safe to open from several processes at once."""
+class NoGatewayDatabase(FileNotFoundError):
+    """The file named as a gateway's database is not one: missing, or without a keys table.
 
-    def __init__(self, db_path: str | Path, *, refresh_s: float = 0.25) -> None:
+    A key written anywhere else than the database a gateway reads is one no gateway will ever
+    accept, so the CLI refuses instead of creating a new database there."""
+
+    def __init__(self, db_path: Path, why: str) -> None:
+        self.db_path = db_path
+        super().__init__(
+            f"{why}: start the gateway first (`infergrid gateway --db {db_path}` or"
+            " `infergrid up`), pass the --db it uses, or create one with `keys create --init`"
+        )
+
+
+def _check_gateway_database(db_path: Path) -> None:
+    if not db_path.is_file():
+        raise NoGatewayDatabase(db_path, f"no gateway database at {db_path}")
+    # Read-only: looking must not create the file or a table in someone else's database.
+    conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'api_keys'"
+        ).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise NoGatewayDatabase(db_path, f"{db_path} is not a gateway database ({exc})") from None
+    finally:
+        conn.close()
+    if found is None:
+        raise NoGatewayDatabase(db_path, f"{db_path} is not a gateway database (no API keys)")
+
+
+class KeyStore:
+    """API keys in one SQLite file; safe to open from several processes at once.
+
+    The gateway creates its database on start (`create=True`, the default). Tools that manage
+    a gateway's keys open it with `create=False`: a missing file, or one that is not a
+    gateway's, raises NoGatewayDatabase and nothing is created."""
+
+    def __init__(
+        self, db_path: str | Path, *, refresh_s: float = 0.25, create: bool = True
+    ) -> None:
         self.db_path = Path(db_path)
         self.refresh_s = refresh_s
+        if not create:
+            _check_gateway_database(self.db_path)
         self._conn = connect(self.db_path)
         for statement in _SCHEMA:
             self._conn.execute(statement)
@@ -128,6 +171,17 @@ class KeyStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def chain_binding(self) -> ChainBinding | None:
+        """The deployment the gateway using this database is bound to (settle.binding): its
+        PaymentEscrow is there when that gateway bills. None until a gateway has opened it."""
+        from infergrid.settle.binding import META_TABLE, read_binding
+
+        with self._lock:
+            exists = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (META_TABLE,)
+            ).fetchone()
+            return read_binding(self._conn) if exists else None
 
     # -- CLI side ----------------------------------------------------------------------------
 
