@@ -65,6 +65,7 @@ def ask(
             f"[dim]{model} · {usage.prompt_tokens} prompt + {usage.completion_tokens} completion "
             f"tokens{cost_text(usage)} · request {request_id}[/dim]",
             highlight=False,
+            soft_wrap=True,
         )
 
 
