@@ -55,6 +55,7 @@ Mode = Literal[
     # completion is held for hang_s before its first token (streams: after the role chunk).
     "hang_before_first",
     "stall_mid_stream",  # streams: two tokens, then nothing for hang_s, then the rest
+    "die_after_usage",  # streams: everything up to the attested usage chunk, then dies
 ]
 
 Attest = Literal[
@@ -320,6 +321,9 @@ class ScriptedMiner:
             if signed is not None:
                 ext[ATTESTATION_KEY] = signed
             yield chunk([], ext, usage=usage)
+            if self.mode == "die_after_usage":
+                await asyncio.sleep(0.01)
+                raise ScriptedDeath
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")

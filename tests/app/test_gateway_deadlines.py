@@ -13,7 +13,14 @@ from typing import Any
 import openai
 import pytest
 from gateway_harness import MODEL, RunningGateway, miners_running, running_gateway
-from settlement_harness import PAYER_A, addr, deploy_network, metered_gateway, registered_miners
+from settlement_harness import (
+    PAYER_A,
+    PAYER_B,
+    addr,
+    deploy_network,
+    metered_gateway,
+    registered_miners,
+)
 from test_gateway_http import wait_flushed
 from test_gateway_routing import healthy_pool, node
 
@@ -331,3 +338,38 @@ async def test_stall_after_first_token_ends_the_stream_uncharged(
         assert account is not None and account.reserved_wei == 0 and account.inflight == 0
         assert sample(gw, "infergrid_gateway_stream_stalls_total") == 1
         await wait_until(lambda: miners[0].hung_up == 1)
+
+
+async def test_miner_dying_after_its_usage_chunk_still_finishes_the_paid_stream(
+    chain: Chain, keys: KeyStore, traces: TraceStore, tmp_path: Path
+) -> None:
+    """Once the attested usage chunk has been settled the receipt is stored and the client is
+    charged, so a miner that dies before its [DONE] must not turn the paid response into an
+    error: the stream ends normally, with the usage and cost it was charged."""
+    net = deploy_network(chain)
+    net.fund_payer(PAYER_B, WEI_PER_BTT)
+    key = keys.create("payer-b", payer=addr(PAYER_B))[1]
+    async with (
+        registered_miners(net, mode="die_after_usage") as miners,
+        metered_gateway(net, miners, keys, traces, tmp_path) as gw,
+    ):
+        stream = await gw.client(key).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]  # raises on an error event
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.startswith("Hello from")
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens > 0
+        cost_wei = int(usage.model_extra["cost_wei"])
+        assert cost_wei > 0
+        settlement = gw.gateway.settlement
+        assert settlement is not None and settlement.store.count() == 1
+        rid = stream.response.headers[REQUEST_ID_HEADER]
+        stored = settlement.store.get(rid)
+        assert stored is not None and stored.receipt.value == cost_wei
+        trace = await wait_flushed(traces, rid)
+        assert trace.status == 200 and trace.cost_wei == str(cost_wei) and trace.error is None

@@ -1181,35 +1181,38 @@ class _StreamRelay:
             self.miner_to_blame = False
             await _end(send, relay.stream_error_event(_RECEIPT_FAILED, code="receipt_failed"))
             return
-        except _Stalled as exc:
-            self.gateway.metrics.stream_stalls.inc()
+        except (_MinerFailed, ValueError, *_UPSTREAM_ERRORS) as exc:
+            stalled = isinstance(exc, _Stalled)
+            reason = f"{type(exc).__name__}: {exc}"
+            if stalled:
+                self.gateway.metrics.stream_stalls.inc()
+            elif not isinstance(exc, _MinerFailed | ValueError):
+                self.gateway.pool.mark_unreachable(self.miner, reason)
             if not self.settled:
-                self.error = f"miner stalled after the first token: {exc}"
+                # The client already has output, so there is no failing over now: end the
+                # stream with an error the OpenAI clients raise, and charge nothing for it.
                 self.status = 502
                 self.gateway.metrics.stream_errors.inc()
-                message = (
-                    f"The miner serving this request sent nothing for {exc}; the response is"
-                    " incomplete and was not charged."
-                )
-                await _end(send, relay.stream_error_event(message, code="miner_stalled"))
+                if stalled:
+                    self.error = f"miner stalled after the first token: {exc}"
+                    message = (
+                        f"The miner serving this request sent nothing for {exc}; the response"
+                        " is incomplete and was not charged."
+                    )
+                    await _end(send, relay.stream_error_event(message, code="miner_stalled"))
+                else:
+                    self.error = f"miner stream broke after the first token: {reason}"
+                    message = (
+                        "The miner serving this request failed mid-stream; the response is"
+                        " incomplete."
+                    )
+                    await _end(send, relay.stream_error_event(message))
                 return
-            # Stalled after its usage chunk: the receipt is stored and everything the client
-            # needs is in the tail, so only the miner's [DONE] is missing.
+            # Broke or stalled after its usage chunk: the receipt is stored and the tail holds
+            # everything the client paid for, so the stream ends as a success; only the
+            # miner's [DONE] is missing. The half-read connection cannot be reused.
+            self.resp.close()
             self.upstream_done = True
-        except (_MinerFailed, ValueError, *_UPSTREAM_ERRORS) as exc:
-            # The client already has output, so there is no failing over now: end the stream
-            # with an error the OpenAI clients raise, and charge nothing for it.
-            reason = f"{type(exc).__name__}: {exc}"
-            self.error = f"miner stream broke after the first token: {reason}"
-            self.status = 502
-            if not isinstance(exc, _MinerFailed | ValueError):
-                self.gateway.pool.mark_unreachable(self.miner, reason)
-            self.gateway.metrics.stream_errors.inc()
-            message = (
-                "The miner serving this request failed mid-stream; the response is incomplete."
-            )
-            await _end(send, relay.stream_error_event(message))
-            return
         finally:
             stall.stop()
         tail = self.tail + SSE_DONE if self.error is None else b""
