@@ -790,3 +790,44 @@ async def test_clients_leaving_are_one_log_line_not_a_traceback(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     left = [r for r in caplog.records if "closed the connection" in r.getMessage()]
     assert len(left) == 2 and all(r.exc_info is None for r in left), caplog.text
+
+
+async def test_a_client_leaving_a_plain_request_stops_its_miner(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    """A non-streamed request whose client hangs up is given up at once: the gateway closes
+    its upstream request (so the miner stops generating for nobody) and traces a 499, instead
+    of waiting for an answer nobody will read."""
+    async with (
+        miners_running(1, hang_s=20, mode="hang_before_first") as miners,
+        running_gateway(
+            miners,
+            keys,
+            traces,
+            read_timeout_s=30,
+            first_token_timeout_floor_s=25,
+            first_token_timeout_cap_s=25,
+        ) as gw,
+    ):
+        body = {"model": MODEL, "messages": MESSAGES}
+        headers = {"authorization": f"Bearer {api_key}"}
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(TimeoutError):
+                await session.post(
+                    gw.url + "/v1/chat/completions",
+                    json=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=0.5),
+                )
+        deadline = time.monotonic() + 3  # far inside every timeout the gateway has
+        while miners[0].hung_up < 1:
+            assert time.monotonic() < deadline, "the gateway kept the miner generating"
+            await asyncio.sleep(0.02)
+        recent = []
+        while not recent:
+            assert time.monotonic() < deadline, "no trace of the abandoned request"
+            recent = [t for t in traces.recent(5) if t.status == 499]
+            await asyncio.sleep(0.05)
+        assert recent[0].error == "The client closed the connection."
+        pool_state = gw.gateway.pool.get(miners[0].owner)
+        assert pool_state is not None and pool_state.inflight == 0

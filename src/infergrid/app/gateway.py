@@ -534,7 +534,10 @@ class Gateway:
             if settlement is not None:
                 call.payer = key.payer
                 call.max_tokens = parsed.token_limit() or settlement.default_max_tokens
-            response = await self._forward(call)
+            if call.stream:
+                response = await self._forward(call)  # the relay watches the client itself
+            else:
+                response = await self._forward_while_connected(call, request.receive)
             handed_off = isinstance(response, _StreamRelay)
             return response
         except APIError as exc:
@@ -558,6 +561,29 @@ class Gateway:
             if call is not None and call.reservation is not None and not handed_off:
                 assert settlement is not None
                 settlement.ledger.release(call.reservation)
+
+    async def _forward_while_connected(
+        self, call: _Call, receive: Receive
+    ) -> Response | _StreamRelay:
+        """`_forward`, given up as soon as the client hangs up: the upstream request is then
+        closed, which stops the miner generating an answer nobody will read. A receipt whose
+        commit had already begun is still stored and charged (see `_commit`)."""
+        forward = asyncio.ensure_future(self._forward(call))
+        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is shutting down
+            forward.cancel()
+            watch.cancel()
+            raise
+        if forward.done() or watch.exception() is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            return await forward
+        forward.cancel()
+        await asyncio.gather(forward, return_exceptions=True)
+        log.info("request %s: the client closed the connection", call.request_id)
+        raise APIError(499, "The client closed the connection.", code="client_closed")
 
     def _reserve(self, call: _Call, miner: MinerState) -> bool:
         """Hold the call's worst case at this miner's prices on the payer's headroom; False if

@@ -27,11 +27,11 @@ from infergrid.protocol.messages import (
     sign_message,
     signed_json,
 )
+from infergrid.protocol.openai_types import GENERATED_SEED_BITS
 
 # How many signed request hashes stay in memory. With a receipt log the older ones are
 # found there (see AttestedRequests); without one this is the whole memory of the guard.
 DEFAULT_REMEMBERED = 100_000
-SEED_BITS = 63
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def seed_for(request_hash_: bytes) -> int:
     memory lost (no log, or a replay older than it remembers) that is equivocation. With the
     seed fixed by the request hash, a replay gives the same tokens on the same hardware.
     """
-    return int.from_bytes(request_hash_[:8], "big") >> (64 - SEED_BITS)
+    return int.from_bytes(request_hash_[:8], "big") >> (64 - GENERATED_SEED_BITS)
 
 
 class AttestedRequests:
