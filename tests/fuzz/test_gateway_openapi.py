@@ -14,6 +14,7 @@ from fuzz_stack import MAX_BODY_BYTES, MODEL, KeepAlive, Stack, assert_healthy, 
 from hypothesis import HealthCheck, given, settings
 from pydantic import TypeAdapter
 from schemathesis import GenerationMode
+from schemathesis.checks import positive_data_acceptance
 from starlette.routing import Route
 
 from infergrid.app.config import GatewayConfig
@@ -177,9 +178,14 @@ def test_schemathesis(stack: Stack) -> None:
         if status == 200 and case.method == "POST":
             stack.counts.saw(200, direct=False)
         assert status < 500, (case.body, response.text)
+        excluded = []
         if 400 <= status < 500:
             check_error_shape(status, response.content)
-        case.validate_response(response, headers=stack.auth())
+            if response.json()["error"]["code"] == "context_length_exceeded":
+                # Valid by the document, but longer than the model's context: a limit of the
+                # model served, which no document of the API can state.
+                excluded.append(positive_data_acceptance)
+        case.validate_response(response, headers=stack.auth(), excluded_checks=excluded)
 
     try:
         run()
