@@ -107,6 +107,7 @@ def test_served_document(stack: Stack) -> None:
     finally:
         conn.close()
     assert status == 200 and headers["content-type"].startswith("application/json")
+    assert headers["x-request-id"]  # as on every answer of the gateway
     assert json.loads(raw) == build_document(max_body_bytes=MAX_BODY_BYTES)
     # A valid OpenAPI document that schemathesis can drive.
     schema = schemathesis.openapi.from_dict(json.loads(raw))

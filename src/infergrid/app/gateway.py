@@ -60,7 +60,7 @@ from infergrid.app.miners import (
     NoHealthyMiner,
     PoolMaintainer,
 )
-from infergrid.app.openapi import OPENAPI_PATH, openapi_endpoint
+from infergrid.app.openapi import OPENAPI_PATH, document_bytes
 from infergrid.app.settlement import (
     AttestationRejected,
     Settlement,
@@ -224,6 +224,7 @@ class Gateway:
             sock_read=config.read_timeout_s,
         )
         self._seeds = random.SystemRandom()
+        self._openapi = document_bytes(max_body_bytes=config.max_body_bytes)
         self.deadlines = DeadlineRule(
             floor_s=config.first_token_timeout_floor_s,
             cap_s=config.first_token_timeout_cap_s,
@@ -293,6 +294,13 @@ class Gateway:
                 "anchor_failures": anchorer.failures if anchorer is not None else 0,
             }
         return self._json(body, _request_id(request.scope))
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(
+            self._openapi,
+            headers={REQUEST_ID_HEADER: _request_id(request.scope)},
+            media_type="application/json",
+        )
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(
@@ -1339,7 +1347,7 @@ def create_gateway_app(
         Route("/v1/receipts/{request_id}", gateway.receipt, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
-        Route(OPENAPI_PATH, openapi_endpoint(max_body_bytes=config.max_body_bytes)),
+        Route(OPENAPI_PATH, gateway.openapi, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -6,19 +6,16 @@ to them; nothing about a request's shape is written here by hand. What the model
 in JSON Schema (a parameter the network refuses by name, a rule across two fields) is refused
 with a 400 in OpenAI's error shape, which every operation documents.
 
-`build_document` is a pure function; `openapi_endpoint` builds the document once, when the
-app is created, and serves the same bytes to every request.
+`build_document` is a pure function; the gateway builds the document once (`document_bytes`),
+when it is created, and serves the same bytes to every request.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
-from starlette.requests import Request
-from starlette.responses import Response
 
 from infergrid import __version__
 from infergrid.protocol.openai_types import ChatCompletionRequest, CompletionRequest
@@ -374,11 +371,6 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
     }
 
 
-def openapi_endpoint(*, max_body_bytes: int) -> Callable[[Request], Awaitable[Response]]:
-    """A Starlette endpoint serving the document, built once, now."""
-    content = json.dumps(build_document(max_body_bytes=max_body_bytes)).encode()
-
-    async def endpoint(request: Request) -> Response:
-        return Response(content, media_type=_JSON)
-
-    return endpoint
+def document_bytes(*, max_body_bytes: int) -> bytes:
+    """The document as the gateway serves it: built once, when the gateway is created."""
+    return json.dumps(build_document(max_body_bytes=max_body_bytes)).encode()
