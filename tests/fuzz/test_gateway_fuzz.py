@@ -310,8 +310,9 @@ def mutated(draw: st.DrawFn, bodies: st.SearchStrategy[dict[str, Any]]) -> bytes
 
 # -- what must come out --------------------------------------------------------------------
 
-# How OpenAI names a parameter: `stop`, `messages[0].content`, `stream_options.include_usage`.
-_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\]|\.[A-Za-z_][A-Za-z0-9_]*)*")
+# How OpenAI names a parameter: `stop`, `messages[0].content`, `stream_options.include_usage`;
+# in a body that is not an object, a position starts at an index (`[0].model`).
+_PARAM = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|\[\d+\])(?:\[\d+\]|\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Fields a body may lack that an error can name: required ones, at any level.
 _REQUIRED = {"model", "messages", "prompt", "role", "type", "text"}
 

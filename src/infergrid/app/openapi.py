@@ -226,12 +226,30 @@ def _completion_operation(op_id: str, schema_name: str, summary: str) -> dict[st
                 " is true.",
                 "content": {
                     _JSON: {"schema": _COMPLETION_RESPONSE},
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": _SSE_EVENT},
                 },
             },
             **_errors(400, 401, 402, 404, 405, 409, 413, 500, 502, 503),
         },
     }
+
+
+# One server-sent event: in OpenAPI 3.1 the schema of an event stream describes each event.
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": (
+        "One server-sent event. `data` is a JSON chunk (as the non-streamed body, with `delta`"
+        " in place of `message`; an error event carries OpenAI's error object), then the"
+        " literal `[DONE]`."
+    ),
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
 
 
 def build_document(*, max_body_bytes: int) -> dict[str, Any]:

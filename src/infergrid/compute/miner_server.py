@@ -454,9 +454,13 @@ async def _prompt_ids(engine: Engine, req: ChatCompletionRequest | CompletionReq
     try:
         ids = work() if size <= _INLINE_TOKENIZE_CHARS else await run_in_threadpool(work)
     except Exception as exc:  # a chat template rejecting the conversation, say
-        raise APIError(400, f"Could not build the prompt: {exc}", param="messages") from None
+        raise APIError(
+            400, f"Could not build the prompt: {exc}", param="messages", code="invalid_prompt"
+        ) from None
     if not ids:
-        raise APIError(400, "The prompt is empty after tokenization.", param="prompt")
+        raise APIError(
+            400, "The prompt is empty after tokenization.", param="prompt", code="empty_prompt"
+        )
     return ids
 
 
