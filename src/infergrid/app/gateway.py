@@ -575,23 +575,35 @@ class Gateway:
     ) -> Response | _StreamRelay:
         """`_forward`, given up as soon as the client hangs up: the upstream request is then
         closed, which stops the miner generating an answer nobody will read. A receipt whose
-        commit had already begun is still stored and charged (see `_commit`)."""
-        forward = asyncio.ensure_future(self._forward(call))
+        commit had already begun is still stored and charged (see `_commit`).
+
+        `_forward` runs in this task and one watcher task cancels it when the client goes:
+        cheaper on the hot path than racing two tasks."""
+        this = asyncio.current_task()
+        assert this is not None
+        gone = done = False
+
+        def client_left(watch: asyncio.Task[None]) -> None:
+            nonlocal gone
+            # `done`: a callback already scheduled when the forward ended must not cancel
+            # whatever this task does next.
+            if not done and not watch.cancelled() and watch.exception() is None:
+                gone = True
+                this.cancel()
+
         watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watch.add_done_callback(client_left)
         try:
-            await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the server is shutting down
-            forward.cancel()
+            return await self._forward(call)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # the server is shutting down
+            this.uncancel()
+            log.info("request %s: the client closed the connection", call.request_id)
+            raise APIError(499, "The client closed the connection.", code="client_closed") from None
+        finally:
+            done = True
             watch.cancel()
-            raise
-        if forward.done() or watch.exception() is not None:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
-            return await forward
-        forward.cancel()
-        await asyncio.gather(forward, return_exceptions=True)
-        log.info("request %s: the client closed the connection", call.request_id)
-        raise APIError(499, "The client closed the connection.", code="client_closed")
 
     def _reserve(self, call: _Call, miner: MinerState) -> bool:
         """Hold the call's worst case at this miner's prices on the payer's headroom; False if
