@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from infergrid.processes import free_port
+from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 MINER_ADDRESS = "0x" + "42" * 20
@@ -288,14 +288,7 @@ async def measure(
 
 
 def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True, check=True
-        ).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from infergrid.processes import free_port
+from machine_info import cpu_model
 
 MINER_ADDRESS = "0x" + "42" * 20
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -188,14 +189,7 @@ async def measure_config(
 def machine() -> dict[str, Any]:
     from infergrid.compute.transformers_engine import available_cores
 
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True, check=True
-        ).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     load_avg = float("nan")
     with contextlib.suppress(OSError):
         load_avg = os.getloadavg()[0]
