@@ -77,8 +77,6 @@ class _SamplingRequest(_Strict):
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     # vLLM-style extension: absent, 0 or -1 disable it.
     top_k: Annotated[int, Field(ge=-1, le=TOP_K_MAX)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     user: str | None = None
 
     KIND: ClassVar[str] = "request"
@@ -126,7 +124,6 @@ class CompletionRequest(_SamplingRequest):
     )
     # In the legacy API, logprobs is an integer: how many alternatives per token.
     logprobs: Annotated[int, Field(ge=0, le=MAX_LEGACY_LOGPROBS)] | None = None
-    echo: Literal[False] | None = None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -205,13 +202,10 @@ _EXPECTED: dict[str, str] = {
     "stop": _STOP,
     "stop[]": f"a stop sequence of 1 to {MAX_STOP_LENGTH} characters",
     "seed": f"a signed 64-bit integer, from {SEED_MIN} to {SEED_MAX}",
-    "presence_penalty": "0",
-    "frequency_penalty": "0",
     "user": "a string",
     "chat:logprobs": "a boolean",
     "completion:logprobs": f"an integer from 0 to {MAX_LEGACY_LOGPROBS}",
     "top_logprobs": f"an integer from 0 to {MAX_TOP_LOGPROBS}",
-    "echo": "false",
 }
 _TYPE_NAMES = {
     bool: "a boolean",
