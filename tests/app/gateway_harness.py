@@ -15,7 +15,7 @@ from infergrid.app.gateway import Gateway, create_gateway_app
 from infergrid.app.keys import KeyStore
 from infergrid.app.settlement import Settlement
 from infergrid.app.traces import TraceStore
-from infergrid.protocol.nodes import NodeRecord
+from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 
 MODEL = "tiny-test"
 
@@ -83,3 +83,17 @@ async def miners_running(count: int, **kwargs: Any) -> AsyncIterator[list[Script
             for i in range(count)
         ]
         yield miners
+
+
+@dataclass
+class RealMiner:
+    """A real miner server (compute.miner_server over `engine`) as the harness needs it: an
+    owner, a base URL and a registry record to discover (prices 1 and 2 wei per token)."""
+
+    owner: str
+    base_url: str
+    engine: Any
+
+    def record(self) -> NodeRecord:
+        offer = ModelOffer(self.engine.name, self.engine.model_id, 1, 2)
+        return NodeRecord(self.owner, Role.MINER, self.base_url, self.owner, (offer,))

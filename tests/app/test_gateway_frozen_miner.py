@@ -13,12 +13,11 @@ from typing import Any
 
 import openai
 import pytest
-from gateway_harness import running_gateway
+from gateway_harness import RealMiner, running_gateway
 from miner_process import MinerProcess
 
 from infergrid.app.keys import KeyStore
 from infergrid.app.traces import TraceStore
-from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.protocol.wire import MINER_HEADER
 
 miner_server = pytest.importorskip("infergrid.compute.miner_server")
@@ -48,26 +47,12 @@ def frozen(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield process
 
 
-class _ThreadMiner:
-    """The second real miner, on a thread of this process; enough of ScriptedMiner's shape
-    for the harness."""
-
-    def __init__(self, url: str, engine: Any) -> None:
-        self.owner = OTHER
-        self.base_url = url
-        self.engine = engine
-
-    def record(self) -> NodeRecord:
-        offer = ModelOffer(self.engine.name, self.engine.model_id, 1, 2)
-        return NodeRecord(OTHER, Role.MINER, self.base_url, OTHER, (offer,))
-
-
 @pytest.fixture(scope="module")
-def other(model_dir: Path) -> Iterator[_ThreadMiner]:
+def other(model_dir: Path) -> Iterator[RealMiner]:
     engine = transformers_engine.TransformersEngine.from_dir(model_dir, device="cpu")
     app = miner_server.create_miner_app(engine, node_address=OTHER, max_concurrency=2)
     with miner_server.MinerServerThread(app, log_level="critical") as server:
-        yield _ThreadMiner(server.url, engine)
+        yield RealMiner(OTHER, server.url, engine)
 
 
 def gateway_settings() -> dict[str, Any]:
@@ -100,7 +85,7 @@ async def timed(oa: openai.AsyncOpenAI, model: str, stream: bool) -> tuple[float
 
 
 async def test_frozen_miner_delays_no_request_past_its_deadline(
-    frozen: MinerProcess, other: _ThreadMiner, keys: KeyStore, traces: TraceStore, api_key: str
+    frozen: MinerProcess, other: RealMiner, keys: KeyStore, traces: TraceStore, api_key: str
 ) -> None:
     model = frozen.record().models[0].name
     async with running_gateway([frozen, other], keys, traces, **gateway_settings()) as gw:  # type: ignore[list-item]

@@ -12,11 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from gateway_harness import RunningGateway, running_gateway
+from gateway_harness import RealMiner, RunningGateway, running_gateway
 
 from infergrid.app.keys import KeyStore
 from infergrid.app.traces import TraceStore
-from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
+from infergrid.protocol.nodes import ModelOffer, Role
 from infergrid.protocol.wire import EXTENSION_KEY, MINER_HEADER, REQUEST_ID_HEADER
 
 miner_server = pytest.importorskip("infergrid.compute.miner_server")
@@ -42,24 +42,11 @@ def miner_url(engine: Any) -> Iterator[str]:
         yield server.url
 
 
-class _RealMiner:
-    """Enough of ScriptedMiner's shape for the harness: a record to discover."""
-
-    def __init__(self, url: str, engine: Any) -> None:
-        self.owner = OWNER
-        self.base_url = url
-        self.engine = engine
-
-    def record(self) -> NodeRecord:
-        offer = ModelOffer(self.engine.name, self.engine.model_id, 1, 2)
-        return NodeRecord(OWNER, Role.MINER, self.base_url, OWNER, (offer,))
-
-
 @contextlib.asynccontextmanager
 async def gateway_for(
     miner_url: str, engine: Any, keys: KeyStore, traces: TraceStore
 ) -> AsyncIterator[RunningGateway]:
-    async with running_gateway([_RealMiner(miner_url, engine)], keys, traces) as gw:  # type: ignore[list-item]
+    async with running_gateway([RealMiner(OWNER, miner_url, engine)], keys, traces) as gw:  # type: ignore[list-item]
         yield gw
 
 
