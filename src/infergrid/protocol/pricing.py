@@ -12,6 +12,45 @@ from infergrid.protocol.nodes import WEI_PER_BTT, ModelOffer
 
 PPM = 1_000_000
 
+# Completion tokens a request that sets no limit may generate: the gateway reserves them, tells
+# the miner so in the body it forwards, and bills no more.
+DEFAULT_MAX_TOKENS = 1024
+# Prompt tokens a chat template may add that no byte of the request body accounts for: role
+# markers, special tokens, a model's default system prompt (Llama 3.1 adds about 25, Qwen2.5
+# about 20).
+TEMPLATE_TOKEN_ALLOWANCE = 256
+
+
+def max_prompt_tokens(body_bytes: int) -> int:
+    """The most prompt tokens a request whose forwarded body is `body_bytes` long can be billed
+    for: one per body byte (a token is at least one byte of text, and the JSON around the text
+    only adds bytes) plus the template allowance. The gateway refuses an attestation above it,
+    and an honest miner refuses such a prompt before generating."""
+    if body_bytes < 0:
+        raise ValueError("a body length is non-negative")
+    return body_bytes + TEMPLATE_TOKEN_ALLOWANCE
+
+
+def max_request_value(body_bytes: int, max_tokens: int, offer: ModelOffer) -> int:
+    """The most one request can cost at `offer`'s prices: what the gateway reserves before
+    forwarding it, and what its receipt can never exceed."""
+    return request_value(max_prompt_tokens(body_bytes), max_tokens, offer)
+
+
+def over_limit(tokens_in: int, tokens_out: int, *, body_bytes: int, max_tokens: int) -> str | None:
+    """Why a response attested with these token counts bills more than its request allowed,
+    or None when it does not. Within both limits its value is at most max_request_value, so a
+    receipt never exceeds the reservation made for it."""
+    bound = max_prompt_tokens(body_bytes)
+    if tokens_in > bound:
+        return (
+            f"{tokens_in} prompt tokens attested for a {body_bytes}-byte request, which can"
+            f" hold at most {bound}"
+        )
+    if tokens_out > max_tokens:
+        return f"{tokens_out} completion tokens attested, above the request's limit {max_tokens}"
+    return None
+
 
 def request_value(tokens_in: int, tokens_out: int, offer: ModelOffer) -> int:
     """Wei a payer owes for one response at a miner's registered prices."""

@@ -1,7 +1,11 @@
 """Compile the Vyper contracts into committed JSON artifacts, and load those at runtime.
 
-Nodes never compile: they load `artifacts/<Name>.json`. After editing a contract, regenerate
-with `python -m infergrid.settle.build`; a test fails while the artifacts are stale.
+Nodes never compile: they load `artifacts/<Name>.json`. After editing a contract or a shared
+module under `contracts/lib/`, regenerate with `python -m infergrid.settle.build`; a test fails
+while the artifacts are stale.
+
+Contracts share code as Vyper modules in `contracts/lib/` (`initializes:` / `uses:`, as
+Snekmate does), never by copying functions; a module is not a contract and has no artifact.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 SETTLE_DIR = Path(__file__).resolve().parent
 CONTRACTS_DIR = SETTLE_DIR / "contracts"
+MODULES_DIR = CONTRACTS_DIR / "lib"
 ARTIFACTS_DIR = SETTLE_DIR / "artifacts"
 EVM_VERSION = "london"  # BTTC runs Berlin rules: no PUSH0, no BASEFEE
 
@@ -38,18 +43,30 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+def _modules_source() -> str:
+    """Every shared module, in name order: part of each contract's source hash, so editing a
+    module marks every artifact stale (a contract that does not import it rebuilds the same)."""
+    return "".join(
+        f"\n# --- lib/{path.name}\n{path.read_text()}" for path in sorted(MODULES_DIR.glob("*.vy"))
+    )
+
+
 def compile_contract(name: str) -> dict[str, Any]:
     """Compile contracts/<name>.vy; returns the artifact as the JSON file holds it."""
     import vyper
+    from vyper.compiler.input_bundle import FilesystemInputBundle
     from vyper.compiler.settings import Settings
 
     path = CONTRACTS_DIR / f"{name}.vy"
     if not path.is_file():
         raise FileNotFoundError(f"no contract source {path}")
     source = path.read_text()
-    out = vyper.compile_code(
-        source,
-        contract_path=path.name,
+    # Paths relative to the contracts folder, so the bytecode's metadata does not depend on
+    # where the checkout lies.
+    bundle = FilesystemInputBundle([CONTRACTS_DIR])
+    out = vyper.compiler.compile_from_file_input(
+        bundle.load_file(path.name),
+        input_bundle=bundle,
         output_formats=["abi", "bytecode"],
         settings=Settings(evm_version=EVM_VERSION),
     )
@@ -57,7 +74,7 @@ def compile_contract(name: str) -> dict[str, Any]:
         "contract": name,
         "compiler": f"vyper {vyper.__version__}",
         "evm_version": EVM_VERSION,
-        "source_sha256": source_hash(source),
+        "source_sha256": source_hash(source + _modules_source()),
         "abi": out["abi"],
         "bytecode": out["bytecode"],
     }
