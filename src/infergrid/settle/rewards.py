@@ -1,9 +1,13 @@
 """The RewardDistributor contract from Python: epoch reward roots, claims, receipt anchors.
 
 The network builds an epoch's allocations into a `RewardTree` (pure, deterministic), proposes
-its root with a bond, and after the challenge window anyone finalizes it; each account then
-claims its amount with the proof from the same tree. Gateways anchor the Merkle roots of their
-receipts (protocol/merkle.py over receipt struct hashes) so any receipt can be proven later.
+its root with a bond (epochs from 1, in order: `next_epoch()`), and after the challenge window
+anyone finalizes it; each account then claims its amount with the proof from the same tree. A
+challenge is ruled on by the arbiter; the loser's bond goes half to the winner and half to the
+treasury, and a root upheld still waits out its window. The arbiter changes only through a
+timelock longer than the window; the admin is handed over in two steps. Gateways anchor the
+Merkle roots of their receipts (protocol/merkle.py over receipt struct hashes) so any receipt
+can be proven later.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from eth_utils import to_checksum_address
+from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3.contract import Contract
 from web3.types import TxReceipt
@@ -25,9 +29,15 @@ from infergrid.settle.registry import RegistryEvent, check_address
 
 CONTRACT_NAME = "RewardDistributor"
 UINT256_MAX = 2**256 - 1
-# Mirror MAX_CHALLENGE_WINDOW and MAX_ANCHOR_COUNT in the contract.
+ZERO_ADDRESS = "0x" + "00" * 20
+# Mirror MAX_CHALLENGE_WINDOW, MAX_ANCHOR_COUNT and BOND_TO_TREASURY_PPM in the contract, and
+# MAX_DELAY in lib/timelock.vy.
 MAX_CHALLENGE_WINDOW_S = 30 * 86400
 MAX_ANCHOR_COUNT = 2**64 - 1
+MAX_ARBITER_DELAY_S = 365 * 86400
+BOND_TO_TREASURY_PPM = 500_000
+# The timelock's key for arbiter changes: keccak256("arbiter") in the contract.
+ARBITER_CHANGE = keccak(b"arbiter")
 
 # The contract's status codes, by name.
 EPOCH_STATUSES = ("none", "proposed", "challenged", "finalized")
@@ -104,7 +114,7 @@ def reward_tree(allocations: Mapping[str, int]) -> RewardTree:
     entries: dict[str, int] = {}
     for account, amount in allocations.items():
         address = check_address(account, "account")
-        if address == to_checksum_address("0x" + "00" * 20):
+        if address == ZERO_ADDRESS:
             raise ValueError("the zero address cannot claim a reward")
         if not isinstance(amount, int) or isinstance(amount, bool):
             raise ValueError(f"reward of {address} must be an int amount of wei")
@@ -166,30 +176,55 @@ def epoch_from_view(epoch: int, value: Sequence[Any]) -> EpochRecord:
 # --- deployment -----------------------------------------------------------------------------
 
 
+def forfeited_split(bond_wei: int) -> tuple[int, int]:
+    """How a losing bond of `bond_wei` is split: (to the winner, to the treasury), as the
+    contract rounds it (the treasury's share rounded down)."""
+    to_treasury = _amount(bond_wei, "bond") * BOND_TO_TREASURY_PPM // 1_000_000
+    return bond_wei - to_treasury, to_treasury
+
+
 def deploy_rewards(
     chain: Chain,
     deployer_key: PrivateKey,
     *,
     arbiter: str,
+    treasury: str,
     proposer_bond_wei: int,
     challenge_window_s: int,
+    arbiter_delay_s: int,
 ) -> str:
-    """Deploy a RewardDistributor; the deployer becomes its admin. Returns the address."""
-    arbiter = check_address(arbiter, "arbiter")
+    """Deploy a RewardDistributor; the deployer becomes its admin. Returns the address.
+
+    `treasury` receives half of every losing bond. `challenge_window_s` must be positive, and
+    `arbiter_delay_s` (how long a newly scheduled arbiter waits) longer than the window.
+    """
+    arbiter = _nonzero_address(arbiter, "arbiter")
+    treasury = _nonzero_address(treasury, "treasury")
     if _amount(proposer_bond_wei, "proposer bond") == 0:
         raise ValueError("proposer bond must be positive")
-    if not isinstance(challenge_window_s, int) or challenge_window_s < 0:
-        raise ValueError("challenge window must be a non-negative int of seconds")
+    if not _is_int(challenge_window_s) or challenge_window_s <= 0:
+        raise ValueError("challenge window must be a positive int of seconds")
     if challenge_window_s > MAX_CHALLENGE_WINDOW_S:
         raise ValueError(f"challenge window is over {MAX_CHALLENGE_WINDOW_S} s")
+    if not _is_int(arbiter_delay_s):
+        raise ValueError("arbiter delay must be an int of seconds")
+    if arbiter_delay_s <= challenge_window_s:
+        raise ValueError(
+            f"arbiter delay {arbiter_delay_s} s must outlast the challenge window"
+            f" {challenge_window_s} s"
+        )
+    if arbiter_delay_s > MAX_ARBITER_DELAY_S:
+        raise ValueError(f"arbiter delay is over {MAX_ARBITER_DELAY_S} s")
     artifact = load_artifact(CONTRACT_NAME)
     return chain.deploy(
         deployer_key,
         artifact.abi,
         artifact.bytecode,
         arbiter,
+        treasury,
         proposer_bond_wei,
         challenge_window_s,
+        arbiter_delay_s,
     )
 
 
@@ -206,6 +241,8 @@ class RewardDistributor:
         self.contract: Contract = chain.contract(self.address, load_artifact(CONTRACT_NAME).abi)
         self._bond: int | None = None
         self._window: int | None = None
+        self._treasury: str | None = None
+        self._arbiter_delay: int | None = None
 
     # --- parameters (immutable in the contract, so read once) ---
 
@@ -219,13 +256,43 @@ class RewardDistributor:
             self._window = int(self.chain.call(self.contract.functions.challenge_window()))
         return self._window
 
+    def treasury(self) -> str:
+        if self._treasury is None:
+            self._treasury = to_checksum_address(
+                self.chain.call(self.contract.functions.treasury())
+            )
+        return self._treasury
+
+    def arbiter_delay(self) -> int:
+        """Seconds between schedule_arbiter() and the earliest apply_arbiter()."""
+        if self._arbiter_delay is None:
+            self._arbiter_delay = int(self.chain.call(self.contract.functions.delay()))
+        return self._arbiter_delay
+
     def admin(self) -> str:
         return to_checksum_address(self.chain.call(self.contract.functions.admin()))
+
+    def pending_admin(self) -> str:
+        """The address named by transfer_admin() that has not accepted yet; zero if none."""
+        return to_checksum_address(self.chain.call(self.contract.functions.pending_admin()))
 
     def arbiter(self) -> str:
         return to_checksum_address(self.chain.call(self.contract.functions.arbiter()))
 
+    def pending_arbiter(self) -> str:
+        """The arbiter announced by schedule_arbiter() and not applied; zero if none."""
+        return to_checksum_address(self.chain.call(self.contract.functions.pending_arbiter()))
+
+    def arbiter_ready_at(self) -> int:
+        """From when apply_arbiter() succeeds (block timestamp); 0 if nothing is pending."""
+        _, ready_at = self.chain.call(self.contract.functions.pending(ARBITER_CHANGE))
+        return int(ready_at)
+
     # --- reads ---
+
+    def next_epoch(self) -> int:
+        """The lowest epoch never proposed: the one the next new proposal must name."""
+        return int(self.chain.call(self.contract.functions.next_epoch()))
 
     def epoch(self, epoch: int) -> EpochRecord:
         value = self.chain.call(self.contract.functions.epoch_info(_amount(epoch, "epoch")))
@@ -302,12 +369,13 @@ class RewardDistributor:
         return self.chain.send(key, self.contract, "fund", value=_amount(amount_wei, "amount"))
 
     def propose(self, key: PrivateKey, epoch: int, root: bytes, total_wei: int) -> TxReceipt:
-        """Propose `root` for `epoch`, posting the proposer bond."""
+        """Propose `root` for `epoch`, posting the proposer bond. `epoch` is next_epoch(), or
+        an earlier epoch whose proposal was ruled invalid."""
         return self.chain.send(
             key,
             self.contract,
             "propose",
-            _amount(epoch, "epoch"),
+            _epoch(epoch),
             _bytes32(root, "root"),
             _amount(total_wei, "total"),
             value=self.proposer_bond(),
@@ -317,18 +385,21 @@ class RewardDistributor:
         return self.propose(key, epoch, tree.root, tree.total)
 
     def challenge(self, key: PrivateKey, epoch: int) -> TxReceipt:
-        """Dispute `epoch`'s proposed root, posting a bond equal to the proposer's."""
+        """Dispute `epoch`'s proposed root, posting a bond equal to the proposer's; the loser
+        of the arbiter's ruling forfeits it (half to the winner, half to the treasury)."""
         return self.chain.send(
-            key, self.contract, "challenge", _amount(epoch, "epoch"), value=self.proposer_bond()
+            key, self.contract, "challenge", _epoch(epoch), value=self.proposer_bond()
         )
 
     def resolve_challenge(self, key: PrivateKey, epoch: int, root_valid: bool) -> TxReceipt:
-        return self.chain.send(
-            key, self.contract, "resolve_challenge", _amount(epoch, "epoch"), bool(root_valid)
-        )
+        """The arbiter's ruling. A root ruled valid is proposed again and still waits out its
+        window; one ruled invalid is erased."""
+        if not isinstance(root_valid, bool):
+            raise ValueError("root_valid must be a bool")
+        return self.chain.send(key, self.contract, "resolve_challenge", _epoch(epoch), root_valid)
 
     def finalize(self, key: PrivateKey, epoch: int) -> TxReceipt:
-        return self.chain.send(key, self.contract, "finalize", _amount(epoch, "epoch"))
+        return self.chain.send(key, self.contract, "finalize", _epoch(epoch))
 
     def claim(
         self,
@@ -343,7 +414,7 @@ class RewardDistributor:
             key,
             self.contract,
             "claim",
-            _amount(epoch, "epoch"),
+            _epoch(epoch),
             check_address(account, "account"),
             _amount(amount_wei, "amount"),
             _proof(proof),
@@ -383,19 +454,51 @@ class RewardDistributor:
 
     # --- administration ---
 
-    def set_arbiter(self, admin_key: PrivateKey, arbiter: str) -> TxReceipt:
+    def schedule_arbiter(self, admin_key: PrivateKey, arbiter: str) -> TxReceipt:
+        """Announce `arbiter` as the next arbiter; anyone applies it after arbiter_delay()."""
         return self.chain.send(
-            admin_key, self.contract, "set_arbiter", check_address(arbiter, "arbiter")
+            admin_key, self.contract, "schedule_arbiter", _nonzero_address(arbiter, "arbiter")
         )
 
+    def apply_arbiter(self, key: PrivateKey) -> TxReceipt:
+        """Make the announced arbiter the arbiter, once arbiter_ready_at() has come."""
+        return self.chain.send(key, self.contract, "apply_arbiter")
+
+    def cancel_arbiter(self, admin_key: PrivateKey) -> TxReceipt:
+        return self.chain.send(admin_key, self.contract, "cancel_arbiter")
+
     def transfer_admin(self, admin_key: PrivateKey, new_admin: str) -> TxReceipt:
+        """Name `new_admin` as the next admin; it takes over with accept_admin(). The zero
+        address withdraws a pending nomination."""
         return self.chain.send(
             admin_key, self.contract, "transfer_admin", check_address(new_admin, "admin")
         )
 
+    def accept_admin(self, key: PrivateKey) -> TxReceipt:
+        """Become admin; only the pending admin may."""
+        return self.chain.send(key, self.contract, "accept_admin")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nonzero_address(address: str, what: str) -> str:
+    checked = check_address(address, what)
+    if checked == ZERO_ADDRESS:
+        raise ValueError(f"{what} must not be the zero address")
+    return checked
+
+
+def _epoch(epoch: int) -> int:
+    """An epoch a write names: epochs are numbered from 1."""
+    if _amount(epoch, "epoch") == 0:
+        raise ValueError("epochs are numbered from 1")
+    return epoch
+
 
 def _amount(value: int, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not _is_int(value):
         raise ValueError(f"{what} must be an int")
     if not 0 <= value <= UINT256_MAX:
         raise ValueError(f"{what} {value} is out of range")

@@ -2,19 +2,42 @@
 # pragma evm-version london
 """
 @title InferGrid RewardDistributor
-@notice Epoch rewards as Merkle roots, proposed optimistically: anyone may propose an epoch's
-        root with a bond; anyone else may challenge it with an equal bond inside the
-        challenge window; the arbiter settles challenges. An unchallenged root is finalized
-        after the window, and then each account claims its leaf once. Gateways also anchor
-        the Merkle roots of their receipts here, so any receipt can be proven to anyone.
+@notice Epoch rewards as Merkle roots, proposed optimistically: anyone may propose the root
+        of the next epoch (epochs are numbered from 1, in order) with a bond; anyone else may
+        challenge it with an equal bond inside the challenge window; the arbiter rules on
+        challenges. The loser of a ruling forfeits its bond: half to the treasury, half to the
+        winner, so that challenging one's own root from a second address costs half a bond.
+        A root is finalized only once its window has passed, whether or not it was challenged
+        and upheld, and then each account claims its leaf once. The arbiter is replaced only
+        through a timelock longer than the challenge window; the admin is handed over in two
+        steps. Gateways also anchor the Merkle roots of their receipts here, so any receipt
+        can be proven to anyone.
 @dev Leaves are keccak256(keccak256(abi_encode(account, amount))) and pairs are hashed
      sorted, exactly as infergrid.protocol.merkle builds them. Rewards are paid to the
-     account on claim; bonds are pull payments (withdraw_credit).
+     account on claim; bonds are pull payments (withdraw_credit), the treasury's shares of
+     forfeited bonds too.
      Accounting: self.balance == bonds_held + (allocated - total_claimed) + unallocated(),
-     where allocated is the sum of the totals of every epoch still proposed, challenged or
+     where bonds_held counts every bond posted and not yet withdrawn (those of open proposals
+     and challenges, and the credits they were turned into, the treasury's included) and
+     allocated is the sum of the totals of every epoch still proposed, challenged or
      finalized. propose() reserves its total out of unallocated(), which never goes below
      zero, so the roots can never promise more than the contract holds.
 """
+
+from lib import timelock
+from lib import two_step_admin
+
+initializes: two_step_admin
+initializes: timelock
+
+exports: (
+    two_step_admin.transfer_admin,
+    two_step_admin.accept_admin,
+    two_step_admin.admin,
+    two_step_admin.pending_admin,
+    timelock.delay,
+    timelock.pending,
+)
 
 # Proofs for trees of up to 2**32 leaves (protocol/merkle.MAX_PROOF_LENGTH).
 MAX_PROOF_LENGTH: constant(uint256) = 32
@@ -25,6 +48,13 @@ MAX_CHALLENGE_WINDOW: constant(uint256) = 30 * 86400
 # receipts, and block times and numbers stay below 2**64 for billions of years.
 MASK64: constant(uint256) = 2**64 - 1
 MAX_ANCHOR_COUNT: constant(uint256) = MASK64
+
+# Share of a losing bond that goes to the treasury; the winner gets the rest. Paying part of it
+# to a third party is what makes a self-challenge (one party on both sides) cost something.
+PPM: constant(uint256) = 1_000_000
+BOND_TO_TREASURY_PPM: constant(uint256) = 500_000
+# The timelock's key for arbiter changes.
+ARBITER_CHANGE: constant(bytes32) = keccak256("arbiter")
 
 STATUS_NONE: constant(uint8) = 0
 STATUS_PROPOSED: constant(uint8) = 1
@@ -99,15 +129,23 @@ event ReceiptsAnchored:
     root: bytes32
     count: uint256
 
+event ArbiterScheduled:
+    arbiter: indexed(address)
+    ready_at: uint256
+
+event ArbiterCancelled:
+    arbiter: indexed(address)
+
 event ArbiterSet:
     arbiter: indexed(address)
 
-event AdminTransferred:
-    admin: indexed(address)
 
-
-admin: public(address)
+# Receives half of every losing bond (pulled with withdraw_credit, like any credit).
+treasury: public(immutable(address))
 arbiter: public(address)
+# The arbiter announced by schedule_arbiter(), applicable from the ready_at of
+# timelock.pending[ARBITER_CHANGE]; empty when none is pending.
+pending_arbiter: public(address)
 proposer_bond: public(uint256)
 challenge_window: public(uint256)
 
@@ -121,6 +159,9 @@ total_claimed: public(uint256)
 bonds_held: public(uint256)
 # Bonds owed, pulled with withdraw_credit().
 credits: public(HashMap[address, uint256])
+# The lowest epoch never proposed. Proposals come in order, so no epoch is skipped and none is
+# proposed far ahead, where no one watches for a root to challenge.
+next_epoch: public(uint256)
 
 epochs: HashMap[uint256, EpochInfo]
 claimed: HashMap[uint256, HashMap[address, bool]]
@@ -130,16 +171,34 @@ anchor_counts: HashMap[address, uint256]
 
 
 @deploy
-def __init__(arbiter: address, proposer_bond: uint256, challenge_window: uint256):
+def __init__(
+    arbiter: address,
+    _treasury: address,
+    proposer_bond: uint256,
+    challenge_window: uint256,
+    _arbiter_delay: uint256,
+):
+    """
+    @notice The deployer becomes admin. `_arbiter_delay` is how long a new arbiter waits after
+            its announcement; it must outlast the challenge window, so that every root
+            proposed before an announcement has its whole window under the arbiter its
+            proposer and challengers knew.
+    """
     assert arbiter != empty(address), "zero arbiter"
+    assert _treasury != empty(address), "zero treasury"
     # A free proposal could be spammed at no cost, and a challenge would risk nothing.
     assert proposer_bond > 0, "bond must be positive"
+    # Without a window no one can challenge: every root would be final at once.
+    assert challenge_window > 0, "zero challenge window"
     assert challenge_window <= MAX_CHALLENGE_WINDOW, "challenge window too long"
-    self.admin = msg.sender
+    assert _arbiter_delay > challenge_window, "arbiter delay must outlast the challenge window"
+    two_step_admin.__init__()
+    timelock.__init__(_arbiter_delay)
+    treasury = _treasury
     self.arbiter = arbiter
     self.proposer_bond = proposer_bond
     self.challenge_window = challenge_window
-    log AdminTransferred(admin=msg.sender)
+    self.next_epoch = 1
     log ArbiterSet(arbiter=arbiter)
 
 
@@ -180,6 +239,20 @@ def _credit(recipient: address, epoch: uint256, amount: uint256):
     log Credited(recipient=recipient, epoch=epoch, amount=amount)
 
 
+@internal
+def _forfeit(winner: address, epoch: uint256, own_bond: uint256):
+    """
+    @notice Split the loser's bond: BOND_TO_TREASURY_PPM of it to the treasury, the rest to
+            `winner`, who is also credited `own_bond` (its own bond back, or 0 where that
+            stays held).
+    """
+    bond: uint256 = self.proposer_bond
+    # No overflow: msg.value == bond was paid, so bond is far below 2**256 / PPM.
+    to_treasury: uint256 = bond * BOND_TO_TREASURY_PPM // PPM
+    self._credit(winner, epoch, own_bond + bond - to_treasury)
+    self._credit(treasury, epoch, to_treasury)
+
+
 # --- funding and epoch roots ------------------------------------------------------------
 
 
@@ -198,8 +271,12 @@ def propose(epoch: uint256, root: bytes32, total: uint256):
     """
     @notice Propose the reward root of `epoch`, paying out `total` wei in all, with a bond of
             exactly proposer_bond. `total` is reserved from the unallocated funds at once.
+            `epoch` is next_epoch, or an earlier epoch whose proposal was ruled invalid and
+            erased.
     """
     assert msg.value == self.proposer_bond, "wrong bond"
+    next_epoch: uint256 = self.next_epoch
+    assert epoch >= 1 and epoch <= next_epoch, "epoch out of order"
     assert self.epochs[epoch].status == STATUS_NONE, "epoch already proposed"
     assert root != empty(bytes32), "zero root"
     assert total > 0, "zero total"
@@ -207,6 +284,8 @@ def propose(epoch: uint256, root: bytes32, total: uint256):
     self.bonds_held += msg.value
     assert total <= self._unallocated(), "insufficient funds"
     self.allocated += total
+    if epoch == next_epoch:
+        self.next_epoch = next_epoch + 1
     # Field by field: claimed and challenger are zero already (a rejected proposal is erased
     # whole), and writing zeros would still cost gas.
     self.epochs[epoch].status = STATUS_PROPOSED
@@ -222,7 +301,8 @@ def propose(epoch: uint256, root: bytes32, total: uint256):
 def challenge(epoch: uint256):
     """
     @notice Dispute the proposed root of `epoch` with a bond equal to the proposer's, before
-            proposed_at + challenge_window. The arbiter then decides who gets both bonds.
+            proposed_at + challenge_window. The arbiter then rules; the loser forfeits its
+            bond. A root upheld before its window closes may be challenged again.
     """
     assert msg.value == self.proposer_bond, "wrong bond"
     assert self.epochs[epoch].status == STATUS_PROPOSED, "not challengeable"
@@ -239,29 +319,38 @@ def challenge(epoch: uint256):
 @external
 def resolve_challenge(epoch: uint256, root_valid: bool):
     """
-    @notice The arbiter's verdict on a challenged root. Valid: the root is final and the
-            proposer gets both bonds. Invalid: the challenger gets both bonds, the proposal
-            is erased, its reservation released, and the epoch may be proposed again.
+    @notice The arbiter's verdict on a challenged root; the loser's bond is split, half to the
+            treasury and half to the winner.
+            Valid: the proposer is credited half the challenger's bond; its own bond stays
+            held until finalize(), as for an unchallenged root. The root is proposed again,
+            with no challenger, and its window runs on: it is finalized only after
+            proposed_at + challenge_window, and may be challenged again until then.
+            Invalid: the challenger is credited its bond and half the proposer's; the
+            proposal is erased, its reservation released, and the epoch may be proposed again.
     """
     assert msg.sender == self.arbiter, "only arbiter"
     info: EpochInfo = self.epochs[epoch]
     assert info.status == STATUS_CHALLENGED, "not challenged"
-    both: uint256 = 2 * self.proposer_bond
     if root_valid:
-        self.epochs[epoch].status = STATUS_FINALIZED
+        # A ruling never shortens the window: an arbiter colluding with the proposer cannot
+        # make a root final before others had the whole window to dispute it.
+        self.epochs[epoch].status = STATUS_PROPOSED
+        self.epochs[epoch].challenger = empty(address)
         log ChallengeResolved(epoch=epoch, winner=info.proposer, root_valid=True)
-        self._credit(info.proposer, epoch, both)
-        log RootFinalized(epoch=epoch, root=info.root, total=info.total)
+        self._forfeit(info.proposer, epoch, 0)
     else:
         self.allocated -= info.total
         self.epochs[epoch] = empty(EpochInfo)
         log ChallengeResolved(epoch=epoch, winner=info.challenger, root_valid=False)
-        self._credit(info.challenger, epoch, both)
+        self._forfeit(info.challenger, epoch, self.proposer_bond)
 
 
 @external
 def finalize(epoch: uint256):
-    """@notice Finalize an unchallenged root once its window has passed; anyone may."""
+    """
+    @notice Finalize a proposed root once its window has passed; anyone may. The proposer's
+            bond is credited back. A root under challenge waits for the arbiter's ruling.
+    """
     status: uint8 = self.epochs[epoch].status
     assert status != STATUS_NONE, "not proposed"
     assert status != STATUS_FINALIZED, "already finalized"
@@ -342,20 +431,45 @@ def anchor(root: bytes32, count: uint256) -> uint256:
 # --- administration ---------------------------------------------------------------------
 
 
+@internal
+@pure
+def _arbiter_change(arbiter: address) -> bytes32:
+    return keccak256(abi_encode(arbiter))
+
+
 @external
-def set_arbiter(arbiter: address):
-    assert msg.sender == self.admin, "only admin"
+def schedule_arbiter(arbiter: address) -> uint256:
+    """
+    @notice Announce `arbiter` as the next arbiter (admin only); anyone may apply it once
+            timelock.delay has passed. Replaces an announcement still pending.
+    @return The timestamp from which apply_arbiter() succeeds.
+    """
+    two_step_admin._check_admin()
     assert arbiter != empty(address), "zero arbiter"
+    ready_at: uint256 = timelock._schedule(ARBITER_CHANGE, self._arbiter_change(arbiter))
+    self.pending_arbiter = arbiter
+    log ArbiterScheduled(arbiter=arbiter, ready_at=ready_at)
+    return ready_at
+
+
+@external
+def apply_arbiter():
+    """@notice Make the announced arbiter the arbiter once its delay has passed; anyone may."""
+    arbiter: address = self.pending_arbiter
+    timelock._consume(ARBITER_CHANGE, self._arbiter_change(arbiter))
     self.arbiter = arbiter
+    self.pending_arbiter = empty(address)
     log ArbiterSet(arbiter=arbiter)
 
 
 @external
-def transfer_admin(new_admin: address):
-    assert msg.sender == self.admin, "only admin"
-    assert new_admin != empty(address), "zero admin"
-    self.admin = new_admin
-    log AdminTransferred(admin=new_admin)
+def cancel_arbiter():
+    """@notice Withdraw the pending arbiter announcement (admin only)."""
+    two_step_admin._check_admin()
+    arbiter: address = self.pending_arbiter
+    timelock._cancel(ARBITER_CHANGE)
+    self.pending_arbiter = empty(address)
+    log ArbiterCancelled(arbiter=arbiter)
 
 
 # --- views ------------------------------------------------------------------------------
