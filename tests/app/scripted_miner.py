@@ -56,6 +56,9 @@ Mode = Literal[
     "hang_before_first",
     "stall_mid_stream",  # streams: two tokens, then nothing for hang_s, then the rest
     "die_after_usage",  # streams: everything up to the attested usage chunk, then dies
+    # Generates its whole reply whatever max_tokens says, and reports (and attests) all of it
+    # consistently: a miner billing for output nobody asked for.
+    "ignore_max_tokens",
 ]
 
 Attest = Literal[
@@ -89,7 +92,9 @@ class ScriptedMiner:
     healthy: bool = True
     token_delay_s: float = 0.0
     hang_s: float = 30.0  # how long the hang modes hold a request (unless the client leaves)
-    prompt_len: int = 7  # token ids it claims for the prompt; large ones make a long SSE line
+    # Token ids it claims for the prompt, whatever the request holds, and reports (and attests)
+    # consistently: large ones make a long SSE line, or inflate the bill.
+    prompt_len: int = 7
     base_url: str = ""
     price_in_wei: int = 1
     price_out_wei: int = 2
@@ -213,6 +218,8 @@ class ScriptedMiner:
         rid = request.headers.get(REQUEST_ID_HEADER) or "no-request-id"
         words = self.reply.split()
         limit = req.token_limit() or len(words)
+        if self.mode == "ignore_max_tokens":
+            limit = len(words)
         tokens = [w + " " for w in words[:limit]]
         finish = "stop" if limit >= len(words) else "length"
         prompt_ids = list(range(self.prompt_len))

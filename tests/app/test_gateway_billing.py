@@ -16,12 +16,7 @@ import pytest
 from eth_utils import to_checksum_address
 
 from infergrid.app import relay
-from infergrid.app.billing import (
-    EscrowSnapshot,
-    InsufficientHeadroom,
-    Ledger,
-    worst_case_wei,
-)
+from infergrid.app.billing import EscrowSnapshot, InsufficientHeadroom, Ledger
 from infergrid.app.keys import KeyStore
 from infergrid.app.miners import MinerPool
 from infergrid.app.node import receipts_db_path
@@ -42,6 +37,7 @@ from infergrid.protocol.messages import (
 )
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.protocol.openai_types import APIError
+from infergrid.protocol.pricing import TEMPLATE_TOKEN_ALLOWANCE, max_request_value
 
 PAYER = "0x" + "aa" * 20
 OWNER = "0x" + "0b" * 20
@@ -57,9 +53,10 @@ def snapshot(balance: int, *, thawing: int = 0, collected: int = 0, ok: bool = T
 # -- the ledger ----------------------------------------------------------------------------------
 
 
-def test_worst_case_counts_every_body_byte_and_the_whole_limit() -> None:
-    assert worst_case_wei(100, 16, OFFER) == 100 * 3 + 16 * 5
-    assert worst_case_wei(100, 16, replace(OFFER, price_in_wei=0, price_out_wei=0)) == 0
+def test_a_reservation_counts_each_body_byte_the_template_allowance_and_the_limit() -> None:
+    prompt_bound = 100 + TEMPLATE_TOKEN_ALLOWANCE
+    assert max_request_value(100, 16, OFFER) == prompt_bound * 3 + 16 * 5
+    assert max_request_value(100, 16, replace(OFFER, price_in_wei=0, price_out_wei=0)) == 0
 
 
 def test_headroom_is_balance_minus_thawing_outstanding_and_reservations() -> None:
@@ -157,6 +154,8 @@ def check(signed: Any, **overrides: Any) -> Any:
         "output_token_ids": list(OUTPUT_IDS),
         "prompt_token_ids": list(PROMPT_IDS),
         "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+        "body_bytes": len(PAYLOAD),
+        "max_tokens": 16,
     }
     args.update(overrides)
     return verify_attestation(DOMAIN, **args)
@@ -165,6 +164,7 @@ def check(signed: Any, **overrides: Any) -> Any:
 def test_a_good_attestation_verifies() -> None:
     verified = check(attested())
     assert verified.attestation.tokens_out == 4 and len(verified.signature) == 65
+    assert verified.value_wei == 3 * OFFER.price_in_wei + 4 * OFFER.price_out_wei
     # The registered signer is compared case-insensitively, as registries return it.
     check(attested(), record=replace(RECORD, signer=MINER_SIGNER.address.lower()))
 
@@ -196,6 +196,45 @@ def test_a_good_attestation_verifies() -> None:
 def test_forgeries_are_rejected(signed: Any, overrides: dict[str, Any], reason: str) -> None:
     with pytest.raises(AttestationRejected, match=reason):
         check(signed, **overrides)
+
+
+def _claiming(tokens_in: int, tokens_out: int) -> dict[str, Any]:
+    """check() arguments for a miner whose counts all agree on tokens_in and tokens_out."""
+    output = [7] * tokens_out
+    return {
+        "signed": attested(
+            tokens_in=tokens_in, tokens_out=tokens_out, response_hash=response_hash(output)
+        ),
+        "prompt_token_ids": [1] * tokens_in,
+        "output_token_ids": output,
+        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out},
+    }
+
+
+def test_an_attestation_exactly_at_the_requests_limits_verifies() -> None:
+    """The most prompt tokens the forwarded body can hold and exactly max_tokens of output are
+    billable, and worth exactly the reservation made for them."""
+    bound = len(PAYLOAD) + TEMPLATE_TOKEN_ALLOWANCE
+    verified = check(**_claiming(bound, 16), max_tokens=16)
+    assert verified.value_wei == max_request_value(len(PAYLOAD), 16, OFFER)
+
+
+@pytest.mark.parametrize(
+    ("tokens_in", "tokens_out", "reason"),
+    [
+        (len(PAYLOAD) + TEMPLATE_TOKEN_ALLOWANCE + 1, 4, "prompt tokens attested for a"),
+        (1_000 * (len(PAYLOAD) + TEMPLATE_TOKEN_ALLOWANCE), 4, "prompt tokens attested for a"),
+        (3, 17, "above the request's limit 16"),
+    ],
+)
+def test_self_consistent_counts_beyond_the_requests_limits_are_rejected(
+    tokens_in: int, tokens_out: int, reason: str
+) -> None:
+    """The attack: a miner signs counts that agree with each other (attestation, usage, ids)
+    but bill for more prompt than the forwarded body can tokenize to, or more output than
+    max_tokens. Refused before the signature is even recovered."""
+    with pytest.raises(AttestationRejected, match=f"bills beyond the request: .*{reason}"):
+        check(**_claiming(tokens_in, tokens_out), max_tokens=16)
 
 
 def test_fast_response_hash_is_the_protocols() -> None:

@@ -181,6 +181,12 @@ def test_upstream_body_adds_seed_and_usage() -> None:
 
     payload, _ = relay.upstream_body({"model": "a"}, stream=False, seed=1)
     assert "stream_options" not in json.loads(payload)
+    assert "max_tokens" not in json.loads(payload)  # unmetered: the client's limit, or none
+
+
+def test_upstream_body_states_the_limit_a_metered_gateway_reserved_for() -> None:
+    payload, _ = relay.upstream_body({"model": "a"}, stream=False, seed=1, max_tokens=1024)
+    assert json.loads(payload)["max_tokens"] == 1024
 
 
 def test_client_view_strips_extension_and_unasked_logprobs() -> None:

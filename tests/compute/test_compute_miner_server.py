@@ -9,21 +9,27 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from compute_helpers import CHAT, MINER_ADDRESS
 
+from infergrid.compute.attestation import Attestor
 from infergrid.compute.engine import GeneratedToken, SamplingParams
 from infergrid.compute.miner_server import (
     MinerServerThread,
+    billable_prompt,
     create_miner_app,
     iter_sse,
     token_budget,
 )
+from infergrid.compute.model_store import TINY_CHAT_TEMPLATE
 from infergrid.compute.transformers_engine import TransformersEngine
+from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.openai_types import APIError
+from infergrid.protocol.pricing import TEMPLATE_TOKEN_ALLOWANCE, max_prompt_tokens
 from infergrid.protocol.wire import EXTENSION_KEY, MINER_HEADER, REQUEST_ID_HEADER
 
 
@@ -310,6 +316,59 @@ def test_default_max_tokens_fits_the_context() -> None:
         token_budget(2048, None, 2048, 1024)
     with pytest.raises(APIError):
         token_budget(2000, 49, 2048, 1024)
+
+
+def test_a_prompt_is_billable_up_to_one_token_per_body_byte_plus_the_allowance() -> None:
+    bound = 100 + TEMPLATE_TOKEN_ALLOWANCE
+    billable_prompt(bound, 100)
+    with pytest.raises(APIError) as info:
+        billable_prompt(bound + 1, 100, prompt_param="prompt")
+    error = info.value
+    assert error.status == 400 and error.code == "prompt_exceeds_billable_tokens"
+    assert error.param == "prompt" and f"more than the {bound}" in error.message
+
+
+# A default system prompt longer than the template allowance: a model like this makes a short
+# request tokenize to more than the request can be billed for.
+_LONG_SYSTEM_PROMPT = "You are a careful assistant. " * 40
+
+
+@pytest.fixture(scope="module")
+def verbose_template_engine(tiny_dir: Path) -> TransformersEngine:
+    """The tiny model, loaded apart, with a chat template that adds a long system prompt."""
+    engine = TransformersEngine.from_dir(tiny_dir, device="auto", num_threads=1)
+    engine.tokenizer.chat_template = (
+        "{{ '<|im_start|>system\\n" + _LONG_SYSTEM_PROMPT + "<|im_end|>\\n' }}" + TINY_CHAT_TEMPLATE
+    )
+    return engine
+
+
+def test_an_attesting_miner_refuses_a_prompt_it_could_not_bill(
+    verbose_template_engine: TransformersEngine,
+) -> None:
+    """The gateway refuses an attestation whose prompt is longer than the forwarded body can
+    tokenize to, so an honest miner refuses such a request with a 400 before generating
+    anything it could not be paid for; a miner that does not attest serves it."""
+    engine = verbose_template_engine
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"model": engine.name, "messages": messages, "max_tokens": 2}
+    raw = json.dumps(body).encode()
+    assert len(engine.chat_prompt_ids(messages)) > max_prompt_tokens(len(raw))
+    attestor = Attestor(Domain(1337, "0x" + "e5" * 20), Signer("0x" + "5a" * 32), MINER_ADDRESS)
+    app = create_miner_app(engine, node_address=MINER_ADDRESS, attestor=attestor)
+    with MinerServerThread(app) as server:
+        for stream in (False, True):
+            status, _, answer = _post(server, "/v1/chat/completions", {**body, "stream": stream})
+            assert status == 400, answer
+            error = json.loads(answer)["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "prompt_exceeds_billable_tokens"
+            assert error["param"] == "messages"
+        assert app.state.miner.stats.requests == 0  # refused before any generation
+    unattested = create_miner_app(engine, node_address=MINER_ADDRESS)
+    with MinerServerThread(unattested) as server:
+        status, _, answer = _post(server, "/v1/chat/completions", body)
+        assert status == 200, answer
 
 
 def _long_request(engine: TransformersEngine, stream: bool) -> bytes:

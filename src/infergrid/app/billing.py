@@ -11,28 +11,20 @@ For one payer (docs/settlement.md, "Life of a payment", step 2)::
               − outstanding (this gateway's receipts total − what miners collected of them)
               − reservations of the payer's requests in flight
 
-A request reserves its worst case at the chosen miner's prices before it is forwarded
-(`worst_case_wei`); when it ends the reservation is released and, if it produced a receipt,
-the receipt's value joins the total instead. Other gateways' receipts for the same payer are
-invisible here: the escrow pays whoever collects first, so a payer spreading one deposit over
-several gateways risks only the miners' money, and miners collect often to keep that small.
+A request reserves the most it can cost at the chosen miner's prices before it is forwarded
+(protocol.pricing.max_request_value of the body the gateway forwards and the completion limit
+it states there); when it ends the reservation is released and, if it produced a receipt, the
+receipt's value joins the total instead. A receipt is never worth more than its reservation:
+the gateway refuses attestations above the request's limits (protocol.pricing.over_limit).
+
+Other gateways' receipts for the same payer are invisible here: the escrow pays whoever
+collects first, so a payer spreading one deposit over several gateways risks only the miners'
+money, and miners collect often to keep that small.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from infergrid.protocol.nodes import ModelOffer
-
-# Completion tokens assumed for a request that sets no limit: what a reservation covers.
-DEFAULT_MAX_TOKENS = 1024
-
-
-def worst_case_wei(prompt_estimate: int, max_tokens: int, offer: ModelOffer) -> int:
-    """What a request can cost at most: every body byte counted as a prompt token (a token
-    is at least one byte of text, and the JSON around it only adds), and the full completion
-    limit generated."""
-    return prompt_estimate * offer.price_in_wei + max_tokens * offer.price_out_wei
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +44,7 @@ class PayerAccount:
     payer: str
     escrow: EscrowSnapshot | None = None  # None until the first read
     receipts_wei: int = 0  # value of every receipt this gateway signed for the payer
-    reserved_wei: int = 0  # worst cases of the requests in flight
+    reserved_wei: int = 0  # what the requests in flight can cost at most
     inflight: int = 0
     last_seen: float = 0.0  # monotonic time of the last request
 
@@ -124,7 +116,7 @@ class Ledger:
         return Reservation(account, amount_wei)
 
     def resize(self, reservation: Reservation, amount_wei: int) -> None:
-        """Move a reservation to another miner's worst case (failover to a pricier one)."""
+        """Move a reservation to another miner's prices (failover to a pricier one)."""
         account = reservation.account
         grow = amount_wei - reservation.amount_wei
         if grow > 0 and account.available_wei < grow:

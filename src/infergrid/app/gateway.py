@@ -11,12 +11,15 @@ another without the client noticing. After the first token the client has seen o
 stream then ends with an OpenAI-shaped error event.
 
 Settlement (when the gateway is given a `Settlement`; without one it serves unmetered): the key's
-payer must have headroom for the request's worst case at the chosen miner's prices (402
-otherwise), the miner's signed attestation must vouch for exactly what was relayed, and the
-receipt is stored durably before the response finishes (non-streamed: before the body goes out;
-streamed: the finish chunk, usage and [DONE] wait for it). Usage then tells the cost. A response
-whose attestation does not check out is the miner's failure: failed over when nothing reached
-the client yet, otherwise the stream ends with an error event and nothing is charged.
+payer must have headroom for the most the request can cost at the chosen miner's prices
+(protocol.pricing.max_request_value of the forwarded body and its completion limit; 402
+otherwise), the miner's signed attestation must vouch for exactly what was relayed and bill
+within the request's limits, and the receipt is stored durably before the response finishes
+(non-streamed: before the body goes out; streamed: the finish chunk, usage and [DONE] wait for
+it). A request that sets no completion limit is forwarded with the gateway's default as its
+max_tokens, the limit it reserved for. Usage then tells the cost. A response whose attestation
+does not check out is the miner's failure: failed over when nothing reached the client yet,
+otherwise the stream ends with an error event and nothing is charged.
 """
 
 from __future__ import annotations
@@ -43,12 +46,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from infergrid.app import relay
-from infergrid.app.billing import (
-    DEFAULT_MAX_TOKENS,
-    InsufficientHeadroom,
-    Reservation,
-    worst_case_wei,
-)
+from infergrid.app.billing import InsufficientHeadroom, Reservation
 from infergrid.app.config import GatewayConfig
 from infergrid.app.deadlines import DeadlineRule, FirstTokenWatch, StallWatch
 from infergrid.app.keys import KeyRecord, KeyStore, mask_secret
@@ -80,7 +78,7 @@ from infergrid.protocol.openai_types import (
     CompletionRequest,
     parse_request,
 )
-from infergrid.protocol.pricing import request_value
+from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, max_request_value
 from infergrid.protocol.wire import (
     ATTESTATION_KEY,
     EXTENSION_KEY,
@@ -170,8 +168,9 @@ class _Call:
     payload: bytes
     started: float  # perf_counter at arrival
     trace: Trace
-    # The completion tokens the request may take (its limit, or the default a miner applies):
-    # the worst case it may cost, and how long its answer may take (app.deadlines).
+    # The completion tokens the request may take (its limit; else, metered, the default the
+    # gateway states in the forwarded body, unmetered the default a miner applies): the most
+    # it may cost, what its attestation may claim, and how long its answer may take.
     max_tokens: int = DEFAULT_MAX_TOKENS
     # Settlement only: who pays, the hold on the payer's headroom, and the chosen miner's
     # offer for the model.
@@ -522,9 +521,17 @@ class Gateway:
                 # Memory only, except the first request of a payer not seen lately, which
                 # must wait for its escrow figures.
                 await settlement.admit(key.payer)
+            limit = parsed.token_limit()
+            stated: int | None = None  # the limit a metered gateway writes into the body
+            if settlement is not None and limit is None:
+                # Reserved for, so stated: the miner must not generate (or bill) past it.
+                limit = stated = settlement.default_max_tokens
             # parse_request accepted it, so body is a dict.
             payload, seed = relay.upstream_body(
-                body, stream=parsed.stream, seed=self._seeds.getrandbits(relay.SEED_BITS)
+                body,
+                stream=parsed.stream,
+                seed=self._seeds.getrandbits(relay.SEED_BITS),
+                max_tokens=stated,
             )
             trace.seed = seed
             call = _Call(
@@ -537,11 +544,10 @@ class Gateway:
                 payload=payload,
                 started=started,
                 trace=trace,
-                max_tokens=parsed.token_limit() or DEFAULT_MAX_TOKENS,
+                max_tokens=limit or DEFAULT_MAX_TOKENS,
             )
             if settlement is not None:
                 call.payer = key.payer
-                call.max_tokens = parsed.token_limit() or settlement.default_max_tokens
             if call.stream:
                 response = await self._forward(call)  # the relay watches the client itself
             else:
@@ -606,15 +612,15 @@ class Gateway:
             watch.cancel()
 
     def _reserve(self, call: _Call, miner: MinerState) -> bool:
-        """Hold the call's worst case at this miner's prices on the payer's headroom; False if
-        the miner has no offer for the model (the registry changed under the pick). Raises
-        InsufficientHeadroom."""
+        """Hold the most the call can cost at this miner's prices (max_request_value) on the
+        payer's headroom; False if the miner has no offer for the model (the registry changed
+        under the pick). Raises InsufficientHeadroom."""
         settlement = self.settlement
         assert settlement is not None and call.payer is not None
         offer = offer_for(miner.record, call.model)
         if offer is None:
             return False
-        amount = worst_case_wei(len(call.payload), call.max_tokens, offer)
+        amount = max_request_value(len(call.payload), call.max_tokens, offer)
         if call.reservation is None:
             call.reservation = settlement.ledger.reserve(call.payer, amount)
         else:
@@ -817,14 +823,15 @@ class Gateway:
         prompt_token_ids: Any,
         usage: Any,
     ) -> Verified:
-        """Check the miner's attestation of this call; raises AttestationRejected (counted,
+        """Check the miner's attestation of this call, within the call's limits, and that its
+        receipt would not exceed the call's reservation; raises AttestationRejected (counted,
         logged and kept in the trace)."""
         settlement = self.settlement
         assert settlement is not None and call.offer is not None
         if call.request_hash is None:
             call.request_hash = request_hash(call.request_id, call.payload)
         try:
-            return verify_attestation(
+            verified = verify_attestation(
                 settlement.domain,
                 record=miner.record,
                 offer=call.offer,
@@ -833,7 +840,26 @@ class Gateway:
                 output_token_ids=output_token_ids,
                 prompt_token_ids=prompt_token_ids,
                 usage=usage,
+                body_bytes=len(call.payload),
+                max_tokens=call.max_tokens,
             )
+            reserved = call.reservation.amount_wei if call.reservation is not None else 0
+            if verified.value_wei > reserved:
+                # Cannot happen while the limits above hold, so it is a bug in them: charge
+                # nothing rather than more than the payer's headroom was checked for.
+                log.error(
+                    "request %s: miner %s's verified attestation is worth %d wei, above the"
+                    " %d wei reserved for the request; refusing its receipt",
+                    call.request_id,
+                    miner.owner,
+                    verified.value_wei,
+                    reserved,
+                )
+                raise AttestationRejected(
+                    f"a receipt worth {verified.value_wei} wei exceeds the {reserved} wei"
+                    " reserved for the request"
+                )
+            return verified
         except AttestationRejected as exc:
             self.metrics.attestation_failures.inc()
             reason = f"{miner.owner}: {exc}"
@@ -853,7 +879,7 @@ class Gateway:
         settlement = self.settlement
         assert settlement is not None and call.payer is not None and call.offer is not None
         attestation = verified.attestation
-        value = request_value(attestation.tokens_in, attestation.tokens_out, call.offer)
+        value = verified.value_wei
         receipt = Receipt(
             request_hash=attestation.request_hash,
             payer=call.payer,

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from eth_account import Account
 from rich.console import Console
 
-from infergrid.app.billing import DEFAULT_MAX_TOKENS
 from infergrid.app.config import GatewayConfig
 from infergrid.protocol.nodes import NodeRecord, Role
+from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
     from infergrid.app.settlement import Settlement
@@ -40,7 +40,8 @@ class GatewaySettings:
     rewards: str | None = None  # RewardDistributor address: anchor receipt roots there
     anchor_interval_s: float = 300.0
     escrow_poll_s: float = 3.0  # how stale a payer's escrow figures may get
-    default_max_tokens: int = DEFAULT_MAX_TOKENS  # reserved for requests that set no limit
+    # Stated in the forwarded body, and reserved for, when a request sets no limit.
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     receipts_db: Path | None = None  # default: receipts_db_path(db_path)
     # How long a miner may keep a request (GatewayConfig documents the rule).
     first_token_timeout_floor_s: float = GatewayConfig.first_token_timeout_floor_s

@@ -27,15 +27,22 @@ def encode(obj: Any) -> bytes:
     return _encode(obj).encode()
 
 
-def upstream_body(body: dict[str, Any], *, stream: bool, seed: int) -> tuple[bytes, int]:
+def upstream_body(
+    body: dict[str, Any], *, stream: bool, seed: int, max_tokens: int | None = None
+) -> tuple[bytes, int]:
     """The body to send the miner, and the seed it will sample with.
 
     The client's own fields pass through untouched (the miner validates them the same way);
     the gateway only fills in a seed when none was given and, when streaming, always asks for
-    the usage chunk, because metering needs it whether or not the client does.
+    the usage chunk, because metering needs it whether or not the client does. `max_tokens`,
+    when given, becomes the body's max_tokens: a metered gateway states the completion limit
+    it reserved for on a request that set none, so an honest miner generates no more than
+    the payer's reservation covers.
     """
     if body.get("seed") is None:
         body["seed"] = seed
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     if stream:
         options = body.get("stream_options")
         options = dict(options) if isinstance(options, dict) else {}

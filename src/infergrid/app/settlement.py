@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from eth_utils import keccak
 
 from infergrid.app.billing import (
-    DEFAULT_MAX_TOKENS,
     EscrowSnapshot,
     InsufficientHeadroom,
     Ledger,
@@ -30,8 +29,8 @@ from infergrid.app.billing import (
 from infergrid.protocol.eip712 import Domain, InvalidSignature, Signer, recover, to_bytes32
 from infergrid.protocol.messages import SIGNATURE_KEY, Attestation
 from infergrid.protocol.nodes import ModelOffer, NodeRecord
-from infergrid.protocol.openai_types import APIError
-from infergrid.protocol.pricing import format_btt
+from infergrid.protocol.openai_types import MAX_TOKENS_LIMIT, APIError
+from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, format_btt, over_limit, request_value
 
 if TYPE_CHECKING:
     from infergrid.app.anchoring import ReceiptAnchorer
@@ -56,6 +55,7 @@ class Verified:
     attestation: Attestation
     signature: bytes
     attestation_hash: bytes  # its struct hash: the receipt's attestationHash, hashed once
+    value_wei: int  # what the attested tokens cost at the offer's prices: the receipt's value
 
 
 def offer_for(record: NodeRecord, model: str) -> ModelOffer | None:
@@ -90,13 +90,20 @@ def verify_attestation(
     output_token_ids: Any,
     prompt_token_ids: Any,
     usage: Any,
+    body_bytes: int,
+    max_tokens: int,
 ) -> Verified:
     """Check a miner's signed attestation against what the gateway itself sent and relayed.
 
     `signed` is the extension's attestation object (Attestation JSON plus "signature");
     `output_token_ids` the ids the gateway relayed (all of them, the ending token included);
-    `prompt_token_ids` and `usage` as the miner reported them. Raises AttestationRejected with
-    the first reason found. Cheap checks run first; signature recovery (~40 µs) last.
+    `prompt_token_ids` and `usage` as the miner reported them; `body_bytes` the length of the
+    body the gateway forwarded and `max_tokens` the completion limit it stated there. The
+    miner's counts only have to agree with each other, but never bill past those limits
+    (protocol.pricing.over_limit): a prompt longer than the body can tokenize to or more
+    output than max_tokens is refused, so the value is within the request's reservation.
+    Raises AttestationRejected with the first reason found. Cheap checks run first (integer
+    comparisons before hashing the output); signature recovery (~40 µs) last.
     """
     if not isinstance(signed, Mapping):
         raise AttestationRejected("no attestation")
@@ -115,6 +122,11 @@ def verify_attestation(
         raise AttestationRejected(
             f"model id {attestation.model_id.hex()} is not the registered {offer.model_id}"
         )
+    beyond = over_limit(
+        attestation.tokens_in, attestation.tokens_out, body_bytes=body_bytes, max_tokens=max_tokens
+    )
+    if beyond is not None:
+        raise AttestationRejected(f"bills beyond the request: {beyond}")
     if not isinstance(output_token_ids, list):
         raise AttestationRejected("no output token ids")
     try:
@@ -142,7 +154,12 @@ def verify_attestation(
         raise AttestationRejected(f"bad signature: {exc}") from None
     if not _same_address(signer, record.signer):
         raise AttestationRejected(f"signed by {signer}, not the registered signer {record.signer}")
-    return Verified(attestation, bytes.fromhex(signature.removeprefix("0x")), attestation_hash)
+    return Verified(
+        attestation,
+        bytes.fromhex(signature.removeprefix("0x")),
+        attestation_hash,
+        request_value(attestation.tokens_in, attestation.tokens_out, offer),
+    )
 
 
 # --- the errors a payer gets ------------------------------------------------------------------
@@ -223,6 +240,10 @@ class Settlement:
         first_read_timeout_s: float = 10.0,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
+        """`default_max_tokens`: the completion limit the gateway reserves for, and writes into
+        the body it forwards, when a request sets none."""
+        if not 1 <= default_max_tokens <= MAX_TOKENS_LIMIT:
+            raise ValueError(f"default_max_tokens must be from 1 to {MAX_TOKENS_LIMIT}")
         self.domain = domain
         self.signer = signer
         self.store = store

@@ -9,15 +9,19 @@ is honoured). A body larger than `max_body_bytes` or slower than `body_timeout_s
 (413, 408).
 
 When the client sends no `max_tokens`, the miner allows min(DEFAULT_MAX_TOKENS, what is
-left of the context after the prompt).
+left of the context after the prompt). A metered gateway always states the limit it reserved
+for, so this default only serves requests sent to the miner directly.
 
 With an `Attestor` (settlement on), every successful response ends with a signed attestation
 (see protocol.wire) over request_hash(request id, the exact body bytes received) and the
 output token ids; the request id is the x-request-id header, or the id the miner generates
-and returns in that header. Each request hash is attested at most once: a repeat, or a twin
-while the first is still generating, is refused with 409, since two different signed answers
-to one request are slashable. A `ReceiptLog` records each attested response with its value
-at the miner's own prices, for checking gateways' vouchers (compute.collector).
+and returns in that header. A prompt that tokenizes to more tokens than the request can be
+billed for (protocol.pricing.max_prompt_tokens of the body's length; the gateway refuses such
+an attestation) is refused with a 400 before generating, since that work could not be paid.
+Each request hash is attested at most once: a repeat, or a twin while the first is still
+generating, is refused with 409, since two different signed answers to one request are
+slashable. A `ReceiptLog` records each attested response with its value at the miner's own
+prices, for checking gateways' vouchers (compute.collector).
 """
 
 from __future__ import annotations
@@ -67,7 +71,12 @@ from infergrid.protocol.openai_types import (
     error_body,
     parse_request,
 )
-from infergrid.protocol.pricing import request_value
+from infergrid.protocol.pricing import (
+    DEFAULT_MAX_TOKENS,
+    TEMPLATE_TOKEN_ALLOWANCE,
+    max_prompt_tokens,
+    request_value,
+)
 from infergrid.protocol.wire import (
     GATEWAY_HEADER,
     MINER_HEADER,
@@ -78,7 +87,6 @@ from infergrid.protocol.wire import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 1024
 # Streams send at most one chunk per this many seconds (tokens gather in between; the first
 # and the last token are never held back). 50 updates a second look smooth, and a model
 # faster than that pays one event-loop wake-up per chunk instead of one per token.
@@ -423,6 +431,23 @@ def token_budget(
     return requested
 
 
+def billable_prompt(prompt_tokens: int, body_bytes: int, *, prompt_param: str = "messages") -> None:
+    """Raise APIError(400) when a prompt of `prompt_tokens` is more than a request of
+    `body_bytes` can be billed for (protocol.pricing.max_prompt_tokens): the gateway would
+    refuse the attestation, so an attesting miner refuses the request before generating."""
+    bound = max_prompt_tokens(body_bytes)
+    if prompt_tokens > bound:
+        raise APIError(
+            400,
+            f"The prompt is {prompt_tokens} tokens under this model's tokenizer and chat"
+            f" template, more than the {bound} a {body_bytes}-byte request can be billed for"
+            f" (one per byte of the request body plus {TEMPLATE_TOKEN_ALLOWANCE} for the"
+            " template), so this miner cannot serve it.",
+            param=prompt_param,
+            code="prompt_exceeds_billable_tokens",
+        )
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is None:
@@ -505,12 +530,15 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
             _address_header(request, GATEWAY_HEADER),
         )
     prompt_ids = await _prompt_ids(engine, req)
+    prompt_param = "messages" if chat else "prompt"
+    if attesting is not None:
+        billable_prompt(len(prompt_ids), len(raw), prompt_param=prompt_param)
     max_tokens = token_budget(
         len(prompt_ids),
         req.token_limit(),
         engine.context_length,
         state.default_max_tokens,
-        prompt_param="messages" if chat else "prompt",
+        prompt_param=prompt_param,
     )
     if req.seed is not None:
         seed = req.seed
