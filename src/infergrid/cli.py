@@ -467,7 +467,12 @@ def keys_create(
     name: Annotated[str, typer.Argument(help="A label for the key.")],
     payer: Annotated[
         str | None,
-        typer.Option(help="Escrow account that pays for this key's requests (0x… address)."),
+        typer.Option(
+            help="Escrow account that pays for this key's requests (0x… address). The binding"
+            " is the gateway operator's word: nothing on-chain shows the payer asked for this"
+            " key. The gateway can charge the payer only because the payer authorized its"
+            " signer in the escrow (`infergrid account authorize`), which the payer can revoke."
+        ),
     ] = None,
     db: DbOption = None,
     init: Annotated[
