@@ -1,8 +1,10 @@
 """PaymentEscrow against a Python model of it, driven by random sequences of deposits, thaws,
-withdrawals, signer changes and vouchers (valid, forged, replayed, beyond the balance).
+withdrawals, signer changes, vouchers (valid, forged, replayed, beyond the balance), fee
+changes under the timelock, and requests a gateway serves and bills.
 
-After every step the contract must agree with the model, hold exactly what it owes, and never
-have paid a (payer, gateway, miner) more than the largest voucher its gateway signed.
+After every step the contract must agree with the model, hold exactly what it owes, never
+have paid a (payer, gateway, miner) more than the largest voucher its gateway signed, and
+never have collected for served requests more than the gateway reserved for them.
 """
 
 from __future__ import annotations
@@ -27,11 +29,24 @@ from hypothesis.stateful import (
 
 from infergrid.protocol.eip712 import SECP256K1_N, Domain, Signer
 from infergrid.protocol.messages import Voucher, sign_message
-from infergrid.protocol.pricing import PPM, split_payment
+from infergrid.protocol.nodes import ModelOffer
+from infergrid.protocol.pricing import (
+    max_request_value,
+    over_limit,
+    request_value,
+    split_payment,
+)
 from infergrid.settle.chain import Chain, ContractRevert, as_account
-from infergrid.settle.escrow import EscrowAccount, PaymentEscrow, deploy_escrow
+from infergrid.settle.escrow import (
+    MAX_FEE_PPM,
+    EscrowAccount,
+    PaymentEscrow,
+    PendingFees,
+    deploy_escrow,
+)
 
 THAW = 1000
+FEE_DELAY = 1500  # outlasts the thaw, as the contract requires
 # The model cannot know the exact timestamp of the next block, so before anything that
 # depends on the clock it moves the chain well clear of every deadline it knows of.
 MARGIN = 30
@@ -40,12 +55,21 @@ SUBMITTER, TREASURY, POOL, ADMIN = 4, 5, 6, 0
 GATEWAYS = (Signer("0x" + "a1" * 32), Signer("0x" + "a2" * 32))
 OUTSIDER = Signer("0x" + "a3" * 32)
 MINERS = (Signer("0x" + "b1" * 32).address, Signer("0x" + "b2" * 32).address)
+# The miner of served requests: its vouchers come only from receipts the gateway accepted,
+# so what it is paid can be held to the reservations made for them.
+SERVING_MINER = Signer("0x" + "b3" * 32).address
+ALL_MINERS = (*MINERS, SERVING_MINER)
+# Prices (wei per token) low enough that a deposit of a few thousand wei pays a few requests.
+OFFERS = tuple(
+    ModelOffer(f"model-{i}", "0x" + f"{i:02x}" * 32, price_in, price_out)
+    for i, (price_in, price_out) in enumerate(((0, 1), (1, 1), (1, 3)))
+)
 # How each kind of bad signature must be refused.
 BAD_SIGNATURES = {
     "forged": "signer is not the gateway",
     "other chain": "signer is not the gateway",
     "other contract": "signer is not the gateway",
-    "high s": "malleable signature",
+    "high s": "signatures: malleable",
     "tampered": "signer is not the gateway",
 }
 
@@ -53,6 +77,19 @@ payer_ids = st.integers(0, len(PAYERS) - 1)
 gateway_ids = st.integers(0, len(GATEWAYS) - 1)
 miner_ids = st.integers(0, len(MINERS) - 1)
 amounts = st.integers(0, 3000)
+# Each within the 10 % cap; their sum is above it now and then.
+fee_shares = st.integers(0, MAX_FEE_PPM)
+# What a miner attests: mostly near the request's limits, sometimes absurdly far above.
+token_counts = st.one_of(st.integers(0, 1000), st.integers(0, 2**64))
+# A served request: the miner's offer, the forwarded body's length in bytes, its max_tokens,
+# and the prompt and completion tokens the miner attests.
+requests = st.tuples(
+    st.sampled_from(OFFERS),
+    st.integers(0, 600),
+    st.integers(0, 256),
+    token_counts,
+    token_counts,
+)
 # Vouchers grow; replaying older ones covers equal and lower aggregates.
 steps = st.integers(1, 3000)
 
@@ -72,6 +109,7 @@ class EscrowMachine(RuleBasedStateMachine):
         self.chain, self.keys = chain, keys
         self.addrs = [as_account(k).address for k in keys]
         self.protocol_ppm, self.pool_ppm = 30_000, 70_000
+        self.pending_fees: PendingFees | None = None
         address = deploy_escrow(
             chain,
             keys[ADMIN],
@@ -80,6 +118,7 @@ class EscrowMachine(RuleBasedStateMachine):
             protocol_fee_ppm=self.protocol_ppm,
             verifier_pool_ppm=self.pool_ppm,
             thaw_period_s=THAW,
+            fee_delay_s=FEE_DELAY,
         )
         self.escrow = PaymentEscrow(chain, address)
         self.payers = [self.addrs[i] for i in PAYERS]
@@ -90,8 +129,13 @@ class EscrowMachine(RuleBasedStateMachine):
         self.collected: dict[tuple[str, str, str], int] = {}
         self.max_signed: dict[tuple[str, str, str], int] = {}
         self.fees_owed = dict.fromkeys(self.fee_recipients, 0)
-        self.miner_start = {m: chain.balance(m) for m in MINERS}
-        self.paid_to_miners = dict.fromkeys(MINERS, 0)
+        self.miner_start = {m: chain.balance(m) for m in ALL_MINERS}
+        self.paid_to_miners = dict.fromkeys(ALL_MINERS, 0)
+        # Served requests: (value, reservation) of every receipt the gateway accepted, and
+        # per (payer, gateway, SERVING_MINER) the sum of each.
+        self.accepted: list[tuple[int, int]] = []
+        self.served: dict[tuple[str, str, str], int] = {}
+        self.reserved: dict[tuple[str, str, str], int] = {}
         self.deposited = self.withdrawn = self.fees_claimed = 0
         self.signed: list[tuple[Voucher, bytes]] = []
         # What the current step may have changed, for the per-step comparison.
@@ -99,6 +143,7 @@ class EscrowMachine(RuleBasedStateMachine):
         self.touched_keys: set[tuple[str, str, str]] = set()
         self.touched_signers: set[tuple[str, str]] = set()
         self.touched_fees = False
+        self.touched_fee_schedule = False
 
     # --- helpers ---
 
@@ -116,7 +161,8 @@ class EscrowMachine(RuleBasedStateMachine):
 
     def deadlines(self) -> list[int]:
         thaws = [a.thaw_end for a in self.accounts.values() if a.thawing_wei]
-        return thaws + [s.revoke_at for s in self.signers.values() if s.revoke_at]
+        fees = [self.pending_fees.ready_at] if self.pending_fees else []
+        return thaws + fees + [s.revoke_at for s in self.signers.values() if s.revoke_at]
 
     def clear_clock(self) -> int:
         """Move time until no deadline is near; returns a `now` safe for the next block."""
@@ -319,7 +365,11 @@ class EscrowMachine(RuleBasedStateMachine):
 
     @rule(payer=payer_ids, gateway=gateway_ids, miner=miner_ids, step=steps)
     def collect_valid(self, payer: int, gateway: int, miner: int, step: int) -> None:
-        voucher, signature = self.sign(self.next_voucher(payer, gateway, miner, step), "valid")
+        self.sign_and_submit(self.next_voucher(payer, gateway, miner, step))
+
+    def sign_and_submit(self, voucher: Voucher) -> None:
+        """Sign `voucher` as its gateway, keep it for replays, and collect it."""
+        voucher, signature = self.sign(voucher, "valid")
         key = (voucher.payer, voucher.gateway, voucher.miner)
         self.max_signed[key] = max(self.max_signed.get(key, 0), voucher.value_aggregate)
         self.signed.append((voucher, signature))
@@ -356,13 +406,78 @@ class EscrowMachine(RuleBasedStateMachine):
         self.fees_claimed += owed
         self.fees_owed[address] = 0
 
-    @rule(protocol=st.integers(0, PPM), pool=st.integers(0, PPM))
-    def set_fees(self, protocol: int, pool: int) -> None:
-        if protocol + pool > PPM:
-            pool = PPM - protocol
-        self.escrow.set_fees(self.keys[ADMIN], protocol, pool)
-        assert (self.escrow.protocol_fee_ppm(), self.escrow.verifier_pool_ppm()) == (protocol, pool)
-        self.protocol_ppm, self.pool_ppm = protocol, pool
+    @rule(protocol=fee_shares, pool=fee_shares, sender=st.sampled_from((ADMIN,) * 3 + (SUBMITTER,)))
+    def schedule_fees(self, protocol: int, pool: int, sender: int) -> None:
+        """The admin (or, refused, anyone else) announces fees; above the cap is refused."""
+        self.touched_fee_schedule = True
+        key = self.keys[sender]
+        reason = None
+        if sender != ADMIN:
+            reason = "admin: only admin"
+        elif protocol + pool > MAX_FEE_PPM:
+            reason = "fees exceed 10%"
+        # Sent as is: the Python side would refuse fees above the cap before the contract.
+        receipt = self.expect(
+            reason,
+            lambda: self.chain.send(key, self.escrow.contract, "schedule_fees", protocol, pool),
+        )
+        if receipt is not None:
+            self.pending_fees = PendingFees(protocol, pool, self.block_time(receipt) + FEE_DELAY)
+
+    @rule(wait=st.booleans())
+    def apply_fees(self, wait: bool) -> None:
+        """Anyone applies the scheduled fees, first travelling past their time if `wait`."""
+        self.touched_fee_schedule = True
+        now = self.clear_clock()
+        pending = self.pending_fees
+        if wait and pending and now < pending.ready_at + MARGIN:
+            self.chain.increase_time(pending.ready_at + MARGIN - now)
+            now = self.clear_clock()
+        reason = None
+        if pending is None:
+            reason = "timelock: nothing pending"
+        elif now < pending.ready_at:
+            reason = "timelock: not ready"
+        receipt = self.expect(reason, lambda: self.escrow.apply_fees(self.keys[SUBMITTER]))
+        if receipt is not None and pending is not None:
+            self.protocol_ppm, self.pool_ppm = pending.protocol_fee_ppm, pending.verifier_pool_ppm
+            self.pending_fees = None
+
+    @rule(outsider=st.booleans())
+    def cancel_fees(self, outsider: bool) -> None:
+        self.touched_fee_schedule = True
+        reason = None
+        if outsider:
+            reason = "admin: only admin"
+        elif self.pending_fees is None:
+            reason = "timelock: nothing pending"
+        key = self.keys[SUBMITTER if outsider else ADMIN]
+        if self.expect(reason, lambda: self.escrow.cancel_fees(key)) is not None:
+            self.pending_fees = None
+
+    @rule(payer=payer_ids, gateway=gateway_ids, requests=st.lists(requests, min_size=1, max_size=4))
+    def serve_requests(
+        self, payer: int, gateway: int, requests: list[tuple[ModelOffer, int, int, int, int]]
+    ) -> None:
+        """The gateway serves requests and the miner collects: for each request the gateway
+        reserves the most it can cost, the miner attests token counts, and the gateway
+        accepts the receipt only within the request's limits. The miner's voucher aggregates
+        the accepted receipts alone."""
+        address, signer = self.payers[payer], GATEWAYS[gateway].address
+        key = (address, signer, SERVING_MINER)
+        for offer, body_bytes, max_tokens, tokens_in, tokens_out in requests:
+            reservation = max_request_value(body_bytes, max_tokens, offer)
+            limit = over_limit(tokens_in, tokens_out, body_bytes=body_bytes, max_tokens=max_tokens)
+            if limit is not None:
+                continue  # refused: the request is not charged, its reservation released
+            value = request_value(tokens_in, tokens_out, offer)
+            self.accepted.append((value, reservation))
+            self.served[key] = self.served.get(key, 0) + value
+            self.reserved[key] = self.reserved.get(key, 0) + reservation
+        if key in self.served:
+            self.sign_and_submit(
+                Voucher(address, SERVING_MINER, signer, self.served[key], 1, b"\x09" * 32)
+            )
 
     # --- invariants ---
 
@@ -387,6 +502,10 @@ class EscrowMachine(RuleBasedStateMachine):
         if everything or self.touched_fees:
             for address in self.fee_recipients:
                 assert self.escrow.fees_owed(address) == self.fees_owed[address]
+        if everything or self.touched_fee_schedule:
+            assert self.escrow.pending_fees() == self.pending_fees
+            assert self.escrow.protocol_fee_ppm() == self.protocol_ppm
+            assert self.escrow.verifier_pool_ppm() == self.pool_ppm
         now = self.chain.timestamp()
         # Too close to a deadline to say which side of it the call runs; checked later.
         if all(abs(deadline - now) > MARGIN for deadline in self.deadlines()):
@@ -394,7 +513,7 @@ class EscrowMachine(RuleBasedStateMachine):
                 state = self.signers[(payer, gateway)]
                 assert self.escrow.is_authorized(payer, gateway) == state.active(now)
         self.touched_payers, self.touched_keys, self.touched_signers = set(), set(), set()
-        self.touched_fees = False
+        self.touched_fees = self.touched_fee_schedule = False
 
     @invariant()
     def contract_matches_model(self) -> None:
@@ -407,7 +526,7 @@ class EscrowMachine(RuleBasedStateMachine):
         assert self.chain.balance(self.escrow.address) == balances + owed
         paid = sum(self.paid_to_miners.values())
         assert self.deposited == balances + paid + owed + self.fees_claimed + self.withdrawn
-        for miner in MINERS:
+        for miner in ALL_MINERS:
             assert self.chain.balance(miner) - self.miner_start[miner] == self.paid_to_miners[miner]
         for account in self.accounts.values():
             assert account.thawing_wei <= account.balance_wei
@@ -416,6 +535,16 @@ class EscrowMachine(RuleBasedStateMachine):
     def never_more_than_signed(self) -> None:
         for key, value in self.collected.items():
             assert value <= self.max_signed.get(key, 0)
+
+    @invariant()
+    def receipts_bounded_by_reservations(self) -> None:
+        """A miner that over-attests is never billed for it: each accepted receipt is worth at
+        most what was reserved for its request, so no (payer, gateway, miner) is paid more
+        than the reservations of its accepted requests."""
+        for value, reservation in self.accepted:
+            assert value <= reservation
+        for key, reserved in self.reserved.items():
+            assert self.collected.get(key, 0) <= self.served[key] <= reserved
 
     def teardown(self) -> None:
         self.check_against_model(everything=True)

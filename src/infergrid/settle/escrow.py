@@ -1,5 +1,6 @@
-"""The PaymentEscrow contract from Python: deposits, thawing withdrawals, gateway signers and
-voucher collection (docs/settlement.md).
+"""The PaymentEscrow contract from Python: deposits, thawing withdrawals, gateway signers,
+voucher collection, and the timelocked fee changes and two-step admin handover
+(docs/settlement.md).
 
 Writes take the acting key and return the receipt (or, for `collect`, what the Collected event
 says was paid); reverts raise `ContractRevert` with the contract's reason. Arguments are
@@ -9,9 +10,9 @@ checked here first so a typo costs a ValueError, not gas.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from eth_utils import to_checksum_address
+from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3.contract import Contract
 from web3.types import TxReceipt
@@ -26,7 +27,15 @@ from infergrid.settle.registry import check_address
 CONTRACT_NAME = "PaymentEscrow"
 UINT256_MAX = 2**256 - 1
 MAX_THAW_PERIOD_S = 365 * 86400
+# The contract's cap on protocol fee + verifier pool share (its max_fee_ppm()): 10 %.
+MAX_FEE_PPM = 100_000
+# lib/timelock.vy's MAX_DELAY: the longest a fee change may be made to wait.
+MAX_FEE_DELAY_S = 365 * 86400
+# The timelock kind under which the escrow schedules fee changes (its FEES_CHANGE).
+FEES_CHANGE = keccak(text="fees")
 SIGNATURE_BYTES = 65
+ZERO_ADDRESS = "0x" + "00" * 20
+EMPTY_CHANGE = b"\x00" * 32
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,14 @@ class Collection:
     gas_used: int
 
 
+class PendingFees(NamedTuple):
+    """A fee change schedule_fees() announced: in force once applied, from `ready_at` on."""
+
+    protocol_fee_ppm: int
+    verifier_pool_ppm: int
+    ready_at: int  # unix time from which anyone may apply it
+
+
 EscrowEvent = ContractEvent
 
 
@@ -64,15 +81,21 @@ def _wei(value: int, what: str) -> int:
     return value
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_fees(protocol_fee_ppm: int, verifier_pool_ppm: int) -> None:
     for what, ppm in (
         ("protocol fee", protocol_fee_ppm),
         ("verifier pool share", verifier_pool_ppm),
     ):
-        if not isinstance(ppm, int) or isinstance(ppm, bool) or ppm < 0:
+        if not _is_int(ppm) or ppm < 0:
             raise ValueError(f"{what} must be a non-negative int (ppm)")
-    if protocol_fee_ppm + verifier_pool_ppm > PPM:
-        raise ValueError("fees add up to more than 1,000,000 ppm")
+    if protocol_fee_ppm + verifier_pool_ppm > MAX_FEE_PPM:
+        raise ValueError(
+            f"fees add up to more than {MAX_FEE_PPM:,} ppm ({100 * MAX_FEE_PPM // PPM} %)"
+        )
 
 
 def _signature(signature: bytes | str) -> bytes:
@@ -95,11 +118,21 @@ def deploy_escrow(
     protocol_fee_ppm: int,
     verifier_pool_ppm: int,
     thaw_period_s: int,
+    fee_delay_s: int,
 ) -> str:
-    """Deploy a PaymentEscrow; the deployer becomes its admin. Returns the address."""
+    """Deploy a PaymentEscrow; the deployer becomes its admin. Returns the address.
+
+    Fees together are at most MAX_FEE_PPM; a later fee change waits `fee_delay_s`, which must
+    exceed `thaw_period_s` (so payers can leave first) and be at most MAX_FEE_DELAY_S.
+    """
     _check_fees(protocol_fee_ppm, verifier_pool_ppm)
-    if not isinstance(thaw_period_s, int) or not 0 <= thaw_period_s <= MAX_THAW_PERIOD_S:
+    if not _is_int(thaw_period_s) or not 0 <= thaw_period_s <= MAX_THAW_PERIOD_S:
         raise ValueError(f"thaw period must be 0..{MAX_THAW_PERIOD_S} seconds")
+    if not _is_int(fee_delay_s) or not thaw_period_s < fee_delay_s <= MAX_FEE_DELAY_S:
+        raise ValueError(
+            f"fee delay must outlast the thaw period ({thaw_period_s} s) and be at most"
+            f" {MAX_FEE_DELAY_S} seconds"
+        )
     artifact = load_artifact(CONTRACT_NAME)
     return chain.deploy(
         deployer_key,
@@ -110,6 +143,7 @@ def deploy_escrow(
         protocol_fee_ppm,
         verifier_pool_ppm,
         thaw_period_s,
+        fee_delay_s,
     )
 
 
@@ -142,15 +176,39 @@ class PaymentEscrow:
     def verifier_pool(self) -> str:
         return to_checksum_address(self._immutable("verifier_pool"))
 
-    # The admin can change these at any time, so they are read afresh.
+    def fee_delay(self) -> int:
+        """Seconds between scheduling a fee change and the earliest it can apply."""
+        return int(self._immutable("delay"))
+
+    def max_fee_ppm(self) -> int:
+        """The contract's cap on protocol fee + verifier pool share."""
+        return int(self._immutable("max_fee_ppm"))
+
+    # A scheduled change can apply at any time after its delay, so these are read afresh.
     def protocol_fee_ppm(self) -> int:
         return int(self.chain.call(self.contract.functions.protocol_fee_ppm()))
 
     def verifier_pool_ppm(self) -> int:
         return int(self.chain.call(self.contract.functions.verifier_pool_ppm()))
 
+    def pending_fees(self) -> PendingFees | None:
+        """The scheduled fee change, or None when none is pending."""
+        change, ready_at = self.chain.call(self.contract.functions.pending(FEES_CHANGE))
+        if bytes(change) == EMPTY_CHANGE:
+            return None
+        return PendingFees(
+            int(self.chain.call(self.contract.functions.pending_protocol_fee_ppm())),
+            int(self.chain.call(self.contract.functions.pending_verifier_pool_ppm())),
+            int(ready_at),
+        )
+
     def admin(self) -> str:
         return to_checksum_address(self.chain.call(self.contract.functions.admin()))
+
+    def pending_admin(self) -> str | None:
+        """The address the admin named to succeed it, until it accepts; None if nobody."""
+        pending = to_checksum_address(self.chain.call(self.contract.functions.pending_admin()))
+        return None if pending == ZERO_ADDRESS else pending
 
     # --- reads ---
 
@@ -262,15 +320,31 @@ class PaymentEscrow:
 
     # --- administration ---
 
-    def set_fees(
+    def schedule_fees(
         self, admin_key: PrivateKey, protocol_fee_ppm: int, verifier_pool_ppm: int
     ) -> TxReceipt:
+        """Announce new fees (admin); they can apply fee_delay() seconds later. Replaces a
+        pending change and restarts its clock."""
         _check_fees(protocol_fee_ppm, verifier_pool_ppm)
         return self.chain.send(
-            admin_key, self.contract, "set_fees", protocol_fee_ppm, verifier_pool_ppm
+            admin_key, self.contract, "schedule_fees", protocol_fee_ppm, verifier_pool_ppm
         )
 
+    def apply_fees(self, key: PrivateKey) -> TxReceipt:
+        """Put the scheduled fees in force (any key, once they are due)."""
+        return self.chain.send(key, self.contract, "apply_fees")
+
+    def cancel_fees(self, admin_key: PrivateKey) -> TxReceipt:
+        """Withdraw the scheduled fee change (admin)."""
+        return self.chain.send(admin_key, self.contract, "cancel_fees")
+
     def transfer_admin(self, admin_key: PrivateKey, new_admin: str) -> TxReceipt:
+        """Name `new_admin` as the next admin, who must accept_admin(); the zero address
+        withdraws a pending nomination."""
         return self.chain.send(
             admin_key, self.contract, "transfer_admin", check_address(new_admin, "admin")
         )
+
+    def accept_admin(self, key: PrivateKey) -> TxReceipt:
+        """Become admin; only the nominated address may."""
+        return self.chain.send(key, self.contract, "accept_admin")

@@ -9,23 +9,40 @@
 @dev Withdrawals and signer revocations wait `thaw_period`, so that a payer cannot pull its
      funds or its authorization from under receipts a gateway has already signed. Fees are
      pull payments; only the miner's share is pushed, last, in the transaction that earns it.
+     Fees together never exceed MAX_FEE_PPM, and a change waits `delay` (the fee timelock),
+     which outlasts the thaw period: a miner can collect every voucher it holds at the old
+     fees, and a payer can thaw and withdraw, before new fees apply. The admin is handed over
+     in two steps (lib/two_step_admin.vy).
 """
 
-PPM: constant(uint256) = 1_000_000
-MAX_THAW_PERIOD: constant(uint256) = 365 * 86400
-# The half order of secp256k1: a signature with a larger s is the malleable twin of another.
-# (0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0; a 32-byte hex literal
-# would be a bytes32 in Vyper.)
-SECP256K1_HALF_N: constant(uint256) = (
-    57896044618658097711785492504343953926418782139537452191302581570759080747168
+from lib import eip712_domain
+from lib import signatures
+from lib import timelock
+from lib import two_step_admin
+
+initializes: eip712_domain
+initializes: timelock
+initializes: two_step_admin
+
+# `delay` is the fee delay; `pending(FEES_CHANGE)` is the scheduled fee change (Vyper cannot
+# rename an export).
+exports: (
+    two_step_admin.admin,
+    two_step_admin.pending_admin,
+    two_step_admin.transfer_admin,
+    two_step_admin.accept_admin,
+    timelock.delay,
+    timelock.pending,
 )
 
-# Must match protocol/eip712.py and protocol/messages.py byte for byte.
-DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
-    "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
-DOMAIN_NAME_HASH: constant(bytes32) = keccak256("InferGrid")
-DOMAIN_VERSION_HASH: constant(bytes32) = keccak256("1")
+PPM: constant(uint256) = 1_000_000
+# Protocol fee + verifier pool share, at most 10 % of every payment.
+MAX_FEE_PPM: constant(uint256) = 100_000
+MAX_THAW_PERIOD: constant(uint256) = 365 * 86400
+# The timelock's kind for fee changes; its change is keccak256(abi_encode(protocol, pool)).
+FEES_CHANGE: constant(bytes32) = keccak256("fees")
+
+# Must match protocol/messages.py byte for byte.
 VOUCHER_TYPEHASH: constant(bytes32) = keccak256(
     "Voucher(address payer,address miner,address gateway,uint256 valueAggregate,"
     "uint256 timestamp,bytes32 receiptsRoot)"
@@ -96,20 +113,25 @@ event FeesClaimed:
     recipient: indexed(address)
     amount: uint256
 
+event FeesScheduled:
+    protocol_fee_ppm: uint256
+    verifier_pool_ppm: uint256
+    ready_at: uint256
+
 event FeesSet:
     protocol_fee_ppm: uint256
     verifier_pool_ppm: uint256
 
-event AdminTransferred:
-    admin: indexed(address)
 
-
-admin: public(address)
 treasury: public(immutable(address))
 verifier_pool: public(immutable(address))
 thaw_period: public(immutable(uint256))
 protocol_fee_ppm: public(uint256)
 verifier_pool_ppm: public(uint256)
+# The fees schedule_fees() announced, in force from timelock.pending(FEES_CHANGE).ready_at on
+# once someone calls apply_fees(); meaningful only while that change is pending.
+pending_protocol_fee_ppm: public(uint256)
+pending_verifier_pool_ppm: public(uint256)
 
 accounts: public(HashMap[address, Account])
 # payer => signer => state
@@ -120,11 +142,6 @@ collected: public(HashMap[address, HashMap[address, HashMap[address, uint256]]])
 gateway_collected: public(HashMap[address, HashMap[address, uint256]])
 fees_owed: public(HashMap[address, uint256])
 
-# The separator is cached for the deployment chain and recomputed after a fork changes the
-# chain id, so a voucher signed for one chain is never valid on the other.
-CACHED_CHAIN_ID: immutable(uint256)
-CACHED_SEPARATOR: immutable(bytes32)
-
 
 @deploy
 def __init__(
@@ -133,41 +150,31 @@ def __init__(
     protocol_fee_ppm: uint256,
     verifier_pool_ppm: uint256,
     _thaw_period: uint256,
+    _fee_delay: uint256,
 ):
+    """
+    @param _fee_delay Seconds a fee change waits between schedule_fees() and apply_fees();
+           must exceed _thaw_period (and be at most the timelock's MAX_DELAY, 365 days).
+    """
     assert _treasury != empty(address), "zero treasury"
     assert _verifier_pool != empty(address), "zero verifier pool"
-    assert protocol_fee_ppm + verifier_pool_ppm <= PPM, "fees exceed 100%"
+    self._check_fees(protocol_fee_ppm, verifier_pool_ppm)
     # Guards now + thaw_period against overflow and absurd lock-ups.
     assert _thaw_period <= MAX_THAW_PERIOD, "thaw period too long"
-    self.admin = msg.sender
+    # A payer who sees a fee change coming must be able to thaw and withdraw before it applies.
+    assert _fee_delay > _thaw_period, "fee delay must outlast the thaw period"
+    two_step_admin.__init__()
+    timelock.__init__(_fee_delay)
+    eip712_domain.__init__(self)
     treasury = _treasury
     verifier_pool = _verifier_pool
     thaw_period = _thaw_period
     self.protocol_fee_ppm = protocol_fee_ppm
     self.verifier_pool_ppm = verifier_pool_ppm
-    CACHED_CHAIN_ID = chain.id
-    CACHED_SEPARATOR = self._compute_separator()
-    log AdminTransferred(admin=msg.sender)
     log FeesSet(protocol_fee_ppm=protocol_fee_ppm, verifier_pool_ppm=verifier_pool_ppm)
 
 
 # --- EIP-712 ----------------------------------------------------------------------------
-
-
-@internal
-@view
-def _compute_separator() -> bytes32:
-    return keccak256(
-        abi_encode(DOMAIN_TYPEHASH, DOMAIN_NAME_HASH, DOMAIN_VERSION_HASH, chain.id, self)
-    )
-
-
-@internal
-@view
-def _separator() -> bytes32:
-    if chain.id == CACHED_CHAIN_ID:
-        return CACHED_SEPARATOR
-    return self._compute_separator()
 
 
 @internal
@@ -184,23 +191,7 @@ def _voucher_digest(voucher: Voucher) -> bytes32:
             voucher.receipts_root,
         )
     )
-    return keccak256(concat(b"\x19\x01", self._separator(), struct_hash))
-
-
-@internal
-@pure
-def _recover(digest: bytes32, signature: Bytes[65]) -> address:
-    assert len(signature) == 65, "invalid signature length"
-    r: uint256 = extract32(signature, 0, output_type=uint256)
-    s: uint256 = extract32(signature, 32, output_type=uint256)
-    v: uint256 = convert(slice(signature, 64, 1), uint256)
-    assert v == 27 or v == 28, "invalid signature v"
-    assert s <= SECP256K1_HALF_N, "malleable signature"
-    assert r != 0 and s != 0, "invalid signature"
-    signer: address = ecrecover(digest, v, r, s)
-    # The precompile returns nothing (the zero address) for r or s off the curve order.
-    assert signer != empty(address), "invalid signature"
-    return signer
+    return eip712_domain._digest(struct_hash)
 
 
 @internal
@@ -320,7 +311,7 @@ def collect(voucher: Voucher, signature: Bytes[65]) -> uint256:
     """
     assert voucher.payer != empty(address), "zero payer"
     assert voucher.miner != empty(address), "zero miner"
-    signer: address = self._recover(self._voucher_digest(voucher), signature)
+    signer: address = signatures._recover(self._voucher_digest(voucher), signature)
     assert signer == voucher.gateway, "signer is not the gateway"
     assert self._is_authorized(voucher.payer, signer), "gateway not authorized"
 
@@ -378,21 +369,60 @@ def claim_fees():
 # --- administration ---------------------------------------------------------------------
 
 
+@internal
+@pure
+def _check_fees(protocol_fee_ppm: uint256, verifier_pool_ppm: uint256):
+    # Compared by subtraction, not sum: a sum of absurd inputs would overflow and revert
+    # without a reason.
+    assert protocol_fee_ppm <= MAX_FEE_PPM, "fees exceed 10%"
+    assert verifier_pool_ppm <= MAX_FEE_PPM - protocol_fee_ppm, "fees exceed 10%"
+
+
+@internal
+@pure
+def _fees_change(protocol_fee_ppm: uint256, verifier_pool_ppm: uint256) -> bytes32:
+    return keccak256(abi_encode(protocol_fee_ppm, verifier_pool_ppm))
+
+
 @external
-def set_fees(protocol_fee_ppm: uint256, verifier_pool_ppm: uint256):
-    assert msg.sender == self.admin, "only admin"
-    assert protocol_fee_ppm + verifier_pool_ppm <= PPM, "fees exceed 100%"
+def schedule_fees(protocol_fee_ppm: uint256, verifier_pool_ppm: uint256):
+    """
+    @notice Announce new fees (admin only), at most MAX_FEE_PPM together; anyone may apply
+            them once the fee delay has passed. Replaces a pending change and restarts its
+            clock. Collections until then pay the fees in force now.
+    """
+    two_step_admin._check_admin()
+    self._check_fees(protocol_fee_ppm, verifier_pool_ppm)
+    ready_at: uint256 = timelock._schedule(
+        FEES_CHANGE, self._fees_change(protocol_fee_ppm, verifier_pool_ppm)
+    )
+    self.pending_protocol_fee_ppm = protocol_fee_ppm
+    self.pending_verifier_pool_ppm = verifier_pool_ppm
+    log FeesScheduled(
+        protocol_fee_ppm=protocol_fee_ppm, verifier_pool_ppm=verifier_pool_ppm, ready_at=ready_at
+    )
+
+
+@external
+def apply_fees():
+    """@notice Put the scheduled fees in force; anyone may, once the fee delay has passed."""
+    protocol_fee_ppm: uint256 = self.pending_protocol_fee_ppm
+    verifier_pool_ppm: uint256 = self.pending_verifier_pool_ppm
+    timelock._consume(FEES_CHANGE, self._fees_change(protocol_fee_ppm, verifier_pool_ppm))
     self.protocol_fee_ppm = protocol_fee_ppm
     self.verifier_pool_ppm = verifier_pool_ppm
+    self.pending_protocol_fee_ppm = 0
+    self.pending_verifier_pool_ppm = 0
     log FeesSet(protocol_fee_ppm=protocol_fee_ppm, verifier_pool_ppm=verifier_pool_ppm)
 
 
 @external
-def transfer_admin(new_admin: address):
-    assert msg.sender == self.admin, "only admin"
-    assert new_admin != empty(address), "zero admin"
-    self.admin = new_admin
-    log AdminTransferred(admin=new_admin)
+def cancel_fees():
+    """@notice Withdraw the scheduled fee change (admin only); the fees in force stay."""
+    two_step_admin._check_admin()
+    timelock._cancel(FEES_CHANGE)
+    self.pending_protocol_fee_ppm = 0
+    self.pending_verifier_pool_ppm = 0
 
 
 # --- views ------------------------------------------------------------------------------
@@ -406,9 +436,16 @@ def is_authorized(payer: address, signer: address) -> bool:
 
 
 @external
+@pure
+def max_fee_ppm() -> uint256:
+    """@notice The most protocol fee + verifier pool share can ever be, in ppm."""
+    return MAX_FEE_PPM
+
+
+@external
 @view
 def domain_separator() -> bytes32:
-    return self._separator()
+    return eip712_domain._separator()
 
 
 @external
