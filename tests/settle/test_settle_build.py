@@ -36,6 +36,17 @@ def test_registry_source_pins_compiler_and_target() -> None:
         "claim",
         "get_nodes",
         "node_count",
+        "was_signer",
+        "signer_retired_at",
+        "stake_at",
+        "stake_checkpoint",
+        "stake_checkpoint_count",
+        "registered_at",
+        "set_slasher",
+        "transfer_admin",
+        "accept_admin",
+        "admin",
+        "pending_admin",
     }
 
 
@@ -55,7 +66,9 @@ def test_every_state_change_has_an_event() -> None:
         "NodeRemoved",
         "Slashed",
         "Claimed",
+        "SignerRetired",
         "SlasherSet",
+        "AdminTransferStarted",
         "AdminTransferred",
     }
 

@@ -13,6 +13,7 @@ from infergrid.settle.registry import Registry, deploy_registry
 MINER_MIN = 1 * WEI_PER_BTT
 VERIFIER_MIN = 2 * WEI_PER_BTT
 GATEWAY_MIN = WEI_PER_BTT // 2
+MIN_STAKES = {Role.MINER: MINER_MIN, Role.VERIFIER: VERIFIER_MIN, Role.GATEWAY: GATEWAY_MIN}
 DELAY = 3600
 ENDPOINT = "http://127.0.0.1:9001"
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -35,6 +36,11 @@ def names(registry: Registry, receipt: object) -> list[str]:
     return [e.name for e in registry.events(receipt)]  # type: ignore[arg-type]
 
 
+def block_time(chain: Chain, receipt: object) -> int:
+    """The timestamp of the block that mined `receipt`."""
+    return int(chain.w3.eth.get_block(receipt["blockNumber"])["timestamp"])  # type: ignore[index]
+
+
 def register_miner(registry: Registry, key: str, stake: int = MINER_MIN) -> NodeRecord:
     signer = as_account(key).address
     registry.register(key, Role.MINER, ENDPOINT, signer, [offer()], stake)
@@ -54,6 +60,7 @@ def test_deploy_sets_parameters_and_admin(
     assert registry.min_stake(Role.GATEWAY) == GATEWAY_MIN
     assert registry.unbonding_delay() == DELAY
     assert registry.admin() == addrs[0]
+    assert registry.pending_admin() is None
     assert registry.slasher() == addrs[9]
     assert registry.node_count() == 0
     assert registry.nodes() == []
@@ -317,8 +324,9 @@ def test_update_replaces_details(registry: Registry, keys: list[str], addrs: lis
     models = [offer("Llama-3.1-8B-Instruct", "cd", 11)]
     receipt = registry.update(keys[1], "https://miner.example:8443", addrs[5], models)
     events = registry.events(receipt)
-    assert [e.name for e in events] == ["NodeUpdated"]
-    assert events[0].args["model_count"] == 1
+    assert [e.name for e in events] == ["SignerRetired", "NodeUpdated"]
+    assert events[0].args["signer"] == addrs[1]
+    assert events[1].args["model_count"] == 1
     record = registry.node(addrs[1])
     assert record is not None
     assert (record.endpoint, record.signer, record.models) == (
@@ -521,13 +529,13 @@ def test_reregister_while_unbonding_keeps_the_unbonding_funds(
 ) -> None:
     register_miner(registry, keys[1], 2 * MINER_MIN)
     registry.deregister(keys[1])
-    registry.register(keys[1], Role.VERIFIER, "http://v", addrs[1], [], VERIFIER_MIN)
+    registry.register(keys[1], Role.MINER, "http://m2", addrs[1], [offer()], 3 * MINER_MIN)
     record = registry.node(addrs[1])
     assert record is not None
     assert (record.role, record.active, record.stake_wei, record.unbonding_wei) == (
-        Role.VERIFIER,
+        Role.MINER,
         True,
-        VERIFIER_MIN,
+        3 * MINER_MIN,
         2 * MINER_MIN,
     )
     assert registry.node_count() == 1  # listed once, not twice
@@ -624,31 +632,114 @@ def test_slash_reaches_unbonding_funds_and_blocks_withdrawal(
     assert chain.balance(addrs[1]) == before + MINER_MIN - fee
 
 
-def test_slasher_and_admin_management(
-    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+@pytest.fixture
+def bare_registry(chain: Chain, keys: list[str]) -> Registry:
+    """A registry as deploy leaves it: admin key 0, no slasher named yet."""
+    return Registry(chain, deploy_registry(chain, keys[0], MIN_STAKES, DELAY))
+
+
+def test_the_slasher_is_named_once_by_the_admin(
+    bare_registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
 ) -> None:
-    with pytest.raises(ContractRevert, match="only admin"):
+    registry = bare_registry
+    assert registry.slasher() == ZERO_ADDRESS
+    with pytest.raises(ContractRevert) as exc:
         registry.set_slasher(keys[1], addrs[1])
-    with pytest.raises(ContractRevert, match="only admin"):
-        registry.transfer_admin(keys[1], addrs[1])
-    with pytest.raises(ContractRevert, match="zero admin"):
-        chain.send(keys[0], registry.contract, "transfer_admin", ZERO_ADDRESS)
+    assert reason_of(exc) == "admin: only admin"
+    with pytest.raises(ContractRevert) as exc:
+        chain.send(keys[0], registry.contract, "set_slasher", ZERO_ADDRESS)
+    assert reason_of(exc) == "zero slasher"
+    with pytest.raises(ValueError, match="zero address"):
+        registry.set_slasher(keys[0], ZERO_ADDRESS)
+    with pytest.raises(ValueError, match="slasher"):
+        registry.set_slasher(keys[0], "0x12")
     receipt = registry.set_slasher(keys[0], addrs[7])
     assert [(e.name, e.args["slasher"]) for e in registry.events(receipt)] == [
         ("SlasherSet", addrs[7])
     ]
+    assert registry.slasher() == addrs[7]
     register_miner(registry, keys[1])
     with pytest.raises(ContractRevert, match="only slasher"):
-        registry.slash(keys[9], addrs[1], 1, addrs[8])
+        registry.slash(keys[0], addrs[1], 1, addrs[0])
     registry.slash(keys[7], addrs[1], 1, addrs[8])
 
+
+def test_the_admin_cannot_make_itself_slasher_and_take_the_stake(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    """Attack (issue 8, item 6): the admin replaced the slasher with itself, or with the zero
+    address, and slashed every stake to itself. The slasher is now fixed once named."""
+    register_miner(registry, keys[1], 5 * MINER_MIN)
+    held = chain.balance(registry.address)
+    for slasher in (addrs[0], addrs[2]):
+        with pytest.raises(ContractRevert) as exc:
+            registry.set_slasher(keys[0], slasher)
+        assert reason_of(exc) == "slasher already set"
+    with pytest.raises(ContractRevert) as exc:
+        chain.send(keys[0], registry.contract, "set_slasher", ZERO_ADDRESS)
+    assert reason_of(exc) == "zero slasher"
+    assert registry.slasher() == addrs[9]
+    with pytest.raises(ContractRevert, match="only slasher"):
+        registry.slash(keys[0], addrs[1], 5 * MINER_MIN, addrs[0])
+    # A new admin inherits no more power than the old one had.
+    registry.transfer_admin(keys[0], addrs[6])
+    registry.accept_admin(keys[6])
+    with pytest.raises(ContractRevert) as exc:
+        registry.set_slasher(keys[6], addrs[6])
+    assert reason_of(exc) == "slasher already set"
+    assert chain.balance(registry.address) == held
+    assert registry.total_stake_of(addrs[1]) == 5 * MINER_MIN
+
+
+def test_admin_transfer_takes_two_steps(
+    bare_registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    """Attack (issue 8, item 6): admin transfer was one step, so a typo'd address became
+    admin at once. Now the named successor must accept, and until then cannot act."""
+    registry = bare_registry
+    with pytest.raises(ContractRevert) as exc:
+        registry.transfer_admin(keys[1], addrs[1])
+    assert reason_of(exc) == "admin: only admin"
+    with pytest.raises(ContractRevert) as exc:
+        registry.transfer_admin(keys[0], addrs[0])
+    assert reason_of(exc) == "admin: already admin"
+    with pytest.raises(ContractRevert) as exc:
+        registry.accept_admin(keys[6])
+    assert reason_of(exc) == "admin: no pending admin"
+
     receipt = registry.transfer_admin(keys[0], addrs[6])
-    assert names(registry, receipt) == ["AdminTransferred"]
-    assert registry.admin() == addrs[6]
-    with pytest.raises(ContractRevert, match="only admin"):
+    assert [(e.name, e.args) for e in registry.events(receipt)] == [
+        ("AdminTransferStarted", {"admin": addrs[0], "pending_admin": addrs[6]})
+    ]
+    assert (registry.admin(), registry.pending_admin()) == (addrs[0], addrs[6])
+    # The pending admin cannot act before it accepts; nobody else can accept for it.
+    with pytest.raises(ContractRevert) as exc:
+        registry.set_slasher(keys[6], addrs[6])
+    assert reason_of(exc) == "admin: only admin"
+    with pytest.raises(ContractRevert) as exc:
+        registry.accept_admin(keys[5])
+    assert reason_of(exc) == "admin: only pending admin"
+
+    # The admin cancels by naming the zero address; the old nominee can no longer accept.
+    registry.transfer_admin(keys[0], ZERO_ADDRESS)
+    assert registry.pending_admin() is None
+    with pytest.raises(ContractRevert) as exc:
+        registry.accept_admin(keys[6])
+    assert reason_of(exc) == "admin: no pending admin"
+
+    registry.transfer_admin(keys[0], addrs[6])
+    receipt = registry.accept_admin(keys[6])
+    assert [(e.name, e.args) for e in registry.events(receipt)] == [
+        ("AdminTransferred", {"admin": addrs[6]})
+    ]
+    assert (registry.admin(), registry.pending_admin()) == (addrs[6], None)
+    with pytest.raises(ContractRevert) as exc:
         registry.set_slasher(keys[0], addrs[0])
-    registry.set_slasher(keys[6], addrs[6])
-    assert registry.slasher() == addrs[6]
+    assert reason_of(exc) == "admin: only admin"
+    registry.set_slasher(keys[6], addrs[7])
+    assert registry.slasher() == addrs[7]
+    with pytest.raises(ValueError, match="admin"):
+        registry.transfer_admin(keys[6], "0x12")
 
 
 # --- single-field views and freezing ----------------------------------------------------------
@@ -715,13 +806,13 @@ def test_a_frozen_node_cannot_unbond_deregister_or_withdraw(
         lambda: registry.request_unbonding(keys[1], MINER_MIN),
         lambda: registry.deregister(keys[1]),
         lambda: registry.withdraw(keys[1]),
+        lambda: registry.update(keys[1], "http://moved", addrs[1], [offer()]),
     ):
         with pytest.raises(ContractRevert) as exc:
             action()
         assert reason_of(exc) == "node frozen"
-    # Adding stake and changing details are still allowed: neither lets funds escape.
+    # Adding stake is still allowed: it lets no funds escape.
     registry.stake(keys[1], MINER_MIN)
-    registry.update(keys[1], "http://moved", addrs[1], [offer()])
     # A frozen node is still listed as active: the gateway decides to skip it by `frozen`.
     (listed,) = registry.nodes()
     assert listed.owner == addrs[1] and listed.frozen
@@ -756,6 +847,236 @@ def test_freezes_nest_and_outlive_a_slashed_empty_node(
     assert registry.is_frozen(addrs[1])
     registry.unfreeze(keys[9], addrs[1])
     assert not registry.is_frozen(addrs[1])
+
+
+# --- history: signing keys, roles, stake over time --------------------------------------------
+
+
+def test_rotating_the_key_after_equivocating_keeps_the_old_key_slashable(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    """Attack (issue 8, item 3): a miner that signed two conflicting attestations with key A
+    switched to key B with update(); equivocation slashing accepted only the current signer,
+    so the proof signed by A no longer counted and the stake stayed. A now stays `was_signer`
+    for one unbonding delay (while stake bonded under it can still be here), and a node under
+    dispute cannot rotate at all."""
+    old, new = addrs[2], addrs[3]
+    registry.register(keys[1], Role.MINER, ENDPOINT, old, [offer()], MINER_MIN)
+    assert registry.was_signer(addrs[1], old)
+    receipt = registry.update(keys[1], ENDPOINT, new, [offer()])
+    retired_at = block_time(chain, receipt)
+    retired, _updated = registry.events(receipt)
+    assert (retired.name, retired.args) == (
+        "SignerRetired",
+        {"owner": addrs[1], "signer": old, "retired_at": retired_at},
+    )
+    fns = registry.contract.functions
+    assert registry.signer_of(addrs[1]) == new
+    assert chain.call(fns.signer_retired_at(addrs[1], old)) == retired_at
+    assert chain.call(fns.signer_retired_at(addrs[1], new)) == 0
+    assert registry.was_signer(addrs[1], old) and registry.was_signer(addrs[1], new)
+    chain.increase_time(DELAY - 10)
+    assert registry.was_signer(addrs[1], old)
+    # One unbonding delay after retirement, the old key no longer speaks for the node.
+    chain.increase_time(10)
+    assert chain.timestamp() >= retired_at + DELAY
+    assert not registry.was_signer(addrs[1], old)
+    assert registry.was_signer(addrs[1], new)
+
+    # Under dispute, the node cannot rotate again (nor change anything else).
+    registry.freeze(keys[9], addrs[1])
+    for signer in (addrs[4], new):
+        with pytest.raises(ContractRevert) as exc:
+            registry.update(keys[1], "http://elsewhere", signer, [])
+        assert reason_of(exc) == "node frozen"
+    assert registry.signer_of(addrs[1]) == new
+
+
+def test_was_signer_only_for_keys_the_owner_held(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    register_miner(registry, keys[1])
+    registry.update(keys[1], ENDPOINT, addrs[2], [])
+    assert not registry.was_signer(addrs[1], ZERO_ADDRESS)
+    assert not registry.was_signer(addrs[1], addrs[5])  # never held
+    assert not registry.was_signer(addrs[5], addrs[1])  # another owner's key
+    assert not registry.was_signer(addrs[5], ZERO_ADDRESS)  # nobody registered
+    fns = registry.contract.functions
+    assert chain.call(fns.was_signer(addrs[1], ZERO_ADDRESS)) is False
+    for bad in (("0x12", addrs[1]), (addrs[1], "nope")):
+        with pytest.raises(ValueError):
+            registry.was_signer(*bad)
+
+
+def test_an_old_key_added_again_is_current_again(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    a, b = addrs[2], addrs[3]
+    registry.register(keys[1], Role.MINER, ENDPOINT, a, [], MINER_MIN)
+    registry.update(keys[1], ENDPOINT, b, [])
+    receipt = registry.update(keys[1], ENDPOINT, a, [])
+    assert [(e.name, e.args["signer"]) for e in registry.events(receipt)] == [
+        ("SignerRetired", b),
+        ("NodeUpdated", a),
+    ]
+    fns = registry.contract.functions
+    assert chain.call(fns.signer_retired_at(addrs[1], a)) == 0
+    chain.increase_time(DELAY + 1)
+    assert registry.was_signer(addrs[1], a)  # current: no window applies
+    assert not registry.was_signer(addrs[1], b)
+    # The same key again retires nothing.
+    receipt = registry.update(keys[1], "http://moved", a, [])
+    assert names(registry, receipt) == ["NodeUpdated"]
+
+
+def test_registering_again_with_another_key_retires_the_old_one(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    registry.register(keys[1], Role.MINER, ENDPOINT, addrs[2], [], MINER_MIN)
+    registry.deregister(keys[1])
+    receipt = registry.register(keys[1], Role.MINER, ENDPOINT, addrs[3], [], MINER_MIN)
+    assert [(e.name, e.args.get("signer")) for e in registry.events(receipt)] == [
+        ("SignerRetired", addrs[2]),
+        ("NodeRegistered", addrs[3]),
+    ]
+    assert registry.was_signer(addrs[1], addrs[2]) and registry.was_signer(addrs[1], addrs[3])
+    chain.increase_time(DELAY)
+    assert not registry.was_signer(addrs[1], addrs[2])
+    # A node that left entirely signs with nothing: its stake is gone, so is its key.
+    registry.withdraw(keys[1])
+    registry.deregister(keys[1])
+    chain.increase_time(DELAY)
+    registry.withdraw(keys[1])
+    assert registry.node(addrs[1]) is None
+    assert not registry.was_signer(addrs[1], addrs[3])
+    assert registry.signer_of(addrs[1]) is None
+
+
+def test_changing_role_while_unbonding_does_not_escape_a_dispute(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    """Attack (issue 8, item 4): a miner deregistered and registered again as a gateway (or
+    verifier); disputes, which only reach miners, then reverted "not a miner" and its old
+    stake unbonded untouched. The role cannot change while the old role's funds unbond."""
+    register_miner(registry, keys[1], 2 * MINER_MIN)
+    registry.deregister(keys[1])
+    for role, stake in ((Role.GATEWAY, GATEWAY_MIN), (Role.VERIFIER, VERIFIER_MIN)):
+        with pytest.raises(ContractRevert) as exc:
+            registry.register(keys[1], role, ENDPOINT, addrs[1], [], stake)
+        assert reason_of(exc) == "role change while unbonding"
+    fns = registry.contract.functions
+    assert chain.call(fns.role_of(addrs[1])) == int(Role.MINER)
+    # Still a miner with its funds in place: a dispute can freeze and slash them.
+    registry.freeze(keys[9], addrs[1])
+    chain.increase_time(DELAY)
+    with pytest.raises(ContractRevert, match="node frozen"):
+        registry.withdraw(keys[1])
+    registry.slash(keys[9], addrs[1], MINER_MIN, addrs[8])
+    assert registry.total_stake_of(addrs[1]) == MINER_MIN
+    registry.unfreeze(keys[9], addrs[1])
+    # The same role again is fine while unbonding (the funds stay a miner's).
+    registry.register(keys[1], Role.MINER, ENDPOINT, addrs[1], [], MINER_MIN)
+    record = registry.node(addrs[1])
+    assert record is not None and (record.role, record.unbonding_wei) == (Role.MINER, MINER_MIN)
+
+
+def test_any_role_once_the_old_funds_have_left(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    register_miner(registry, keys[1])
+    registry.deregister(keys[1])
+    chain.increase_time(DELAY)
+    registry.withdraw(keys[1])  # forgotten: nothing of the miner is left here
+    registry.register(keys[1], Role.GATEWAY, ENDPOINT, addrs[1], [], GATEWAY_MIN)
+    record = registry.node(addrs[1])
+    assert record is not None and record.role == Role.GATEWAY and record.active
+
+
+def test_stake_at_follows_every_change_of_bonded_stake(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    owner, key = addrs[1], keys[1]
+    assert registry.stake_at(owner, 2**256 - 1) == 0  # never staked
+    history: list[tuple[int, int]] = []  # (block time, bonded stake from then on)
+
+    def after(receipt: object, stake: int) -> None:
+        history.append((block_time(chain, receipt), stake))
+
+    after(registry.register(key, Role.MINER, ENDPOINT, owner, [], 3 * MINER_MIN), 3 * MINER_MIN)
+    chain.increase_time(100)
+    after(registry.stake(key, MINER_MIN), 4 * MINER_MIN)
+    after(registry.request_unbonding(key, MINER_MIN), 3 * MINER_MIN)
+    chain.increase_time(50)
+    after(registry.slash(keys[9], owner, MINER_MIN // 2, addrs[8]), 5 * MINER_MIN // 2)
+    after(registry.deregister(key), 0)
+    # Slashing only unbonding funds and withdrawing leave bonded stake as it was: no entry.
+    registry.slash(keys[9], owner, 1, addrs[8])
+    chain.increase_time(DELAY)
+    registry.withdraw(key)
+    assert registry.node(owner) is None  # forgotten; its stake history is not
+
+    assert registry.stake_checkpoints(owner) == history
+    first = history[0][0]
+    assert registry.stake_at(owner, 0) == 0
+    assert registry.stake_at(owner, first - 1) == 0
+    ends = [t for t, _ in history[1:]] + [history[-1][0] + 10**6]
+    for (t, stake), end in zip(history, ends, strict=True):
+        assert registry.stake_at(owner, t) == stake  # changes at exactly t are included
+        assert registry.stake_at(owner, end - 1) == stake
+    assert registry.stake_at(owner, 2**256 - 1) == 0  # far future: the latest, 0 after exit
+    assert registry.stake_at(owner, chain.timestamp()) == 0
+
+    # Registering again continues the same history.
+    after(registry.register(key, Role.MINER, ENDPOINT, owner, [], MINER_MIN), MINER_MIN)
+    assert registry.stake_checkpoints(owner) == history
+    assert registry.stake_at(owner, history[2][0]) == 3 * MINER_MIN
+    assert registry.stake_at(owner, 2**256 - 1) == MINER_MIN
+    with pytest.raises(ValueError, match="timestamp"):
+        registry.stake_at(owner, -1)
+    with pytest.raises(ContractRevert, match="index out of range"):
+        chain.call(registry.contract.functions.stake_checkpoint(owner, len(history)))
+
+
+def test_stake_at_searches_a_long_history(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    owner = addrs[1]
+    receipt = registry.register(keys[1], Role.MINER, ENDPOINT, owner, [], MINER_MIN)
+    history = [(block_time(chain, receipt), MINER_MIN)]
+    for i in range(1, 40):
+        chain.increase_time(i % 7 * 13)  # uneven gaps, some none at all
+        receipt = registry.stake(keys[1], i)
+        history.append((block_time(chain, receipt), history[-1][1] + i))
+    assert registry.stake_checkpoints(owner) == history
+    queries = sorted({t + d for t, _ in history for d in (-1, 0, 1)})
+    for query in queries:
+        expected = max((s for t, s in history if t <= query), default=0)
+        assert registry.stake_at(owner, query) == expected, query
+
+
+def test_registered_at_marks_the_current_registration(
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    owner = addrs[1]
+    assert registry.registered_at(owner) == 0
+    first = block_time(
+        chain, registry.register(keys[1], Role.MINER, ENDPOINT, owner, [], MINER_MIN)
+    )
+    assert registry.registered_at(owner) == first
+    registry.stake(keys[1], 1)
+    registry.deregister(keys[1])
+    assert registry.registered_at(owner) == first  # inactive but not forgotten
+    chain.increase_time(100)
+    again = block_time(
+        chain, registry.register(keys[1], Role.MINER, ENDPOINT, owner, [], MINER_MIN)
+    )
+    assert again > first and registry.registered_at(owner) == again
+    registry.deregister(keys[1])
+    chain.increase_time(DELAY)
+    registry.withdraw(keys[1])
+    assert registry.node(owner) is None and registry.registered_at(owner) == 0
+    with pytest.raises(ValueError, match="owner"):
+        registry.registered_at("0x12")
 
 
 # --- ensure_registered ------------------------------------------------------------------------
@@ -805,15 +1126,22 @@ def test_ensure_registered_is_idempotent(
 
 
 def test_ensure_registered_refuses_a_role_change_and_reregisters_after_exit(
-    registry: Registry, keys: list[str], addrs: list[str]
+    registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
 ) -> None:
     registry.ensure_registered(keys[1], Role.MINER, ENDPOINT, addrs[1], [offer()], MINER_MIN)
     with pytest.raises(ValueError, match="registered as miner"):
         registry.ensure_registered(keys[1], Role.GATEWAY, ENDPOINT, addrs[1], [], GATEWAY_MIN)
     registry.deregister(keys[1])
+    # Still unbonding as a miner: refused in Python, before a transaction is sent.
+    nonce = chain.w3.eth.get_transaction_count(addrs[1])
+    with pytest.raises(ValueError, match="miner stake unbonding; withdraw it"):
+        registry.ensure_registered(keys[1], Role.GATEWAY, ENDPOINT, addrs[1], [], GATEWAY_MIN)
+    assert chain.w3.eth.get_transaction_count(addrs[1]) == nonce
+    chain.increase_time(DELAY)
+    registry.withdraw(keys[1])
     record = registry.ensure_registered(keys[1], Role.GATEWAY, ENDPOINT, addrs[1], [], GATEWAY_MIN)
     assert record.role == Role.GATEWAY and record.active
-    assert record.unbonding_wei == MINER_MIN
+    assert record.unbonding_wei == 0
     assert registry.node_count() == 1
 
 
@@ -907,6 +1235,15 @@ def forward(data: Bytes[4096]):
 
 @external
 @payable
+def forward_batch(calls: DynArray[Bytes[4096], 4], values: DynArray[uint256, 4]):
+    # Several registry calls in one transaction, hence in one block.
+    for i: uint256 in range(4):
+        if i >= len(calls):
+            break
+        raw_call(self.registry, calls[i], value=values[i])
+
+@external
+@payable
 def __default__():
     if self.mode == 1:
         raw_call(self.registry, method_id("withdraw()"))
@@ -950,3 +1287,42 @@ def test_withdraw_to_a_contract_owner_resists_reentrancy(
     assert chain.balance(owner_address) == 2 * MINER_MIN
     assert chain.balance(registry.address) == held - 2 * MINER_MIN
     assert registry.node(owner_address) is None
+
+
+def test_stake_changes_in_one_block_keep_only_the_last_checkpoint(
+    registry: Registry, chain: Chain, keys: list[str]
+) -> None:
+    import vyper
+
+    out = vyper.compile_code(OWNER_CONTRACT, output_formats=["abi", "bytecode"])
+    owner_address = chain.deploy(keys[1], out["abi"], out["bytecode"], registry.address)
+    owner = chain.contract(owner_address, out["abi"])
+    reg = registry.contract
+
+    def call(function: str, *args: object) -> bytes:
+        return bytes.fromhex(reg.encode_abi(function, args=list(args))[2:])
+
+    # Register, top up and unbond part of it, all in one block.
+    receipt = chain.send(
+        keys[1],
+        owner,
+        "forward_batch",
+        [
+            call("register", 1, ENDPOINT, owner_address, []),
+            call("stake"),
+            call("request_unbonding", MINER_MIN // 2),
+        ],
+        [2 * MINER_MIN, MINER_MIN, 0],
+        value=3 * MINER_MIN,
+    )
+    t = block_time(chain, receipt)
+    assert registry.stake_checkpoints(owner_address) == [(t, 5 * MINER_MIN // 2)]
+    assert registry.stake_at(owner_address, t - 1) == 0
+    assert registry.stake_at(owner_address, t) == 5 * MINER_MIN // 2
+    # A later block adds a checkpoint of its own.
+    receipt = chain.send(keys[1], owner, "forward", call("stake"), value=MINER_MIN)
+    later = block_time(chain, receipt)
+    assert registry.stake_checkpoints(owner_address) == [
+        (t, 5 * MINER_MIN // 2),
+        (later, 7 * MINER_MIN // 2),
+    ]

@@ -1,8 +1,15 @@
-"""The NodeRegistry contract from Python: deployment, node operations, discovery.
+"""The NodeRegistry contract from Python: deployment, node operations, discovery, and the
+history that disputes judge by.
 
 Gateways call `Registry.nodes()` every few seconds to find miners; it costs one RPC for the
 block number plus one per page of 32 nodes, all read at that one block so that a node moving in
 the list between pages is neither skipped nor seen twice.
+
+What a node did stays answerable after it changes: a signing key it replaced is still
+`was_signer` for one unbonding delay; its role cannot change while the old role's funds are
+unbonding; `stake_at` gives its bonded stake at any past time and `registered_at` when it
+registered. The admin hands over in two steps (`transfer_admin`, then `accept_admin` by the
+successor) and names the slasher once, for the registry's life (`set_slasher`).
 """
 
 from __future__ import annotations
@@ -153,7 +160,8 @@ def deploy_registry(
 
 class Registry:
     """A deployed NodeRegistry. Writes take the node owner's key and return the receipt;
-    reverts raise `ContractRevert` with the contract's reason."""
+    reverts raise `ContractRevert` with the contract's reason. Reads are views at the latest
+    block; `stake_at` and `was_signer` answer for the past as the contract defines it."""
 
     def __init__(self, chain: Chain, address: str) -> None:
         self.chain = chain
@@ -186,6 +194,11 @@ class Registry:
     def admin(self) -> str:
         return to_checksum_address(self.chain.call(self.contract.functions.admin()))
 
+    def pending_admin(self) -> str | None:
+        """The successor the admin named and who has not accepted yet; None if none."""
+        pending = to_checksum_address(self.chain.call(self.contract.functions.pending_admin()))
+        return None if int(pending, 16) == 0 else pending
+
     def slasher(self) -> str:
         return to_checksum_address(self.chain.call(self.contract.functions.slasher()))
 
@@ -204,6 +217,37 @@ class Registry:
         address = check_address(owner, "owner")
         signer = to_checksum_address(self.chain.call(self.contract.functions.signer_of(address)))
         return None if int(signer, 16) == 0 else signer
+
+    def was_signer(self, owner: str, signer: str) -> bool:
+        """Whether `signer` signs for `owner`: its current key, or one it replaced less than
+        one unbonding delay ago (stake bonded under that key may still be here)."""
+        address = check_address(owner, "owner")
+        key = check_address(signer, "signer")
+        return bool(self.chain.call(self.contract.functions.was_signer(address, key)))
+
+    def stake_at(self, owner: str, timestamp: int) -> int:
+        """`owner`'s bonded stake as of block time `timestamp`, changes made at exactly that
+        time included; 0 before its first stake. Still answers once the node is forgotten."""
+        address = check_address(owner, "owner")
+        when = _amount(timestamp, "timestamp")
+        return int(self.chain.call(self.contract.functions.stake_at(address, when)))
+
+    def stake_checkpoints(self, owner: str) -> list[tuple[int, int]]:
+        """Every (block time, bonded stake from then on) of `owner`, oldest first."""
+        address = check_address(owner, "owner")
+        fns = self.contract.functions
+        count = int(self.chain.call(fns.stake_checkpoint_count(address)))
+        return [
+            (int(t), int(stake))
+            for t, stake in (
+                self.chain.call(fns.stake_checkpoint(address, i)) for i in range(count)
+            )
+        ]
+
+    def registered_at(self, owner: str) -> int:
+        """Block time of `owner`'s current registration; 0 if none (or forgotten)."""
+        address = check_address(owner, "owner")
+        return int(self.chain.call(self.contract.functions.registered_at(address)))
 
     def total_stake_of(self, owner: str) -> int:
         """Bonded plus unbonding wei: everything a slash can still take from `owner`."""
@@ -318,7 +362,9 @@ class Registry:
         Safe to call at every start: registers if the key has no active node; otherwise
         updates endpoint, signer and models where they differ and tops the stake up to
         `stake_wei`. Stake above `stake_wei` is left alone (unbonding is a deliberate act).
-        A node registered under another role raises ValueError: roles do not change in place.
+        A node registered under another role raises ValueError: roles do not change in place,
+        nor while the old role's funds are unbonding (withdraw them first). A frozen node
+        whose details differ raises ContractRevert "node frozen".
         """
         role = Role(role)
         owner = as_account(key).address
@@ -327,6 +373,16 @@ class Registry:
         check_models(models)
         _amount(stake_wei, "stake")
         current = self.node(owner)
+        if (
+            current is not None
+            and not current.active
+            and current.role != role
+            and current.unbonding_wei > 0
+        ):
+            raise ValueError(
+                f"{owner} still has {current.role.name.lower()} stake unbonding; "
+                f"withdraw it before registering as {role.name.lower()}"
+            )
         if current is None or not current.active:
             self.register(key, role, endpoint, signer, models, stake_wei)
         else:
@@ -347,17 +403,26 @@ class Registry:
         assert record is not None  # it was just registered
         return record
 
-    # --- administration (the deployer, then whoever it hands over to) ---
+    # --- administration (the deployer, then whoever accepts the role from it) ---
 
     def set_slasher(self, admin_key: PrivateKey, slasher: str) -> TxReceipt:
-        return self.chain.send(
-            admin_key, self.contract, "set_slasher", check_address(slasher, "slasher")
-        )
+        """Name the slasher (the dispute manager). Works once: it is fixed for the registry's
+        life, so no admin can later take the stake through it."""
+        address = check_address(slasher, "slasher")
+        if int(address, 16) == 0:
+            raise ValueError("slasher must not be the zero address")
+        return self.chain.send(admin_key, self.contract, "set_slasher", address)
 
     def transfer_admin(self, admin_key: PrivateKey, new_admin: str) -> TxReceipt:
+        """Step one: name `new_admin`, who becomes admin with `accept_admin`. The admin stays
+        in charge until then; naming the zero address cancels the transfer."""
         return self.chain.send(
             admin_key, self.contract, "transfer_admin", check_address(new_admin, "admin")
         )
+
+    def accept_admin(self, new_admin_key: PrivateKey) -> TxReceipt:
+        """Step two: the named successor takes over."""
+        return self.chain.send(new_admin_key, self.contract, "accept_admin")
 
     def freeze(self, slasher_key: PrivateKey, owner: str) -> TxReceipt:
         """Hold `owner`'s funds in place (the slasher: the dispute manager, or a test key)."""

@@ -8,10 +8,27 @@
         stays slashable for everything the node was paid for.
 @dev Payments out are pull payments: withdraw() for a node's own unbonded stake, claim() for
      slashed stake credited to a recipient. The slasher may also freeze a node while a dispute
-     about it is open: a frozen node cannot unbond, deregister or withdraw, so the stake the
-     dispute may take cannot leave first. Freezing does not change `active`; gateways skip
-     frozen nodes themselves (NodeView.frozen).
+     about it is open: a frozen node cannot unbond, deregister, withdraw or change its details,
+     so the stake the dispute may take cannot leave first. Freezing does not change `active`;
+     gateways skip frozen nodes themselves (NodeView.frozen).
+
+     What a node did stays answerable after it changes: a key it replaces stays `was_signer`
+     for one unbonding delay (rotating keys escapes no slash); its role cannot change while
+     the old role's funds unbond (a miner cannot become a gateway that disputes miss); its
+     bonded stake is checkpointed (`stake_at`, `registered_at`: votes weigh stake from before
+     a dispute). The admin (lib/two_step_admin.vy) names the slasher once and never again.
 """
+
+from lib import two_step_admin
+
+initializes: two_step_admin
+
+exports: (
+    two_step_admin.admin,
+    two_step_admin.pending_admin,
+    two_step_admin.transfer_admin,
+    two_step_admin.accept_admin,
+)
 
 MAX_MODELS: constant(uint256) = 16
 MAX_PAGE: constant(uint256) = 32
@@ -21,6 +38,13 @@ MAX_NODES: constant(uint256) = 2**32
 ROLE_MINER: constant(uint8) = 1
 ROLE_VERIFIER: constant(uint8) = 2
 ROLE_GATEWAY: constant(uint8) = 3
+
+# A stake checkpoint is one word: block time in the top 64 bits, bonded stake in the low 192
+# (native value held here; 2**192 wei is far beyond any token supply).
+STAKE_BITS: constant(uint256) = 192
+STAKE_MASK: constant(uint256) = 2**192 - 1
+# node_meta: registration time in the top 128 bits, checkpoint count in the low 128.
+COUNT_MASK: constant(uint256) = 2**128 - 1
 
 
 struct ModelOffer:
@@ -113,14 +137,15 @@ event NodeUnfrozen:
     owner: indexed(address)
     count: uint256  # freezes still open; the node is free again at zero
 
+event SignerRetired:
+    owner: indexed(address)
+    signer: indexed(address)
+    retired_at: uint256  # stays `was_signer` until retired_at + unbonding_delay
+
 event SlasherSet:
     slasher: indexed(address)
 
-event AdminTransferred:
-    admin: indexed(address)
 
-
-admin: public(address)
 slasher: public(address)
 min_stake: public(HashMap[uint8, uint256])
 unbonding_delay: public(uint256)
@@ -137,6 +162,13 @@ credits: public(HashMap[address, uint256])
 # be open at once and the node must stay frozen until the last is resolved. Kept apart from
 # Node so that it survives the node being slashed empty and forgotten mid-dispute.
 frozen: public(HashMap[address, uint256])
+# Per owner: when each key it replaced stopped being its signer (0: current or never held).
+signer_retired_at: public(HashMap[address, HashMap[address, uint256]])
+# Per owner: checkpoint index -> (time << STAKE_BITS | stake). Apart from Node, like
+# node_meta, so that both survive the node being forgotten.
+stake_checkpoints: HashMap[address, HashMap[uint256, uint256]]
+# Per owner: registered_at << 128 | checkpoint count, so register() writes both in one slot.
+node_meta: HashMap[address, uint256]
 
 
 @deploy
@@ -152,12 +184,11 @@ def __init__(
     assert min_stake_gateway > 0, "min stake must be positive"
     # Guards unbond_at = now + delay against overflow and absurd lock-ups.
     assert unbonding_delay <= 365 * 86400, "unbonding delay too long"
-    self.admin = msg.sender
+    two_step_admin.__init__()
     self.min_stake[ROLE_MINER] = min_stake_miner
     self.min_stake[ROLE_VERIFIER] = min_stake_verifier
     self.min_stake[ROLE_GATEWAY] = min_stake_gateway
     self.unbonding_delay = unbonding_delay
-    log AdminTransferred(admin=msg.sender)
 
 
 # --- internal helpers -------------------------------------------------------------------
@@ -179,6 +210,34 @@ def _check_details(
             if j >= i:
                 break
             assert models[j].model_id != models[i].model_id, "duplicate model"
+
+
+@internal
+def _set_signer(owner: address, signer: address):
+    # The key replaced is retired, not forgotten: attestations it signed stay slashable.
+    old: address = self.nodes[owner].signer
+    if old == signer:
+        return
+    if old != empty(address):
+        self.signer_retired_at[owner][old] = block.timestamp
+        log SignerRetired(owner=owner, signer=old, retired_at=block.timestamp)
+    if self.signer_retired_at[owner][signer] != 0:
+        self.signer_retired_at[owner][signer] = 0  # current again
+    self.nodes[owner].signer = signer
+
+
+@internal
+def _checkpoint(owner: address, stake: uint256):
+    # One word per block: a later change in the same block overwrites the block's checkpoint.
+    assert stake <= STAKE_MASK, "stake too large"
+    meta: uint256 = self.node_meta[owner]
+    count: uint256 = meta & COUNT_MASK
+    word: uint256 = (block.timestamp << STAKE_BITS) | stake
+    if count != 0 and self.stake_checkpoints[owner][count - 1] >> STAKE_BITS == block.timestamp:
+        self.stake_checkpoints[owner][count - 1] = word
+        return
+    self.stake_checkpoints[owner][count] = word
+    self.node_meta[owner] = meta + 1
 
 
 @internal
@@ -206,6 +265,7 @@ def _remove_if_empty(owner: address):
         self.owner_index[last] = position
     self.owner_index[owner] = 0
     self.nodes[owner] = empty(Node)
+    self.node_meta[owner] &= COUNT_MASK  # no registration any more; checkpoints stay
     log NodeRemoved(owner=owner)
 
 
@@ -240,21 +300,30 @@ def register(
 ):
     """
     @notice Register msg.sender as a node, staking msg.value. A node that deregistered may
-            register again while its old stake is still unbonding.
+            register again while its old stake is still unbonding, in the same role only:
+            those funds stay answerable as that role. Once withdrawn, any role. Sets
+            registered_at; a different signer retires the old one (SignerRetired).
     """
     assert role >= ROLE_MINER and role <= ROLE_GATEWAY, "bad role"
     assert not self.nodes[msg.sender].active, "already registered"
+    old_role: uint8 = self.nodes[msg.sender].role
+    assert (
+        old_role == 0 or old_role == role or self.nodes[msg.sender].unbonding == 0
+    ), "role change while unbonding"
     self._check_details(endpoint, signer, models)
     assert msg.value >= self.min_stake[role], "stake below minimum"
 
     # Field by field: funds still unbonding from an earlier registration stay as they are.
     self.nodes[msg.sender].role = role
     self.nodes[msg.sender].endpoint = endpoint
-    self.nodes[msg.sender].signer = signer
+    self._set_signer(msg.sender, signer)
     self.nodes[msg.sender].models = models
     self.nodes[msg.sender].stake = msg.value
     self.nodes[msg.sender].active = True
     self._list(msg.sender)
+    self._checkpoint(msg.sender, msg.value)
+    meta: uint256 = self.node_meta[msg.sender]  # warm: _checkpoint just wrote it
+    self.node_meta[msg.sender] = (block.timestamp << 128) | (meta & COUNT_MASK)
     log NodeRegistered(
         owner=msg.sender, role=role, endpoint=endpoint, signer=signer, stake=msg.value
     )
@@ -266,17 +335,24 @@ def stake():
     """@notice Add msg.value to the caller's stake."""
     assert self.nodes[msg.sender].active, "node not active"
     assert msg.value > 0, "zero amount"
-    self.nodes[msg.sender].stake += msg.value
-    log Staked(owner=msg.sender, amount=msg.value, total=self.nodes[msg.sender].stake)
+    total: uint256 = self.nodes[msg.sender].stake + msg.value
+    self.nodes[msg.sender].stake = total
+    self._checkpoint(msg.sender, total)
+    log Staked(owner=msg.sender, amount=msg.value, total=total)
 
 
 @external
 def update(endpoint: String[256], signer: address, models: DynArray[ModelOffer, MAX_MODELS]):
-    """@notice Replace the caller's endpoint, signing key and model offers."""
+    """
+    @notice Replace the caller's endpoint, signing key and model offers. A new signing key
+            retires the old one (SignerRetired), which stays `was_signer` for one unbonding
+            delay. Refused while frozen: a node under dispute keeps the key it is judged by.
+    """
     assert self.nodes[msg.sender].active, "node not active"
+    assert self.frozen[msg.sender] == 0, "node frozen"
     self._check_details(endpoint, signer, models)
     self.nodes[msg.sender].endpoint = endpoint
-    self.nodes[msg.sender].signer = signer
+    self._set_signer(msg.sender, signer)
     self.nodes[msg.sender].models = models
     log NodeUpdated(owner=msg.sender, endpoint=endpoint, signer=signer, model_count=len(models))
 
@@ -299,6 +375,7 @@ def request_unbonding(amount: uint256):
     unbonding: uint256 = self.nodes[msg.sender].unbonding + amount
     unbond_at: uint256 = block.timestamp + self.unbonding_delay
     self.nodes[msg.sender].stake = remaining
+    self._checkpoint(msg.sender, remaining)
     self.nodes[msg.sender].unbonding = unbonding
     self.nodes[msg.sender].unbond_at = unbond_at
     deactivated: bool = self.nodes[msg.sender].active and remaining == 0
@@ -322,6 +399,7 @@ def deregister():
     unbond_at: uint256 = block.timestamp + self.unbonding_delay
     self.nodes[msg.sender].unbonding = unbonding
     self.nodes[msg.sender].stake = 0
+    self._checkpoint(msg.sender, 0)
     self.nodes[msg.sender].unbond_at = unbond_at
     self.nodes[msg.sender].active = False
     log NodeDeregistered(owner=msg.sender, unbonding=unbonding, unbond_at=unbond_at)
@@ -366,7 +444,9 @@ def slash(owner: address, amount: uint256, recipient: address) -> uint256:
     from_unbonding: uint256 = min(amount - from_stake, unbonding)
     taken: uint256 = from_stake + from_unbonding
     assert taken > 0, "nothing to slash"
-    self.nodes[owner].stake = stake - from_stake
+    if from_stake != 0:
+        self.nodes[owner].stake = stake - from_stake
+        self._checkpoint(owner, stake - from_stake)
     self.nodes[owner].unbonding = unbonding - from_unbonding
     deactivated: bool = self.nodes[owner].active and stake == from_stake
     if deactivated:
@@ -422,17 +502,15 @@ def claim():
 
 @external
 def set_slasher(slasher: address):
-    assert msg.sender == self.admin, "only admin"
+    """
+    @notice Name the slasher (the dispute manager), once, for the registry's whole life (admin
+            only): no admin can later make itself the slasher and take the stake.
+    """
+    two_step_admin._check_admin()
+    assert slasher != empty(address), "zero slasher"
+    assert self.slasher == empty(address), "slasher already set"
     self.slasher = slasher
     log SlasherSet(slasher=slasher)
-
-
-@external
-def transfer_admin(new_admin: address):
-    assert msg.sender == self.admin, "only admin"
-    assert new_admin != empty(address), "zero admin"
-    self.admin = new_admin
-    log AdminTransferred(admin=new_admin)
 
 
 # --- views ------------------------------------------------------------------------------
@@ -460,6 +538,79 @@ def node_owner(index: uint256) -> address:
 def signer_of(owner: address) -> address:
     """@notice The key that signs for `owner`'s node; empty if none is registered."""
     return self.nodes[owner].signer
+
+
+@external
+@view
+def was_signer(owner: address, signer: address) -> bool:
+    """
+    @notice Whether `signer` signs for `owner`: its current key, or one it replaced (update()
+            or register() with another key) less than `unbonding_delay` seconds ago, while
+            stake bonded under it can still be here. False for zero and keys never held.
+    """
+    if signer == empty(address):
+        return False
+    if signer == self.nodes[owner].signer:
+        return True
+    retired_at: uint256 = self.signer_retired_at[owner][signer]
+    return retired_at != 0 and block.timestamp < retired_at + self.unbonding_delay
+
+
+@external
+@view
+def registered_at(owner: address) -> uint256:
+    """
+    @notice Block time of `owner`'s current registration (every register() sets it), kept
+            until the node is forgotten; 0 if none.
+    """
+    return self.node_meta[owner] >> 128
+
+
+@external
+@view
+def stake_at(owner: address, timestamp: uint256) -> uint256:
+    """
+    @notice `owner`'s bonded stake as of the last checkpoint with time <= `timestamp` (so
+            changes in a block at exactly that time count); 0 before the first. Outlives the
+            node being forgotten. stake_of() is the current stake.
+    """
+    count: uint256 = self.node_meta[owner] & COUNT_MASK
+    if count == 0:
+        return 0
+    last: uint256 = self.stake_checkpoints[owner][count - 1]
+    if last >> STAKE_BITS <= timestamp:
+        return last & STAKE_MASK
+    # Binary search for the first checkpoint after `timestamp`; the last one is. Times only
+    # grow, one checkpoint per block at most, so 64 halvings cover any count.
+    low: uint256 = 0
+    high: uint256 = count - 1
+    for _: uint256 in range(64):
+        if low >= high:
+            break
+        mid: uint256 = (low + high) // 2
+        if self.stake_checkpoints[owner][mid] >> STAKE_BITS > timestamp:
+            high = mid
+        else:
+            low = mid + 1
+    if low == 0:
+        return 0
+    return self.stake_checkpoints[owner][low - 1] & STAKE_MASK
+
+
+@external
+@view
+def stake_checkpoint_count(owner: address) -> uint256:
+    """@notice How many stake checkpoints `owner` has (at most one per block)."""
+    return self.node_meta[owner] & COUNT_MASK
+
+
+@external
+@view
+def stake_checkpoint(owner: address, index: uint256) -> (uint256, uint256):
+    """@notice Checkpoint `index` of `owner`: (block time, bonded stake from then on)."""
+    assert index < self.node_meta[owner] & COUNT_MASK, "index out of range"
+    word: uint256 = self.stake_checkpoints[owner][index]
+    return word >> STAKE_BITS, word & STAKE_MASK
 
 
 @external
