@@ -21,6 +21,7 @@ from infergrid.app.settlement import Settlement
 from infergrid.app.traces import TraceStore
 from infergrid.protocol.eip712 import Domain
 from infergrid.protocol.nodes import WEI_PER_BTT, Role
+from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS
 from infergrid.settle.chain import Chain, as_account, dev_private_keys
 from infergrid.settle.escrow import PaymentEscrow, deploy_escrow
 from infergrid.settle.registry import Registry, deploy_registry
@@ -73,9 +74,16 @@ def deploy_network(chain: Chain) -> Network:
         protocol_fee_ppm=PROTOCOL_FEE_PPM,
         verifier_pool_ppm=VERIFIER_POOL_PPM,
         thaw_period_s=600,
+        fee_delay_s=601,
     )
     rewards = deploy_rewards(
-        chain, KEYS[ADMIN], arbiter=admin, proposer_bond_wei=WEI_PER_BTT, challenge_window_s=60
+        chain,
+        KEYS[ADMIN],
+        arbiter=admin,
+        treasury=admin,
+        proposer_bond_wei=WEI_PER_BTT,
+        challenge_window_s=60,
+        arbiter_delay_s=61,
     )
     return Network(
         chain,
@@ -114,6 +122,7 @@ async def metered_gateway(
     tmp_path: Path,
     *,
     anchor: bool = False,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
     settlement: Settlement = build_settlement(
@@ -124,6 +133,7 @@ async def metered_gateway(
         rewards=net.rewards.address if anchor else None,
         anchor_interval_s=0.2,
         escrow_poll_s=0.2,
+        default_max_tokens=default_max_tokens,
     )
     try:
         async with running_gateway(

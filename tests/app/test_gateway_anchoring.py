@@ -34,8 +34,10 @@ def distributor(chain: Chain) -> RewardDistributor:
         chain,
         ADMIN_KEY,
         arbiter=as_account(ARBITER_KEY).address,
+        treasury=as_account(ADMIN_KEY).address,
         proposer_bond_wei=10**18,
         challenge_window_s=3600,
+        arbiter_delay_s=3601,
     )
     return RewardDistributor(chain, address)
 

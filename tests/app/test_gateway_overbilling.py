@@ -256,11 +256,13 @@ async def test_an_over_billing_miner_is_failed_over_to_an_honest_one(
 # -- the limit a request is forwarded with, and its reservation ----------------------------------
 
 
-async def test_a_request_without_max_tokens_is_forwarded_with_the_default(
+async def test_a_request_without_max_tokens_is_forwarded_as_the_client_sent_it(
     net: Network, keys: KeyStore, traces: TraceStore, payer_key: str, tmp_path: Path
 ) -> None:
-    """A metered gateway states the completion limit it reserved for: an honest miner then
-    never generates past it. A limit the client set is forwarded as given."""
+    """A gateway reserving the protocol's DEFAULT_MAX_TOKENS for a request that states no
+    limit forwards it unchanged: an honest miner applies the same default, so a long prompt
+    still gets what the context holds instead of a context error. A limit the client set is
+    forwarded as given."""
     async with (
         registered_miners(net) as miners,
         metered_gateway(net, miners, keys, traces, tmp_path) as gw,
@@ -268,13 +270,30 @@ async def test_a_request_without_max_tokens_is_forwarded_with_the_default(
         miner = miners[0]
         oa = gw.client(payer_key)
         await oa.chat.completions.create(model=MODEL, messages=MESSAGES)
-        assert miner.seen[-1][1]["max_tokens"] == DEFAULT_MAX_TOKENS
-        async for _ in await oa.completions.create(model=MODEL, prompt="hi", stream=True):
-            pass
-        assert miner.seen[-1][1]["max_tokens"] == DEFAULT_MAX_TOKENS
+        assert "max_tokens" not in miner.seen[-1][1]
         await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=5)
         forwarded = miner.seen[-1][1]
         assert forwarded["max_completion_tokens"] == 5 and "max_tokens" not in forwarded
+        await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+        assert miner.seen[-1][1]["max_tokens"] == 3
+
+
+async def test_a_gateway_with_its_own_default_states_it_to_the_miner(
+    net: Network, keys: KeyStore, traces: TraceStore, payer_key: str, tmp_path: Path
+) -> None:
+    """A gateway reserving another default than the protocol's writes it into the forwarded
+    body, or an honest miner would generate (and bill) past the reservation."""
+    async with (
+        registered_miners(net) as miners,
+        metered_gateway(net, miners, keys, traces, tmp_path, default_max_tokens=7) as gw,
+    ):
+        miner = miners[0]
+        oa = gw.client(payer_key)
+        await oa.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert miner.seen[-1][1]["max_tokens"] == 7
+        async for _ in await oa.completions.create(model=MODEL, prompt="hi", stream=True):
+            pass
+        assert miner.seen[-1][1]["max_tokens"] == 7
         await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
         assert miner.seen[-1][1]["max_tokens"] == 3
 
@@ -295,7 +314,7 @@ async def test_the_reservation_is_max_request_value_of_the_forwarded_body(
     served, and charged what the miner attested, within it."""
     # A seed of the client's own keeps the forwarded body's length known.
     body = {"model": MODEL, "messages": MESSAGES, "seed": 5}
-    forwarded = relay.encode({**body, "max_tokens": DEFAULT_MAX_TOKENS})
+    forwarded = relay.encode(body)
     async with registered_miners(net) as miners:
         offer = miners[0].offers()[0]
         reservation = max_request_value(len(forwarded), DEFAULT_MAX_TOKENS, offer)

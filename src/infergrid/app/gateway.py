@@ -524,8 +524,13 @@ class Gateway:
             limit = parsed.token_limit()
             stated: int | None = None  # the limit a metered gateway writes into the body
             if settlement is not None and limit is None:
-                # Reserved for, so stated: the miner must not generate (or bill) past it.
-                limit = stated = settlement.default_max_tokens
+                limit = settlement.default_max_tokens
+                # An honest miner gives a request that states no limit the protocol's
+                # DEFAULT_MAX_TOKENS (less if its context is shorter), as OpenAI gives what
+                # the context holds. A gateway reserving any other default must state it, or
+                # the miner would generate (and bill) past the reservation.
+                if limit != DEFAULT_MAX_TOKENS:
+                    stated = limit
             # parse_request accepted it, so body is a dict.
             payload, seed = relay.upstream_body(
                 body,

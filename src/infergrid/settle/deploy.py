@@ -1,8 +1,9 @@
 """Deploy and wire every settlement contract of one network.
 
 Order: NodeRegistry → PaymentEscrow → DisputeManager (whose EIP-712 domain is the escrow's,
-and which becomes the registry's slasher) → RewardDistributor. The deployer is the admin of
-all four and, on a devnet, the treasury and the reward arbiter.
+and which becomes the registry's slasher, once and for good) → RewardDistributor. The
+deployer is the admin of all four (each handed on in two steps) and, on a devnet, the
+treasury and the reward arbiter.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def deploy_network(
         protocol_fee_ppm=params.protocol_fee_ppm,
         verifier_pool_ppm=params.verifier_pool_ppm,
         thaw_period_s=params.thaw_period_s,
+        fee_delay_s=params.fee_delay_s,
     )
     disputes_address = deploy_disputes(
         chain,
@@ -74,14 +76,21 @@ def deploy_network(
         challenger_share_ppm=params.challenger_share_ppm,
         equivocation_slash_ppm=params.equivocation_slash_ppm,
         min_quorum_stake_wei=params.min_quorum_stake_wei,
+        min_verifier_age_s=params.min_verifier_age_s,
+        wrong_vote_slash_ppm=params.wrong_vote_slash_ppm,
+        no_quorum_forfeit_ppm=params.no_quorum_forfeit_ppm,
+        max_open_per_miner=params.max_open_disputes_per_miner,
+        max_open_per_challenger=params.max_open_disputes_per_challenger,
     )
     Registry(chain, registry_address).set_slasher(deployer_key, disputes_address)
     rewards_address = deploy_rewards(
         chain,
         deployer_key,
         arbiter=arbiter or deployer,
+        treasury=treasury,
         proposer_bond_wei=params.proposer_bond_wei,
         challenge_window_s=params.challenge_window_s,
+        arbiter_delay_s=params.arbiter_delay_s,
     )
     return NetworkContracts(
         NodeRegistry=registry_address,

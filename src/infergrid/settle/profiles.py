@@ -17,6 +17,7 @@ from infergrid.settle.chain import (
     EMBEDDED_CHAIN_ID,
     POA_CHAIN_IDS,
 )
+from infergrid.settle.escrow import MAX_FEE_PPM
 
 ANVIL_CHAIN_ID = 31337
 DAY_S = 86_400
@@ -71,6 +72,7 @@ class SettlementParams:
     min_stake_gateway_wei: int
     unbonding_delay_s: int
     thaw_period_s: int  # escrow withdrawals and signer revocations
+    fee_delay_s: int  # an escrow fee change waits this long; longer than the thaw period
     protocol_fee_ppm: int
     verifier_pool_ppm: int
     dispute_deposit_wei: int
@@ -79,9 +81,15 @@ class SettlementParams:
     challenger_share_ppm: int
     equivocation_slash_ppm: int
     min_quorum_stake_wei: int
+    min_verifier_age_s: int  # a verifier votes only on disputes opened this long after it joined
+    wrong_vote_slash_ppm: int  # of its vote weight, from a verifier on the losing side
+    no_quorum_forfeit_ppm: int  # of the deposit, to the treasury, when too few verifiers vote
+    max_open_disputes_per_miner: int
+    max_open_disputes_per_challenger: int
     epoch_s: int
     proposer_bond_wei: int
     challenge_window_s: int
+    arbiter_delay_s: int  # a new reward arbiter waits this long; longer than the window
 
     def check(self) -> None:
         """Stake must stay slashable for everything it was paid for (DESIGN §4)."""
@@ -91,8 +99,22 @@ class SettlementParams:
                 f"unbonding delay {self.unbonding_delay_s} s must exceed the dispute voting"
                 f" period + epoch + challenge window ({needed} s)"
             )
-        if self.protocol_fee_ppm + self.verifier_pool_ppm > 1_000_000:
-            raise ValueError("protocol fee + verifier pool share exceed 1,000,000 ppm")
+        if self.protocol_fee_ppm + self.verifier_pool_ppm > MAX_FEE_PPM:
+            raise ValueError(f"protocol fee + verifier pool share exceed {MAX_FEE_PPM} ppm (10 %)")
+        if self.fee_delay_s <= self.thaw_period_s:
+            raise ValueError(
+                f"fee delay {self.fee_delay_s} s must exceed the thaw period"
+                f" {self.thaw_period_s} s, so payers can leave before a fee change"
+            )
+        if self.challenge_window_s <= 0:
+            raise ValueError("the reward challenge window must be positive")
+        if self.arbiter_delay_s <= self.challenge_window_s:
+            raise ValueError(
+                f"arbiter delay {self.arbiter_delay_s} s must exceed the challenge window"
+                f" {self.challenge_window_s} s"
+            )
+        if self.min_verifier_age_s <= 0:
+            raise ValueError("the minimum verifier age must be positive")
 
 
 # Short delays so a developer can watch thaws, disputes and epochs finish on a devnet.
@@ -102,6 +124,7 @@ DEVNET_PARAMS = SettlementParams(
     min_stake_gateway_wei=10 * WEI_PER_BTT,
     unbonding_delay_s=900,
     thaw_period_s=300,
+    fee_delay_s=360,
     protocol_fee_ppm=20_000,  # 2 %
     verifier_pool_ppm=30_000,  # 3 %
     dispute_deposit_wei=1 * WEI_PER_BTT,
@@ -110,9 +133,15 @@ DEVNET_PARAMS = SettlementParams(
     challenger_share_ppm=200_000,
     equivocation_slash_ppm=500_000,
     min_quorum_stake_wei=10 * WEI_PER_BTT,
+    min_verifier_age_s=60,
+    wrong_vote_slash_ppm=50_000,
+    no_quorum_forfeit_ppm=250_000,
+    max_open_disputes_per_miner=4,
+    max_open_disputes_per_challenger=8,
     epoch_s=300,
     proposer_bond_wei=1 * WEI_PER_BTT,
     challenge_window_s=120,
+    arbiter_delay_s=180,
 )
 
 # What a public network starts from; governance tunes it later.
@@ -122,6 +151,7 @@ MAINNET_PARAMS = SettlementParams(
     min_stake_gateway_wei=10_000 * WEI_PER_BTT,
     unbonding_delay_s=21 * DAY_S,
     thaw_period_s=2 * DAY_S,
+    fee_delay_s=3 * DAY_S,
     protocol_fee_ppm=20_000,
     verifier_pool_ppm=30_000,
     dispute_deposit_wei=1_000 * WEI_PER_BTT,
@@ -130,7 +160,13 @@ MAINNET_PARAMS = SettlementParams(
     challenger_share_ppm=200_000,
     equivocation_slash_ppm=500_000,
     min_quorum_stake_wei=200_000 * WEI_PER_BTT,
+    min_verifier_age_s=7 * DAY_S,
+    wrong_vote_slash_ppm=50_000,
+    no_quorum_forfeit_ppm=250_000,
+    max_open_disputes_per_miner=4,
+    max_open_disputes_per_challenger=8,
     epoch_s=DAY_S,
     proposer_bond_wei=10_000 * WEI_PER_BTT,
     challenge_window_s=2 * DAY_S,
+    arbiter_delay_s=7 * DAY_S,
 )
