@@ -225,6 +225,7 @@ def _funded_escrow(chain: Chain) -> PaymentEscrow:
         protocol_fee_ppm=PROTOCOL_PPM,
         verifier_pool_ppm=POOL_PPM,
         thaw_period_s=3600,
+        fee_delay_s=3601,
     )
     escrow = PaymentEscrow(chain, address)
     escrow.deposit(KEYS[PAYER], 10 * WEI_PER_BTT)

@@ -28,7 +28,6 @@ from infergrid.settle.disputes import (
     VoteRecord,
     deploy_disputes,
     find_equivocation,
-    receipt_tuple,
 )
 from infergrid.settle.escrow import PaymentEscrow, deploy_escrow
 from infergrid.settle.registry import Registry, deploy_registry
@@ -806,7 +805,7 @@ def test_open_dispute_freezes_the_miner(w: World) -> None:
         "open_dispute",
         served.attestation.as_tuple(),
         served.attestation_signature,
-        receipt_tuple(served.receipt),
+        served.receipt.as_tuple(),
         served.receipt_signature,
         EVIDENCE,
         value=DEPOSIT + 1,  # more than the minimum is fine: all of it is the deposit
@@ -1417,7 +1416,7 @@ def test_gas(w: World) -> None:
             "open_dispute",
             served.attestation.as_tuple(),
             served.attestation_signature,
-            receipt_tuple(served.receipt),
+            served.receipt.as_tuple(),
             served.receipt_signature,
             EVIDENCE,
             value=DEPOSIT,

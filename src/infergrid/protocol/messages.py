@@ -177,6 +177,21 @@ class Receipt:
         for name in ("tokens_in", "tokens_out", "value", "timestamp"):
             _uint(getattr(self, name), name)
 
+    def as_tuple(self) -> tuple[bytes, str, str, str, bytes, int, int, int, int, bytes]:
+        """The contract's Receipt struct (DisputeManager.open_dispute), in field order."""
+        return (
+            self.request_hash,
+            self.payer,
+            self.miner,
+            self.gateway,
+            self.model_id,
+            self.tokens_in,
+            self.tokens_out,
+            self.value,
+            self.timestamp,
+            self.attestation_hash,
+        )
+
     def struct_hash(self) -> bytes:
         """Also the receipt's Merkle leaf in vouchers and epoch anchors."""
         return struct_hash(

@@ -51,23 +51,6 @@ SignedAttestation: TypeAlias = tuple[Attestation, bytes]
 # Two conflicting signed attestations: (a, sig_a, b, sig_b), ready for slash_equivocation.
 Equivocation: TypeAlias = tuple[Attestation, bytes, Attestation, bytes]
 # The contract's Receipt struct, in field order.
-ReceiptTuple: TypeAlias = tuple[bytes, str, str, str, bytes, int, int, int, int, bytes]
-
-
-def receipt_tuple(receipt: Receipt) -> ReceiptTuple:
-    """The contract's Receipt struct for `receipt`, in RECEIPT_TYPE's field order."""
-    return (
-        receipt.request_hash,
-        receipt.payer,
-        receipt.miner,
-        receipt.gateway,
-        receipt.model_id,
-        receipt.tokens_in,
-        receipt.tokens_out,
-        receipt.value,
-        receipt.timestamp,
-        receipt.attestation_hash,
-    )
 
 
 @dataclass(frozen=True)
@@ -334,7 +317,7 @@ class DisputeManager:
         return bytes(self.chain.call(fn))
 
     def receipt_digest(self, receipt: Receipt) -> bytes:
-        fn = self.contract.functions.receipt_digest(receipt_tuple(receipt))
+        fn = self.contract.functions.receipt_digest(receipt.as_tuple())
         return bytes(self.chain.call(fn))
 
     # --- reads ---
@@ -469,7 +452,7 @@ class DisputeManager:
             "open_dispute",
             attestation.as_tuple(),
             bytes(attestation_signature),
-            receipt_tuple(receipt),
+            receipt.as_tuple(),
             bytes(receipt_signature),
             to_bytes32(evidence_hash, "evidence hash"),
             value=_amount(deposit, "deposit"),
