@@ -33,8 +33,14 @@ from infergrid.protocol.params import REFUSED
 SCHEMATHESIS_EXAMPLES = 250
 # Refusals of a schema-valid request by the model served, which no document of the API can
 # state: longer than its context, nothing left after its tokenizer, a conversation its chat
-# template rejects.
-MODEL_LIMITS = ("context_length_exceeded", "empty_prompt", "invalid_prompt")
+# template rejects, more tokens than its bytes can bill for (a template that adds a long system
+# prompt).
+MODEL_LIMITS = (
+    "context_length_exceeded",
+    "empty_prompt",
+    "invalid_prompt",
+    "prompt_exceeds_billable_tokens",
+)
 
 
 def _resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
