@@ -14,17 +14,12 @@ from infergrid.app.anchoring import AnchorSubmit, ReceiptAnchorer, distributor_s
 from infergrid.app.receipts import ReceiptStore
 from infergrid.protocol import merkle
 from infergrid.protocol.eip712 import Domain, Signer
-from infergrid.settle.chain import Chain, EmbeddedEVM, as_account, dev_private_keys
+from infergrid.settle.chain import Chain, as_account, dev_private_keys
 from infergrid.settle.rewards import RewardDistributor, deploy_rewards
 
 KEYS = dev_private_keys(4)
 ADMIN_KEY, ARBITER_KEY, GATEWAY_KEY = KEYS[0], KEYS[1], KEYS[2]
 GATEWAY = Signer(GATEWAY_KEY)
-
-
-@pytest.fixture(scope="module")
-def chain() -> Chain:
-    return Chain.embedded(EmbeddedEVM(accounts=10))
 
 
 @pytest.fixture

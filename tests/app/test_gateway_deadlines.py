@@ -37,7 +37,7 @@ from infergrid.app.miners import MAX_CONSECUTIVE_FAILURES
 from infergrid.app.traces import TraceStore
 from infergrid.protocol.nodes import WEI_PER_BTT
 from infergrid.protocol.wire import MINER_HEADER, REQUEST_ID_HEADER
-from infergrid.settle.chain import Chain, EmbeddedEVM
+from infergrid.settle.chain import Chain
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 RULE = DeadlineRule(floor_s=5.0, cap_s=60.0, factor=3.0, answer_cap_s=120.0)
@@ -301,11 +301,6 @@ async def test_miner_taken_out_of_service_releases_its_requests(
         assert time.monotonic() - taken_out < 0.5 + 0.5 + 3.0  # a health round, and margin
         assert {miner for _, miner, _ in results} == {miners[1].owner}
         assert sample(gw, "infergrid_gateway_first_token_timeouts_total", reason="miner_down") == 2
-
-
-@pytest.fixture(scope="module")
-def chain() -> Chain:
-    return Chain.embedded(EmbeddedEVM(accounts=10))
 
 
 async def test_stall_after_first_token_ends_the_stream_uncharged(

@@ -27,7 +27,6 @@ from settlement_harness import (
     PAYER_B,
     Network,
     addr,
-    deploy_network,
     metered_gateway,
     registered_miners,
 )
@@ -46,7 +45,6 @@ from infergrid.protocol.pricing import (
     request_value,
 )
 from infergrid.protocol.wire import MINER_HEADER, REQUEST_ID_HEADER
-from infergrid.settle.chain import Chain, EmbeddedEVM
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # Any request these tests send forwards a body far shorter than this, so a miner claiming this
@@ -54,23 +52,6 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 INFLATED_PROMPT = 100_000
 # Output a miner that ignores max_tokens sends: 20,000 times the limit the tests ask for.
 LONG_REPLY = " ".join(["word"] * 20_000)
-
-
-@pytest.fixture(scope="module")
-def chain() -> Chain:
-    return Chain.embedded(EmbeddedEVM(accounts=10))
-
-
-@pytest.fixture
-def net(chain: Chain) -> Network:
-    return deploy_network(chain)
-
-
-@pytest.fixture
-def payer_key(keys: KeyStore, net: Network) -> str:
-    """An API key for payer A, who deposited 1 BTT and authorized the gateway."""
-    net.fund_payer(PAYER_A, WEI_PER_BTT)
-    return keys.create("payer-a", payer=addr(PAYER_A))[1]
 
 
 def account_of(gw: RunningGateway, payer: int = PAYER_A) -> PayerAccount:

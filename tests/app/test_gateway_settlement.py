@@ -26,7 +26,6 @@ from settlement_harness import (
     PAYER_B,
     Network,
     addr,
-    deploy_network,
     metered_gateway,
     registered_miners,
 )
@@ -45,27 +44,9 @@ from infergrid.protocol.wire import (
     PAYER_HEADER,
     REQUEST_ID_HEADER,
 )
-from infergrid.settle.chain import Chain, EmbeddedEVM
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 REPLY_TOKENS = len(DEFAULT_REPLY.split())
-
-
-@pytest.fixture(scope="module")
-def chain() -> Chain:
-    return Chain.embedded(EmbeddedEVM(accounts=10))
-
-
-@pytest.fixture
-def net(chain: Chain) -> Network:
-    return deploy_network(chain)
-
-
-@pytest.fixture
-def payer_key(keys: KeyStore, net: Network) -> str:
-    """An API key for payer A, who deposited 1 BTT and authorized the gateway."""
-    net.fund_payer(PAYER_A, WEI_PER_BTT)
-    return keys.create("payer-a", payer=addr(PAYER_A))[1]
 
 
 def receipt_value(prompt: int, completion: int, price_in: int = 1, price_out: int = 2) -> int:
