@@ -87,6 +87,7 @@ def check_receipt(
             receipt.attestation_hash == attestation.struct_hash()
             and receipt.request_hash == attestation.request_hash
             and receipt.miner == attestation.miner
+            and receipt.model_id == attestation.model_id
             and (receipt.tokens_in, receipt.tokens_out)
             == (attestation.tokens_in, attestation.tokens_out),
             f"{receipt.tokens_in} tokens in, {receipt.tokens_out} out",

@@ -1121,7 +1121,7 @@ def test_python_side_rejects_bad_input_before_sending(
         (lambda: funded.authorize_signer(keys[PAYER], "gateway"), "signer"),
         (lambda: funded.revoke_signer(keys[PAYER], "0x"), "signer"),
         (lambda: funded.collect(keys[PAYER], v, signature[:64]), "65 bytes"),
-        (lambda: funded.collect(keys[PAYER], v, "0xzz"), "not bytes or hex"),
+        (lambda: funded.collect(keys[PAYER], v, "0xzz"), "signature is not hex"),
         (lambda: funded.collect(keys[PAYER], v.to_json(), signature), "Voucher"),  # type: ignore[arg-type]
         (lambda: funded.transfer_admin(keys[ADMIN], "admin"), "admin"),
         (lambda: funded.schedule_fees(keys[ADMIN], MAX_FEE_PPM + 1, 0), "100,000"),

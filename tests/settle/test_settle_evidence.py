@@ -388,6 +388,21 @@ def test_every_mismatch_between_receipt_and_attestation_is_named() -> None:
     assert "request hash" not in raised.value.detail
 
 
+def test_infergrid_trace_flags_a_receipt_for_another_model_as_the_contract_would() -> None:
+    """`infergrid trace` (receipt_proof.check_receipt) and a dispute agree on what makes a
+    receipt the attestation's: a receipt naming another model than the one attested fails
+    "receipt matches the attestation", although both signatures hold."""
+    from infergrid.receipt_proof import check_receipt
+
+    good = gateway_answer(serve(DOMAIN, PURE_MINER, PURE_PAYER))
+    _, checks = check_receipt(good, DOMAIN)
+    assert all(check.ok for check in checks), checks
+    other_model = serve(DOMAIN, PURE_MINER, PURE_PAYER, receipt_changes={"model_id": b"\x22" * 32})
+    _, checks = check_receipt(gateway_answer(other_model), DOMAIN)
+    failed = [check.name for check in checks if not check.ok]
+    assert failed == ["receipt matches the attestation"], checks
+
+
 # --- against the contract -----------------------------------------------------------------------
 
 

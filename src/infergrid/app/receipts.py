@@ -54,12 +54,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from eth_utils import to_checksum_address
-from hexbytes import HexBytes
 
 from infergrid.app.keys import connect
 from infergrid.batch_writes import FailureLog, write_isolating
 from infergrid.protocol import merkle
-from infergrid.protocol.eip712 import ZERO32, Domain, Signer, hex32
+from infergrid.protocol.eip712 import ZERO32, Domain, Signer, hex32, signature_bytes
 from infergrid.protocol.messages import (
     Attestation,
     Receipt,
@@ -71,7 +70,6 @@ from infergrid.settle.binding import ChainBinding, bind_database
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_LENGTH = 65
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS receipts (
@@ -158,16 +156,6 @@ def _hex(data: bytes) -> str:
     return "0x" + data.hex()
 
 
-def _signature(value: Any, what: str = "signature") -> bytes:
-    try:
-        raw = bytes(HexBytes(value))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not hex") from exc
-    if len(raw) != SIGNATURE_LENGTH:
-        raise ValueError(f"{what} must be {SIGNATURE_LENGTH} bytes, got {len(raw)}")
-    return raw
-
-
 _T = TypeVar("_T")
 _FIELD_NAMES: dict[type, frozenset[str]] = {
     cls: frozenset(f.name for f in fields(cls)) for cls in (Receipt, Attestation)
@@ -248,7 +236,9 @@ class SignedVoucher:
             raise ValueError(f"receipt_count must be a non-negative integer, got {count!r}")
         if not isinstance(data.get("signature"), str):
             raise ValueError("missing or malformed 'signature'")
-        return cls(voucher=voucher, signature=_signature(data["signature"]), receipt_count=count)
+        return cls(
+            voucher=voucher, signature=signature_bytes(data["signature"]), receipt_count=count
+        )
 
     def signer(self, domain: Domain) -> str:
         """The address that signed this voucher; raises eip712.InvalidSignature."""
@@ -527,7 +517,7 @@ class ReceiptStore:
             raise ValueError(
                 f"receipt names gateway {receipt.gateway}, this store signs as {self.gateway}"
             )
-        attestation_signature = _signature(attestation_signature, "attestation signature")
+        attestation_signature = signature_bytes(attestation_signature, "attestation signature")
         loop = asyncio.get_running_loop()
         pending = _Pending(
             request_id, receipt, attestation, attestation_signature, loop, loop.create_future()

@@ -40,6 +40,22 @@ class InvalidSignature(ValueError):
     """A signature that is malformed, malleable, or recovers to no key."""
 
 
+SIGNATURE_LENGTH = 65  # r ‖ s ‖ v
+
+
+def signature_bytes(value: object, what: str = "signature") -> bytes:
+    """The 65 bytes of a signature given as bytes or 0x-hex; InvalidSignature (a ValueError)
+    naming `what` for any other shape. Only the shape: `recover` (or a contract) judges v, s
+    and who signed."""
+    try:
+        raw = bytes(HexBytes(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidSignature(f"{what} is not hex") from None
+    if len(raw) != SIGNATURE_LENGTH:
+        raise InvalidSignature(f"{what} must be {SIGNATURE_LENGTH} bytes, got {len(raw)}")
+    return raw
+
+
 def to_bytes32(value: bytes | str, what: str = "value") -> bytes:
     """32 raw bytes from bytes or 0x-hex; raises ValueError otherwise."""
     try:
@@ -126,12 +142,7 @@ class Signer:
 
 def recover(digest: bytes, signature: bytes | str) -> str:
     """The checksummed address that signed `digest`; raises InvalidSignature."""
-    try:
-        sig = bytes(HexBytes(signature))
-    except (TypeError, ValueError):
-        raise InvalidSignature("signature is not hex") from None
-    if len(sig) != 65:
-        raise InvalidSignature(f"signature must be 65 bytes, got {len(sig)}")
+    sig = signature_bytes(signature)
     v = sig[64]
     if v not in (27, 28):
         raise InvalidSignature(f"signature v must be 27 or 28, got {v}")

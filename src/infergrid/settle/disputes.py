@@ -27,7 +27,7 @@ from eth_utils import to_checksum_address
 from web3.contract import Contract
 from web3.types import TxReceipt
 
-from infergrid.protocol.eip712 import Domain, InvalidSignature, to_bytes32
+from infergrid.protocol.eip712 import Domain, InvalidSignature, signature_bytes, to_bytes32
 from infergrid.protocol.messages import Attestation, Receipt, recover_signer
 from infergrid.settle.build import load_artifact
 from infergrid.settle.chain import Chain, ChainError, PrivateKey, decode_events
@@ -36,7 +36,6 @@ from infergrid.settle.registry import UINT256_MAX, RegistryEvent, check_address
 CONTRACT_NAME = "DisputeManager"
 PPM = 1_000_000
 ZERO_ADDRESS = "0x" + "00" * 20
-SIGNATURE_BYTES = 65
 
 DisputeStatus: TypeAlias = Literal["open", "upheld", "rejected", "no_quorum"]
 # The contract's status codes (0 is never stored).
@@ -406,17 +405,14 @@ class DisputeManager:
     ) -> int:
         """Report two conflicting attestations; returns the wei taken from the miner (the
         caller is credited its share in the registry)."""
-        for label, sig in (("sig_a", sig_a), ("sig_b", sig_b)):
-            if len(sig) != SIGNATURE_BYTES:
-                raise ValueError(f"{label} must be {SIGNATURE_BYTES} bytes, got {len(sig)}")
         receipt = self.chain.send(
             key,
             self.contract,
             "slash_equivocation",
             a.as_tuple(),
-            bytes(sig_a),
+            signature_bytes(sig_a, "sig_a"),
             b.as_tuple(),
-            bytes(sig_b),
+            signature_bytes(sig_b, "sig_b"),
         )
         return int(self._event(receipt, "EquivocationSlashed").args["amount"])
 
@@ -440,12 +436,8 @@ class DisputeManager:
             raise ValueError("attestation must be a messages.Attestation")
         if not isinstance(receipt, Receipt):
             raise ValueError("receipt must be a messages.Receipt")
-        for label, sig in (
-            ("attestation signature", attestation_signature),
-            ("receipt signature", receipt_signature),
-        ):
-            if len(sig) != SIGNATURE_BYTES:
-                raise ValueError(f"{label} must be {SIGNATURE_BYTES} bytes, got {len(sig)}")
+        attestation_signature = signature_bytes(attestation_signature, "attestation signature")
+        receipt_signature = signature_bytes(receipt_signature, "receipt signature")
         tx = self.chain.send(
             key,
             self.contract,

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from eth_utils import keccak, to_checksum_address
-from hexbytes import HexBytes
 from web3.contract import Contract
 from web3.types import TxReceipt
 
-from infergrid.protocol.eip712 import Domain
+from infergrid.protocol.eip712 import Domain, signature_bytes
 from infergrid.protocol.messages import Voucher
 from infergrid.protocol.pricing import PPM
 from infergrid.settle.build import load_artifact
@@ -33,7 +32,6 @@ MAX_FEE_PPM = 100_000
 MAX_FEE_DELAY_S = 365 * 86400
 # The timelock kind under which the escrow schedules fee changes (its FEES_CHANGE).
 FEES_CHANGE = keccak(text="fees")
-SIGNATURE_BYTES = 65
 ZERO_ADDRESS = "0x" + "00" * 20
 EMPTY_CHANGE = b"\x00" * 32
 
@@ -96,17 +94,6 @@ def _check_fees(protocol_fee_ppm: int, verifier_pool_ppm: int) -> None:
         raise ValueError(
             f"fees add up to more than {MAX_FEE_PPM:,} ppm ({100 * MAX_FEE_PPM // PPM} %)"
         )
-
-
-def _signature(signature: bytes | str) -> bytes:
-    # Only the shape is checked here; v, s and who signed are the contract's to judge.
-    try:
-        raw = bytes(HexBytes(signature))
-    except (TypeError, ValueError) as exc:
-        raise ValueError("signature is not bytes or hex") from exc
-    if len(raw) != SIGNATURE_BYTES:
-        raise ValueError(f"signature must be {SIGNATURE_BYTES} bytes, got {len(raw)}")
-    return raw
 
 
 def deploy_escrow(
@@ -301,7 +288,7 @@ class PaymentEscrow:
         if not isinstance(voucher, Voucher):
             raise ValueError("voucher must be a protocol.messages.Voucher")
         receipt = self.chain.send(
-            key, self.contract, "collect", voucher.as_tuple(), _signature(signature)
+            key, self.contract, "collect", voucher.as_tuple(), signature_bytes(signature)
         )
         for event in self.events(receipt):
             if event.name == "Collected":

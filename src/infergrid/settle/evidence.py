@@ -21,12 +21,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexbytes import HexBytes
-
-from infergrid.protocol.eip712 import SECP256K1_HALF_N, Domain, InvalidSignature, hex32
+from infergrid.protocol.eip712 import (
+    SECP256K1_HALF_N,
+    SIGNATURE_LENGTH,
+    Domain,
+    InvalidSignature,
+    hex32,
+    signature_bytes,
+)
 from infergrid.protocol.messages import SIGNATURE_KEY, Attestation, Receipt, recover_signer
-
-SIGNATURE_BYTES = 65
 
 # The contract's revert strings for the checks `check` makes (DisputeManager.open_dispute).
 NOT_SIGNED_BY_MINER = "not signed by the miner"
@@ -73,13 +76,7 @@ def _signature(value: Any, what: str) -> bytes:
     # Shape only: who signed, and whether v and s are acceptable, is check()'s to judge.
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a 0x-hex string, got {type(value).__name__}")
-    try:
-        raw = bytes(HexBytes(value))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not hex") from exc
-    if len(raw) != SIGNATURE_BYTES:
-        raise ValueError(f"{what} must be {SIGNATURE_BYTES} bytes, got {len(raw)}")
-    return raw
+    return signature_bytes(value, what)
 
 
 def _signed(body: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], bytes]:
@@ -108,8 +105,8 @@ class DisputeEvidence:
             raise ValueError("receipt must be a messages.Receipt")
         for name in ("attestation_signature", "receipt_signature"):
             value = getattr(self, name)
-            if not isinstance(value, bytes) or len(value) != SIGNATURE_BYTES:
-                raise ValueError(f"{name} must be {SIGNATURE_BYTES} bytes")
+            if not isinstance(value, bytes) or len(value) != SIGNATURE_LENGTH:
+                raise ValueError(f"{name} must be {SIGNATURE_LENGTH} bytes")
 
     @classmethod
     def from_receipt_json(cls, data: Mapping[str, Any] | str | bytes) -> DisputeEvidence:
