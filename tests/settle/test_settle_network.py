@@ -96,15 +96,20 @@ class MeteredChain(Chain):
         return receipt
 
 
-@pytest.fixture(params=CHAINS)
-def chain(request: pytest.FixtureRequest) -> MeteredChain:
-    """A fresh embedded EVM, or the module's anvil with BTTC's rules (one node per module,
-    a fresh network deployed on it by each test)."""
+def chain_for(request: pytest.FixtureRequest) -> MeteredChain:
+    """The chain a test parametrized over CHAINS runs on: a fresh embedded EVM, or the
+    module's anvil with BTTC's rules (one node per module, a fresh network deployed on it by
+    each test)."""
     if request.param == "embedded":
         return MeteredChain.embedded(EmbeddedEVM(accounts=N_KEYS))
     metered = MeteredChain.connect(request.getfixturevalue("anvil_url"))
     assert metered.chain_id == 199 and metered.poa  # BTTC's rules over JSON-RPC
     return metered
+
+
+@pytest.fixture(params=CHAINS)
+def chain(request: pytest.FixtureRequest) -> MeteredChain:
+    return chain_for(request)
 
 
 def money(chain: MeteredChain, *addresses: str) -> int:
