@@ -164,12 +164,6 @@ def test_a_just_in_time_verifier_weighs_nothing(net: Net) -> None:
     assert net.disputes.dispute(dispute_id).votes_for_wei == VERIFIER_STAKES[V2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: DisputeManager.vote weighs stake_at(opened_at - 1), and the challenger picks"
-    " opened_at, so stake topped up in the block before its own open_dispute weighs in full",
-)
 def test_stake_topped_up_right_before_the_challenger_opens_weighs_nothing(net: Net) -> None:
     """Issue 8, item 2, with "registers a verifier" replaced by "tops one up": the attacker
     keeps a verifier with the minimum stake registered for min_verifier_age, adds 100 BTT in
@@ -177,9 +171,9 @@ def test_stake_topped_up_right_before_the_challenger_opens_weighs_nothing(net: N
     outvotes the honest verifiers. The challenger chooses when a dispute opens, so stake
     bonded "just before the opening" is stake it brought for the accusation; a vote should
     weigh at most what was bonded min_verifier_age before the opening, as the age rule asks
-    of the registration. (Today the attack upholds the dispute: the attacker nets 9.9 BTT,
-    the challenger share of an honest miner's 50 BTT slash, and the two honest voters lose
-    1.5 BTT for voting right.)"""
+    of the registration. (Before the fix the attack upheld the dispute: the attacker netted
+    9.9 BTT, the challenger share of an honest miner's 50 BTT slash, and the two honest voters
+    lost 1.5 BTT for voting right.)"""
     net.registry.register(
         KEYS[OTHER], Role.VERIFIER, "http://v", ADDRS[OTHER], [], P.min_stake_verifier_wei
     )
@@ -274,8 +268,9 @@ def test_freezing_an_honest_miner_costs_the_griefer(net: Net) -> None:
     """Issue 8, item 5: a dispute nobody voted on returned the whole deposit, and any number
     of overlapping disputes kept a miner frozen (no unbonding, no traffic) for gas alone. Now
     no quorum forfeits no_quorum_forfeit_ppm of the deposit, at most
-    max_open_disputes_per_miner disputes are open on one miner, and an evidence hash or a
-    request is disputed once: the griefer pays for every freeze and cannot renew one."""
+    max_open_disputes_per_miner disputes are open on one miner, and an evidence hash is
+    disputed once: the griefer pays for every freeze, renewing one included. (A request whose
+    dispute found no quorum may be disputed again, with new evidence: nobody judged it.)"""
     cap = P.max_open_disputes_per_miner
     served = [serve(net, req(n), paid=0) for n in range(cap + 1)]
     griefer = ADDRS[CHALLENGER]
@@ -294,9 +289,12 @@ def test_freezing_an_honest_miner_costs_the_griefer(net: Net) -> None:
     assert net.disputes.credits(ADDRS[TREASURY]) == cap * forfeit
     claim_everything(net, CHALLENGER)
     assert money(net.chain, griefer) - start == -cap * forfeit
-    # The same request cannot freeze the miner again, whatever evidence comes with it.
-    with pytest.raises(ContractRevert, match="request already disputed"):
-        open_dispute(net, served[0], evidence=keccak(b"fresh evidence"))
+    # Renewing a freeze needs new evidence and costs another forfeit.
+    renewed = open_dispute(net, served[0], evidence=keccak(b"fresh evidence"))
+    net.chain.increase_time(P.voting_period_s)
+    assert net.disputes.resolve(KEYS[OTHER], renewed).status == "no_quorum"
+    claim_everything(net, CHALLENGER)
+    assert money(net.chain, griefer) - start == -(cap + 1) * forfeit
 
 
 # --- administration -------------------------------------------------------------------------

@@ -927,8 +927,10 @@ def test_open_dispute_refusals(w: World) -> None:
 
 def test_one_evidence_and_one_request_are_disputed_once(w: World) -> None:
     """Issue 8, item 5: the same accusation could be opened again and again (one evidence
-    hash, one request), each keeping the miner frozen for gas only. Each is disputed once,
-    whatever the first dispute's outcome."""
+    hash, one request), each keeping the miner frozen for gas only. An evidence hash is
+    disputed once, whatever the outcome; a request once it has been judged. A dispute that
+    found no quorum leaves the request open, so an accomplice's junk dispute nobody judged
+    cannot shield the miner from a real one."""
     first = w.serve(request(1))
     second = w.serve(request(2))
     dispute_id = w.open(first, evidence=keccak(b"e1"))
@@ -942,12 +944,18 @@ def test_one_evidence_and_one_request_are_disputed_once(w: World) -> None:
         w.open(again, evidence=keccak(b"e3"), challenger=OTHER)
     w.chain.increase_time(VOTING_PERIOD)
     assert w.dm.resolve(w.keys[OTHER], dispute_id).status == "no_quorum"
-    # Resolved does not mean free to reuse.
-    with pytest.raises(ContractRevert, match="request already disputed"):
-        w.open(first, evidence=keccak(b"e4"))
+    # Nobody judged it: the request may be disputed again, never with the same evidence.
     with pytest.raises(ContractRevert, match="evidence already disputed"):
-        w.open(second, evidence=keccak(b"e1"))
-    assert w.open(second, evidence=keccak(b"e2")) == dispute_id + 1
+        w.open(first, evidence=keccak(b"e1"))
+    judged = w.open_and_vote(first, {V3: False}, evidence=keccak(b"e4"))
+    assert judged == dispute_id + 1
+    w.chain.increase_time(VOTING_PERIOD)
+    assert w.dm.resolve(w.keys[OTHER], judged).status == "rejected"
+    w.settle_all(judged, [V3])
+    # Judged: closed for good.
+    with pytest.raises(ContractRevert, match="request already disputed"):
+        w.open(first, evidence=keccak(b"e5"))
+    assert w.open(second, evidence=keccak(b"e2")) == judged + 1
 
 
 def test_open_disputes_are_capped_per_miner_and_per_challenger(w: World) -> None:

@@ -198,7 +198,9 @@ votes: public(HashMap[uint256, HashMap[address, Vote]])
 # Open disputes about each miner and by each challenger, bounded by the max_open_* caps.
 open_on_miner: public(HashMap[address, uint256])
 open_by_challenger: public(HashMap[address, uint256])
-# Each evidence hash and each (miner, request hash) is disputed once, whatever the outcome.
+# Each evidence hash is disputed once, whatever the outcome; each (miner, request hash) once
+# it has been judged (upheld or rejected): a dispute nobody judged does not close the request,
+# so an accomplice's junk dispute cannot shield the miner from a real one.
 evidence_disputed: public(HashMap[bytes32, bool])
 request_disputed: public(HashMap[address, HashMap[bytes32, bool]])
 # payer => gateway => miner => refunded so far by upheld disputes; with the escrow's
@@ -475,8 +477,8 @@ def vote(dispute_id: uint256, uphold: bool):
     """
     @notice Vote on an open dispute as an active verifier registered at least
             min_verifier_age before the dispute opened. The vote weighs
-            min(bonded stake just before the dispute opened, bonded stake now), which must
-            reach the verifier minimum. One vote per verifier per dispute, final; neither the
+            min(bonded stake min_verifier_age before the dispute opened, bonded stake now),
+            which must reach the verifier minimum. One vote per verifier per dispute, final; neither the
             miner, the challenger nor the payer votes. The voter is frozen in the registry
             until settle_vote, so the stake it voted with answers for the vote.
     """
@@ -496,10 +498,12 @@ def vote(dispute_id: uint256, uphold: bool):
     assert staticcall NodeRegistry(registry).is_active(msg.sender), "verifier not active"
     registered_at: uint256 = staticcall NodeRegistry(registry).registered_at(msg.sender)
     assert registered_at + min_verifier_age <= opened_at, "verifier too new"
-    # Bonded stake only (unbonding funds are on their way out), as it was before the
-    # accusation was public, and no more than is still here to answer for the vote.
+    # Bonded stake only (unbonding funds are on their way out), as old as the verifier must
+    # be: the challenger picks when a dispute opens, so stake added just before it (by the
+    # challenger's own verifier) must not count. And no more than is still here to answer
+    # for the vote. registered_at + min_verifier_age <= opened_at, so this cannot underflow.
     weight: uint256 = min(
-        staticcall NodeRegistry(registry).stake_at(msg.sender, opened_at - 1),
+        staticcall NodeRegistry(registry).stake_at(msg.sender, opened_at - min_verifier_age),
         staticcall NodeRegistry(registry).stake_of(msg.sender),
     )
     # A verifier slashed below the minimum is not offered work, and does not vote either.
@@ -592,7 +596,9 @@ def resolve(dispute_id: uint256) -> uint8:
     elif status == STATUS_REJECTED:
         self._credit(treasury, dispute_id, d.deposit)
     else:
-        # Freezing a miner with a dispute nobody judges costs part of the deposit.
+        # Freezing a miner with a dispute nobody judges costs part of the deposit, and leaves
+        # the request open to a dispute that is judged.
+        self.request_disputed[d.miner][d.request_hash] = False
         forfeit: uint256 = d.deposit * no_quorum_forfeit_ppm // PPM
         self._credit(treasury, dispute_id, forfeit)
         self._credit(d.challenger, dispute_id, d.deposit - forfeit)
