@@ -143,8 +143,8 @@ def test_a_just_in_time_verifier_weighs_nothing(net: Net) -> None:
     """Issue 8, item 2: the challenger registered a verifier right before voting (a vote
     weighed the stake at the moment of the vote), voted alone and decided the dispute. Now a
     verifier must be registered min_verifier_age before the dispute opened ("verifier too
-    new"), and a vote weighs at most the stake bonded just before the opening: stake added
-    after the accusation counts for nothing."""
+    new"), and a vote weighs at most the stake bonded min_verifier_age before the opening: stake
+    added after the accusation counts for nothing."""
     add_verifiers(net)
     big = 500 * WEI_PER_BTT
     # One verifier registered too shortly before the dispute, one after it.

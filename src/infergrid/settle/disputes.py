@@ -9,8 +9,7 @@ A dispute is about one attested, paid response: the challenger posts the miner's
 attestation and the gateway's signed receipt for it (`open_dispute`). If it is upheld the
 receipt's payer is refunded at most the receipt's value and what the escrow collected from it
 for that (gateway, miner) and was not refunded before. Verifiers vote with the bonded stake
-they had just before the dispute opened (and must have registered `min_verifier_age` before
-it); each voter stays frozen until `settle_vote`, which slashes one that voted against the
+they had `min_verifier_age` before the dispute opened (and must have registered by then); each voter stays frozen until `settle_vote`, which slashes one that voted against the
 verdict.
 
 Slashed stake is credited in the registry (`Registry.claim`); challengers' deposits are
@@ -59,11 +58,11 @@ class DisputeRecord:
     miner: str
     payer: str  # the receipt's payer, refunded first if the dispute is upheld
     gateway: str  # the receipt's gateway signer
-    request_hash: bytes  # the disputed request; disputed once per miner
+    request_hash: bytes  # the disputed request; once judged, never disputed again
     refund_wei: int  # the receipt's value: the most the payer is refunded
     evidence_hash: bytes
     deposit_wei: int
-    opened_at: int  # unix seconds; votes weigh bonded stake as it was just before
+    opened_at: int  # unix seconds; votes weigh bonded stake min_verifier_age before
     deadline: int  # opened_at + voting period; votes strictly before, resolve at or after
     votes_for_wei: int
     votes_against_wei: int
@@ -72,7 +71,7 @@ class DisputeRecord:
 
 @dataclass(frozen=True)
 class VoteRecord:
-    weight_wei: int  # min(bonded stake just before the dispute opened, bonded stake at the vote)
+    weight_wei: int  # min(stake min_verifier_age before the opening, stake at the vote)
     uphold: bool
     settled: bool  # settle_vote unfroze the voter (and slashed it if it lost)
 

@@ -20,14 +20,14 @@
        value and by what the escrow actually collected from that payer for that (gateway,
        miner) minus what earlier disputes refunded it: a challenger cannot name itself payer
        of an unbounded refund;
-     - a vote weighs min(bonded stake just before the dispute opened, bonded stake now), from
-       a verifier registered at least min_verifier_age before it opened: stake brought in
-       after the accusation weighs nothing;
+     - a vote weighs min(bonded stake min_verifier_age before the dispute opened, bonded
+       stake now), from a verifier registered at least that long before it opened: stake
+       brought in for the accusation weighs nothing;
      - a voter stays frozen until settle_vote; one on the losing side of a verdict loses
        wrong_vote_slash_ppm of its vote weight;
      - no quorum forfeits no_quorum_forfeit_ppm of the deposit, open disputes are capped per
-       miner and per challenger, and an evidence hash or a (miner, request) is disputed once:
-       freezing an honest miner is not free.
+       miner and per challenger, an evidence hash is disputed once and a (miner, request)
+       once judged: freezing an honest miner is not free.
 """
 
 from lib import eip712_domain
@@ -110,7 +110,7 @@ struct Dispute:
     refund: uint256  # the receipt's value: the most the payer is refunded
     evidence_hash: bytes32  # commits to the audit evidence kept off-chain
     deposit: uint256
-    opened_at: uint256  # stake is weighed as it was just before this moment
+    opened_at: uint256  # stake is weighed as it was min_verifier_age before this moment
     deadline: uint256  # opened_at + voting_period; votes strictly before, resolve at or after
     votes_for: uint256  # verifier stake voting to uphold
     votes_against: uint256
