@@ -9,8 +9,8 @@ A dispute is about one attested, paid response: the challenger posts the miner's
 attestation and the gateway's signed receipt for it (`open_dispute`). If it is upheld the
 receipt's payer is refunded at most the receipt's value and what the escrow collected from it
 for that (gateway, miner) and was not refunded before. Verifiers vote with the bonded stake
-they had `min_verifier_age` before the dispute opened (and must have registered by then); each voter stays frozen until `settle_vote`, which slashes one that voted against the
-verdict.
+they had `min_verifier_age` before the dispute opened (and must have registered by then);
+each voter stays frozen until `settle_vote`, which slashes one that voted against the verdict.
 
 Slashed stake is credited in the registry (`Registry.claim`); challengers' deposits are
 credited here (`DisputeManager.claim`).
