@@ -77,12 +77,19 @@ async def attestation_failures(gw: RunningGateway) -> float:
 
 
 async def assert_refused_and_uncharged(
-    gw: RunningGateway, traces: TraceStore, key: str, body: dict[str, Any], reason: str
+    gw: RunningGateway,
+    traces: TraceStore,
+    key: str,
+    body: dict[str, Any],
+    reason: str,
+    *,
+    stream_cut: str | None = None,
 ) -> None:
     """A lone over-billing miner: the non-streamed request gets the usual no-miner 503 (nothing
     reached the client), the stream ends with the attestation error event; no receipt, no
     charge, the payer's headroom still its whole deposit (1 BTT), and the reason in both
-    traces."""
+    traces. With `stream_cut`, the stream is cut as soon as it outgrows the request's limit,
+    before any attestation, with that reason in its trace."""
     miner = gw.miners[0]
     state = gw.gateway.pool.get(miner.owner)
     assert state is not None
@@ -100,18 +107,21 @@ async def assert_refused_and_uncharged(
     state.healthy = True  # repeated failures take a miner out; keep it in play
     raw = await gw.client(key).chat.completions.with_raw_response.create(**body, stream=True)
     rid = raw.headers[REQUEST_ID_HEADER]
-    with pytest.raises(openai.APIError, match="could not vouch"):
+    with pytest.raises(openai.APIError, match="failed mid-stream" if stream_cut else "vouch"):
         async for _ in raw.parse():
             pass
     trace = await wait_flushed(traces, rid)
     assert trace.status == 502 and trace.cost_wei is None
-    assert trace.attestation_error and reason in trace.attestation_error
+    if stream_cut:
+        assert trace.error and stream_cut in trace.error and trace.attestation_error is None
+    else:
+        assert trace.attestation_error and reason in trace.attestation_error
 
     assert receipts_of(gw).count() == 0
     account = account_of(gw)
     assert account.receipts_wei == 0 and account.reserved_wei == 0 and account.inflight == 0
     assert account.available_wei == WEI_PER_BTT
-    assert await attestation_failures(gw) == failures + 2
+    assert await attestation_failures(gw) == failures + (1 if stream_cut else 2)
 
 
 # -- the attack, alone -----------------------------------------------------------------------
@@ -136,7 +146,8 @@ async def test_output_beyond_max_tokens_is_refused_and_not_charged(
     net: Network, keys: KeyStore, traces: TraceStore, payer_key: str, tmp_path: Path
 ) -> None:
     """A miner ignores max_tokens = 1 and sends, reports and attests 20,000 tokens of output:
-    with input free, a receipt worth 20,000 times the reservation."""
+    with input free, a receipt worth 20,000 times the reservation. Streamed, the relay stops
+    at the second token: nobody pays for output past the limit, so none is relayed."""
     async with (
         registered_miners(
             net, mode="ignore_max_tokens", reply=LONG_REPLY, price_in_wei=0, price_out_wei=10**9
@@ -145,7 +156,12 @@ async def test_output_beyond_max_tokens_is_refused_and_not_charged(
     ):
         body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}
         await assert_refused_and_uncharged(
-            gw, traces, payer_key, body, "20000 completion tokens attested, above the request's"
+            gw,
+            traces,
+            payer_key,
+            body,
+            "20000 completion tokens attested, above the request's",
+            stream_cut="streamed 2 tokens, above the request's limit 1",
         )
 
 

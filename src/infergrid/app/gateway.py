@@ -1110,6 +1110,13 @@ class _StreamRelay:
                 ids = ext.get("token_ids")
                 if isinstance(ids, list):
                     self.token_ids.extend(ids)
+                    if len(self.token_ids) > call.max_tokens:
+                        # More than it may bill: stop relaying output nobody will pay for.
+                        # Before the first token this fails over; after it, ends the stream.
+                        raise _MinerFailed(
+                            f"streamed {len(self.token_ids)} tokens, above the request's"
+                            f" limit {call.max_tokens}"
+                        )
                 elif ids is not None:
                     self.bad_token_ids = True
         if relay.is_usage_chunk(event):
