@@ -23,6 +23,7 @@ from infergrid.app.receipts import (
     SignedVoucher,
     StoredReceipt,
 )
+from infergrid.compute.collector import check_voucher, parse_vouchers
 from infergrid.protocol import merkle
 from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.messages import (
@@ -352,6 +353,25 @@ async def test_signed_voucher_json(store: ReceiptStore) -> None:
     for data in bad:
         with pytest.raises(ValueError):
             SignedVoucher.from_json(data)
+
+
+async def test_the_collector_parses_exactly_what_the_gateway_serves(store: ReceiptStore) -> None:
+    """The gateway's and the collector's voucher parsers once disagreed (the collector took a
+    missing receipt_count and any signature length); now the miner reads the gateway's own
+    to_json, in the body GET /v1/vouchers serves, back to equal vouchers that check out."""
+    for i in range(3):
+        await commit(store, i)
+    await commit(store, 3, payer=PAYER_2)
+    served = store.vouchers_for(MINER, now=99)
+    body = json.loads(
+        json.dumps({"gateway": store.gateway, "vouchers": [v.to_json() for v in served]})
+    )
+    listing = parse_vouchers("http://gw", body)
+    assert listing.entries == tuple(served)
+    assert [e.receipt_count for e in served] == [3, 1]
+    for entry in listing.entries:
+        assert isinstance(entry, SignedVoucher)
+        assert check_voucher(DOMAIN, entry, advertised_signer=listing.signer, miner=MINER) is None
 
 
 # -- anchors -----------------------------------------------------------------------------------

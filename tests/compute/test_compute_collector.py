@@ -21,6 +21,7 @@ from infergrid.compute.attestation import Attestor
 from infergrid.compute.collector import (
     CollectionLoop,
     Collector,
+    MalformedVoucher,
     SignedVoucher,
     VoucherResult,
     check_voucher,
@@ -206,6 +207,43 @@ def test_parse_reports_malformed_entries_and_refuses_garbage() -> None:
     for bad in ([], {"gateway": "nobody", "vouchers": []}, {"gateway": ADDR[0]}):
         with pytest.raises(ValueError):
             parse_vouchers("http://gw", bad)
+
+
+def _malformed_reason(entry: dict[str, Any]) -> str:
+    """Why the collector refuses this entry (it must: an entry that parses is submittable)."""
+    listing = parse_vouchers("http://gw", {"gateway": GATEWAY_SIGNER.address, "vouchers": [entry]})
+    [parsed] = listing.entries
+    assert isinstance(parsed, MalformedVoucher), parsed
+    return parsed.error
+
+
+def test_parse_refuses_a_voucher_without_receipt_count() -> None:
+    """Attack: a gateway leaves receipt_count out; the old parser reported None instead of
+    refusing what the gateway's own parser refuses."""
+    entry = signed_voucher(DOMAIN, 5)
+    del entry["receipt_count"]
+    assert "'receipt_count' is missing" in _malformed_reason(entry)
+
+
+@pytest.mark.parametrize("count", [-1, -(2**70), 2.5, "3", None])
+def test_parse_refuses_a_negative_or_non_integer_receipt_count(count: object) -> None:
+    """Attack: a negative count (which the old parser took) or a non-integer one."""
+    entry = {**signed_voucher(DOMAIN, 5), "receipt_count": count}
+    assert "'receipt_count' must be a non-negative integer" in _malformed_reason(entry)
+
+
+@pytest.mark.parametrize("length", [0, 1, 64, 66, 200])
+def test_parse_refuses_a_signature_that_is_not_65_bytes(length: int) -> None:
+    """Attack: a signature of the wrong length; the old parser took any and left it to the
+    signature check, so the entry looked like a voucher with a bad signature."""
+    entry = {**signed_voucher(DOMAIN, 5), "signature": "0x" + "1b" * length}
+    assert f"must be 65 bytes, got {length}" in _malformed_reason(entry)
+
+
+def test_parse_refuses_a_signature_without_0x() -> None:
+    good = signed_voucher(DOMAIN, 5)
+    entry = {**good, "signature": good["signature"][2:]}
+    assert "'signature' must be a 0x-hex string" in _malformed_reason(entry)
 
 
 # --- against a real escrow ------------------------------------------------------------------

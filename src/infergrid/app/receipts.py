@@ -48,7 +48,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,9 +63,9 @@ from infergrid.protocol.messages import (
     Attestation,
     Receipt,
     Voucher,
-    recover_signer,
     signed_json,
 )
+from infergrid.protocol.vouchers import SignedVoucher
 from infergrid.settle.binding import ChainBinding, bind_database
 
 log = logging.getLogger(__name__)
@@ -203,54 +203,6 @@ class StoredReceipt:
             "attestation": signed_json(self.attestation, self.attestation_signature),
             "anchor_index": self.anchor_index,
         }
-
-
-@dataclass(frozen=True)
-class SignedVoucher:
-    voucher: Voucher
-    signature: bytes
-    receipt_count: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "voucher": self.voucher.to_json(),
-            "signature": _hex(self.signature),
-            "receipt_count": self.receipt_count,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> SignedVoucher:
-        """Parse a gateway's answer; ValueError on anything malformed. The signature is only
-        checked for shape here: use `verify(domain)` before trusting it."""
-        if not isinstance(data, Mapping):
-            raise ValueError("a signed voucher is a JSON object")
-        voucher_data = data.get("voucher")
-        if not isinstance(voucher_data, Mapping):
-            raise ValueError("missing or malformed 'voucher'")
-        try:
-            voucher = Voucher.from_json(voucher_data)
-        except (TypeError, KeyError) as exc:  # anything the field parsers did not turn into one
-            raise ValueError(f"malformed voucher: {exc}") from exc
-        count = data.get("receipt_count")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"receipt_count must be a non-negative integer, got {count!r}")
-        if not isinstance(data.get("signature"), str):
-            raise ValueError("missing or malformed 'signature'")
-        return cls(
-            voucher=voucher, signature=signature_bytes(data["signature"]), receipt_count=count
-        )
-
-    def signer(self, domain: Domain) -> str:
-        """The address that signed this voucher; raises eip712.InvalidSignature."""
-        return recover_signer(domain, self.voucher, self.signature)
-
-    def verify(self, domain: Domain) -> bool:
-        """Whether the voucher's own gateway signed it in `domain` (what the escrow checks,
-        before it also checks that the payer authorized that gateway)."""
-        try:
-            return self.signer(domain) == self.voucher.gateway
-        except ValueError:
-            return False
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from eth_utils import is_address, to_checksum_address
-from hexbytes import HexBytes
 
 from infergrid.compute.receipt_log import ReceiptLog
 from infergrid.protocol.eip712 import Domain, InvalidSignature
 from infergrid.protocol.json_body import too_deep
-from infergrid.protocol.messages import Voucher, recover_signer
+from infergrid.protocol.messages import Voucher
 from infergrid.protocol.nodes import Role
 from infergrid.protocol.pricing import format_btt
+from infergrid.protocol.vouchers import SignedVoucher
 from infergrid.settle.binding import miner_binding
 from infergrid.settle.chain import Chain, ChainError, ContractRevert, as_account
 from infergrid.settle.escrow import PaymentEscrow
@@ -62,13 +62,6 @@ Discrepancy = Literal["match", "shortfall", "surplus"]
 
 
 @dataclass(frozen=True)
-class SignedVoucher:
-    voucher: Voucher
-    signature: bytes
-    receipt_count: int | None = None
-
-
-@dataclass(frozen=True)
 class MalformedVoucher:
     """An entry of a gateway's list that is not a voucher; reported, never collected."""
 
@@ -84,7 +77,11 @@ class GatewayVouchers:
 
 
 def parse_vouchers(url: str, data: Any) -> GatewayVouchers:
-    """The body of GET /v1/vouchers; ValueError when the body as a whole is unusable."""
+    """The body of GET /v1/vouchers; ValueError when the body as a whole is unusable.
+
+    Each entry is parsed by the gateway's own `protocol.vouchers.SignedVoucher.from_json`
+    (so a 65-byte 0x-hex signature and a non-negative `receipt_count` are required); an entry
+    it refuses becomes a MalformedVoucher carrying the reason, and the rest still count."""
     if not isinstance(data, Mapping):
         raise ValueError("the answer is not a JSON object")
     signer = data.get("gateway")
@@ -96,27 +93,10 @@ def parse_vouchers(url: str, data: Any) -> GatewayVouchers:
     entries: list[SignedVoucher | MalformedVoucher] = []
     for item in items:
         try:
-            entries.append(_parse_entry(item))
-        except (TypeError, ValueError) as exc:
+            entries.append(SignedVoucher.from_json(item))
+        except (TypeError, ValueError) as exc:  # one bad entry never sinks the listing
             entries.append(MalformedVoucher(item, str(exc) or type(exc).__name__))
     return GatewayVouchers(url, to_checksum_address(signer), tuple(entries))
-
-
-def _parse_entry(item: Any) -> SignedVoucher:
-    if not isinstance(item, Mapping):
-        raise ValueError("entry is not an object")
-    voucher_json = item.get("voucher")
-    if not isinstance(voucher_json, Mapping):
-        raise ValueError("'voucher' is not an object")
-    voucher = Voucher.from_json(voucher_json)
-    signature = item.get("signature")
-    if not isinstance(signature, str):
-        raise ValueError("'signature' is not a hex string")
-    raw = bytes(HexBytes(signature))
-    count = item.get("receipt_count")
-    if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
-        raise ValueError("'receipt_count' is not an integer")
-    return SignedVoucher(voucher, raw, count)
 
 
 # --- the pure checks ------------------------------------------------------------------------
@@ -128,7 +108,7 @@ def check_voucher(
     """Why this voucher must not be collected, or None when it is fit to submit."""
     voucher = entry.voucher
     try:
-        recovered = recover_signer(domain, voucher, entry.signature)
+        recovered = entry.signer(domain)
     except InvalidSignature as exc:
         return f"bad signature: {exc}"
     if recovered != voucher.gateway:
