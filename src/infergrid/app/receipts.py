@@ -58,7 +58,8 @@ from eth_utils import to_checksum_address
 from infergrid.app.keys import connect
 from infergrid.batch_writes import FailureLog, write_isolating
 from infergrid.protocol import merkle
-from infergrid.protocol.eip712 import ZERO32, Domain, Signer, hex32, signature_bytes
+from infergrid.protocol.eip712 import Domain, Signer, hex32, signature_bytes
+from infergrid.protocol.merkle import MerkleAccumulator
 from infergrid.protocol.messages import (
     Attestation,
     Receipt,
@@ -233,60 +234,14 @@ class AnchorProof:
 # -- incremental Merkle roots ------------------------------------------------------------------
 
 
-class MerkleAccumulator:
-    """The root of merkle.merkle_root over a growing list of leaves, in O(log n) memory.
+class _PairRoot(MerkleAccumulator):
+    """A pair's incremental receipts root, and how far into its receipts it has read."""
 
-    With "odd node carried up", the tree over n leaves is the perfect subtrees of n's binary
-    decomposition, largest first, joined right to left: root = h(P_big, h(..., h(P_2, P_1))).
-    (Pairs are hashed sorted, so the order inside each h does not matter.) Appending a leaf
-    merges equal-height peaks as in a binary counter.
-    """
-
-    __slots__ = ("count", "last_seq", "peaks")
+    __slots__ = ("last_seq",)
 
     def __init__(self) -> None:
-        self.peaks: list[tuple[int, bytes]] = []  # (height, root of a perfect subtree)
-        self.count = 0
+        super().__init__()
         self.last_seq = 0  # of the last receipt appended, for the store's incremental reads
-
-    def append(self, leaf: bytes) -> None:
-        peaks = self.peaks
-        height, node = 0, leaf
-        while peaks and peaks[-1][0] == height:
-            node = merkle.hash_pair(peaks.pop()[1], node)
-            height += 1
-        peaks.append((height, node))
-        self.count += 1
-
-    def root(self) -> bytes:
-        if not self.peaks:
-            return ZERO32
-        node = self.peaks[-1][1]
-        for _, peak in reversed(self.peaks[:-1]):
-            node = merkle.hash_pair(peak, node)
-        return node
-
-
-def _tree_layers(leaves: Sequence[bytes]) -> list[list[bytes]]:
-    """All layers of merkle's tree (leaves first), kept so repeated proofs skip the hashing."""
-    layers = [list(leaves)]
-    while len(layers[-1]) > 1:
-        below = layers[-1]
-        above = [merkle.hash_pair(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
-        if len(below) % 2:
-            above.append(below[-1])
-        layers.append(above)
-    return layers
-
-
-def _proof_from_layers(layers: list[list[bytes]], index: int) -> list[bytes]:
-    proof = []
-    for layer in layers[:-1]:
-        sibling = index ^ 1
-        if sibling < len(layer):
-            proof.append(layer[sibling])
-        index //= 2
-    return proof
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -320,7 +275,7 @@ class _AnchorTree:
     count: int
     tx_hash: str | None
     seqs: list[int]  # of its receipts, ascending: a receipt's position is a bisection
-    layers: list[list[bytes]]
+    tree: merkle.MerkleTree
 
 
 def _settle(
@@ -386,7 +341,7 @@ class ReceiptStore:
         self._pairs: dict[tuple[str, str], _PairTotal] = {}
         self._payers: dict[str, int] = {}
         self._miner_payers: dict[str, set[str]] = {}
-        self._roots: dict[tuple[str, str], MerkleAccumulator] = {}
+        self._roots: dict[tuple[str, str], _PairRoot] = {}
         self._anchors: OrderedDict[tuple[str, int], _AnchorTree] = OrderedDict()
         self._queue: list[_Pending] = []
         self._unwritten = 0
@@ -751,7 +706,7 @@ class ReceiptStore:
         key = (miner, payer)
         acc = self._roots.get(key)
         if acc is None:
-            acc = self._roots[key] = MerkleAccumulator()
+            acc = self._roots[key] = _PairRoot()
         if acc.count < count:
             # Receipts of a pair are appended in seq order, so "after last_seq, the next
             # count - acc.count" is exactly the receipts the snapshot's count covers.
@@ -924,7 +879,7 @@ class ReceiptStore:
             anchor = self._anchor_tree(gateway, anchor_index)
         position = bisect.bisect_left(anchor.seqs, seq)
         leaf = bytes(leaf)
-        if anchor.layers[0][position] != leaf:
+        if anchor.tree.leaves[position] != leaf:
             raise RuntimeError(f"anchor {anchor_index} changed under the store")
         return AnchorProof(
             anchor_index=anchor_index,
@@ -932,7 +887,7 @@ class ReceiptStore:
             count=anchor.count,
             position=position,
             leaf=leaf,
-            proof=_proof_from_layers(anchor.layers, position),
+            proof=anchor.tree.proof(position),
             tx_hash=anchor.tx_hash,
         )
 
@@ -953,10 +908,10 @@ class ReceiptStore:
             " ORDER BY seq",
             (gateway, first_seq, last_seq),
         ).fetchall()
-        layers = _tree_layers([bytes(leaf) for _, leaf in rows])
-        if len(rows) != count or layers[-1][0] != bytes(root):
+        tree = merkle.MerkleTree([bytes(leaf) for _, leaf in rows])
+        if len(rows) != count or tree.root != bytes(root):
             raise RuntimeError(f"anchor {anchor_index}'s receipts do not match its root")
-        anchor = _AnchorTree(bytes(root), count, tx_hash, [seq for seq, _ in rows], layers)
+        anchor = _AnchorTree(bytes(root), count, tx_hash, [seq for seq, _ in rows], tree)
         self._anchors[key] = anchor
         while len(self._anchors) > _PROOF_CACHE_ANCHORS:
             self._anchors.popitem(last=False)

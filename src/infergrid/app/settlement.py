@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-
-from eth_utils import keccak
 
 from infergrid.app.billing import (
     EscrowSnapshot,
@@ -27,7 +24,7 @@ from infergrid.app.billing import (
     PayerAccount,
 )
 from infergrid.protocol.eip712 import Domain, InvalidSignature, Signer, recover, to_bytes32
-from infergrid.protocol.messages import SIGNATURE_KEY, Attestation
+from infergrid.protocol.messages import SIGNATURE_KEY, Attestation, response_hash
 from infergrid.protocol.nodes import ModelOffer, NodeRecord
 from infergrid.protocol.openai_types import MAX_TOKENS_LIMIT, APIError
 from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, format_btt, over_limit, request_value
@@ -70,10 +67,9 @@ def offer_for(record: NodeRecord, model: str) -> ModelOffer | None:
     return None
 
 
-def fast_response_hash(token_ids: Sequence[int]) -> bytes:
-    """messages.response_hash, with one struct.pack instead of a Python loop (the gateway
-    hashes every response); raises struct.error for ids that are not uint32."""
-    return keccak(struct.pack(f">{len(token_ids)}I", *token_ids))
+# Deprecated: messages.response_hash is now the one-struct.pack hash. Kept only while
+# tests/app/test_gateway_billing.py still imports it; delete both together.
+fast_response_hash = response_hash
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -130,8 +126,8 @@ def verify_attestation(
     if not isinstance(output_token_ids, list):
         raise AttestationRejected("no output token ids")
     try:
-        relayed = fast_response_hash(output_token_ids)
-    except (struct.error, TypeError, OverflowError):
+        relayed = response_hash(output_token_ids)
+    except ValueError:
         raise AttestationRejected("output token ids are not uint32") from None
     if attestation.response_hash != relayed:
         raise AttestationRejected("response hash does not match the tokens relayed")

@@ -26,37 +26,101 @@ def hash_pair(a: bytes, b: bytes) -> bytes:
     return keccak(a + b) if a <= b else keccak(b + a)
 
 
-def _layers(leaves: Sequence[bytes]) -> list[list[bytes]]:
-    for leaf in leaves:
-        if len(leaf) != 32:
-            raise ValueError("merkle leaves are 32 bytes")
-    layers = [list(leaves)]
-    while len(layers[-1]) > 1:
-        below = layers[-1]
-        above = [hash_pair(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
-        if len(below) % 2:
-            above.append(below[-1])
-        layers.append(above)
-    return layers
+class MerkleTree:
+    """The tree over `leaves`, kept as its layers (leaves first, root last) so that any number
+    of proofs cost no hashing after the one build: n - 1 hashes for n leaves.
+
+    Raises ValueError unless every leaf is 32 bytes. The tree of no leaves has the root
+    ZERO32 and no proofs. This is the one tree: merkle_root and merkle_proof read it.
+    """
+
+    __slots__ = ("layers",)
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        for leaf in leaves:
+            if len(leaf) != 32:
+                raise ValueError("merkle leaves are 32 bytes")
+        layers = [list(leaves)]
+        while len(layers[-1]) > 1:
+            below = layers[-1]
+            above = [hash_pair(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+            if len(below) % 2:
+                above.append(below[-1])  # an odd node is carried up unchanged
+            layers.append(above)
+        self.layers: list[list[bytes]] = layers
+
+    def __len__(self) -> int:
+        return len(self.layers[0])
+
+    @property
+    def leaves(self) -> list[bytes]:
+        return self.layers[0]
+
+    @property
+    def root(self) -> bytes:
+        top = self.layers[-1]
+        return top[0] if top else ZERO32
+
+    def proof(self, index: int) -> list[bytes]:
+        """The sibling hashes from leaf `index` up to the root; IndexError outside the tree."""
+        if not 0 <= index < len(self.layers[0]):
+            raise IndexError(f"leaf index {index} out of range for {len(self)} leaves")
+        proof = []
+        for layer in self.layers[:-1]:
+            sibling = index ^ 1
+            if sibling < len(layer):
+                proof.append(layer[sibling])
+            index //= 2
+        return proof
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    if not leaves:
-        return ZERO32
-    return _layers(leaves)[-1][0]
+    """The root of the tree over `leaves`: ZERO32 for none, the leaf itself for one."""
+    return MerkleTree(leaves).root
 
 
 def merkle_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
-    """The sibling hashes from leaf `index` up to the root."""
+    """The sibling hashes from leaf `index` up to the root (builds the tree: to prove many
+    leaves of one tree, build a MerkleTree once and call its proof)."""
     if not 0 <= index < len(leaves):
         raise IndexError(f"leaf index {index} out of range for {len(leaves)} leaves")
-    proof = []
-    for layer in _layers(leaves)[:-1]:
-        sibling = index ^ 1
-        if sibling < len(layer):
-            proof.append(layer[sibling])
-        index //= 2
-    return proof
+    return MerkleTree(leaves).proof(index)
+
+
+class MerkleAccumulator:
+    """merkle_root over a growing list of leaves, in O(log n) memory and O(1) amortised
+    hashes per leaf.
+
+    With "odd node carried up", the tree over n leaves is the perfect subtrees of n's binary
+    decomposition, largest first, joined right to left: root = h(P_big, h(..., h(P_2, P_1))).
+    (Pairs are hashed sorted, so the order inside each h does not matter.) Appending a leaf
+    merges equal-height peaks as in a binary counter. Leaves are not length-checked here (the
+    append is on the gateway's hot path); callers append 32-byte hashes.
+    """
+
+    __slots__ = ("count", "peaks")
+
+    def __init__(self) -> None:
+        self.peaks: list[tuple[int, bytes]] = []  # (height, root of a perfect subtree)
+        self.count = 0
+
+    def append(self, leaf: bytes) -> None:
+        peaks = self.peaks
+        height, node = 0, leaf
+        while peaks and peaks[-1][0] == height:
+            node = hash_pair(peaks.pop()[1], node)
+            height += 1
+        peaks.append((height, node))
+        self.count += 1
+
+    def root(self) -> bytes:
+        """merkle_root of the leaves appended so far."""
+        if not self.peaks:
+            return ZERO32
+        node = self.peaks[-1][1]
+        for _, peak in reversed(self.peaks[:-1]):
+            node = hash_pair(peak, node)
+        return node
 
 
 def verify_proof(leaf: bytes, proof: Sequence[bytes], root: bytes) -> bool:

@@ -22,7 +22,7 @@ from hexbytes import HexBytes
 from web3.contract import Contract
 from web3.types import TxReceipt
 
-from infergrid.protocol.merkle import MAX_PROOF_LENGTH, hash_pair, merkle_root, reward_leaf
+from infergrid.protocol.merkle import MAX_PROOF_LENGTH, MerkleTree, merkle_root, reward_leaf
 from infergrid.settle.build import load_artifact
 from infergrid.settle.chain import Chain, ChainError, PrivateKey, as_account, decode_events
 from infergrid.settle.registry import RegistryEvent, check_address
@@ -71,15 +71,8 @@ class RewardTree:
 
     def proof_for(self, account: str) -> list[bytes]:
         """The sibling hashes that prove `account`'s leaf under `root` (what
-        protocol.merkle.merkle_proof gives, read from layers built once per tree)."""
-        index = self.index_of(account)
-        proof = []
-        for layer in self._layers[:-1]:
-            sibling = index ^ 1
-            if sibling < len(layer):
-                proof.append(layer[sibling])
-            index //= 2
-        return proof
+        protocol.merkle.merkle_proof gives, read from a tree built once per RewardTree)."""
+        return self._tree.proof(self.index_of(account))
 
     # Cached so that proofs for every account of a large epoch cost O(n log n) in all, not
     # O(n) hashes each (merkle_proof rebuilds the whole tree per call).
@@ -88,15 +81,8 @@ class RewardTree:
         return {holder: i for i, (holder, _) in enumerate(self.allocations)}
 
     @cached_property
-    def _layers(self) -> list[list[bytes]]:
-        layers = [list(self.leaves)]
-        while len(layers[-1]) > 1:
-            below = layers[-1]
-            above = [hash_pair(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
-            if len(below) % 2:
-                above.append(below[-1])  # an odd node is carried up, as in protocol.merkle
-            layers.append(above)
-        return layers
+    def _tree(self) -> MerkleTree:
+        return MerkleTree(self.leaves)
 
     @property
     def accounts(self) -> list[str]:
