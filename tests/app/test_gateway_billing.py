@@ -23,7 +23,6 @@ from infergrid.app.node import receipts_db_path
 from infergrid.app.settlement import (
     AttestationRejected,
     Settlement,
-    fast_response_hash,
     offer_for,
     verify_attestation,
 )
@@ -235,11 +234,6 @@ def test_self_consistent_counts_beyond_the_requests_limits_are_rejected(
     max_tokens. Refused before the signature is even recovered."""
     with pytest.raises(AttestationRejected, match=f"bills beyond the request: .*{reason}"):
         check(**_claiming(tokens_in, tokens_out), max_tokens=16)
-
-
-def test_fast_response_hash_is_the_protocols() -> None:
-    for ids in ([], [0], [1, 2, 3], [2**32 - 1, 151643, 5]):
-        assert fast_response_hash(ids) == response_hash(ids)
 
 
 def test_offer_for_by_name_or_pinned_id() -> None:

@@ -67,11 +67,6 @@ def offer_for(record: NodeRecord, model: str) -> ModelOffer | None:
     return None
 
 
-# Deprecated: messages.response_hash is now the one-struct.pack hash. Kept only while
-# tests/app/test_gateway_billing.py still imports it; delete both together.
-fast_response_hash = response_hash
-
-
 def _same_address(a: str, b: str) -> bool:
     return a.lower() == b.lower()
 
