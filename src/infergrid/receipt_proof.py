@@ -18,6 +18,7 @@ from typing import Any
 from infergrid.protocol.eip712 import Domain, InvalidSignature, to_bytes32
 from infergrid.protocol.merkle import verify_proof
 from infergrid.protocol.messages import SIGNATURE_KEY, Attestation, Receipt, recover_signer
+from infergrid.verify.receipt import receipt_mismatches
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,7 @@ def check_receipt(
     checks.append(
         Check(
             "receipt matches the attestation",
-            receipt.attestation_hash == attestation.struct_hash()
-            and receipt.request_hash == attestation.request_hash
-            and receipt.miner == attestation.miner
-            and receipt.model_id == attestation.model_id
-            and (receipt.tokens_in, receipt.tokens_out)
-            == (attestation.tokens_in, attestation.tokens_out),
+            not receipt_mismatches(receipt, attestation),
             f"{receipt.tokens_in} tokens in, {receipt.tokens_out} out",
         )
     )

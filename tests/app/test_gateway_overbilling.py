@@ -177,7 +177,7 @@ async def test_a_receipt_above_its_reservation_is_refused_even_if_the_limits_let
     """Defence in depth: with the limit check broken (patched out here), the gateway still
     refuses to commit a receipt worth more than the call's reservation, logs it as an error
     and charges nothing; the client gets what any rejected attestation gets."""
-    monkeypatch.setattr("infergrid.app.settlement.over_limit", lambda *a, **k: None)
+    monkeypatch.setattr("infergrid.verify.attestation.over_limit", lambda *a, **k: None)
     async with (
         registered_miners(net, prompt_len=INFLATED_PROMPT) as miners,
         metered_gateway(net, miners, keys, traces, tmp_path, health_interval_s=60) as gw,

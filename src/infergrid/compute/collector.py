@@ -36,7 +36,7 @@ from typing import Any, Literal
 from eth_utils import is_address, to_checksum_address
 
 from infergrid.compute.receipt_log import ReceiptLog
-from infergrid.protocol.eip712 import Domain, InvalidSignature
+from infergrid.protocol.eip712 import Domain
 from infergrid.protocol.json_body import too_deep
 from infergrid.protocol.messages import Voucher
 from infergrid.protocol.nodes import Role
@@ -46,6 +46,7 @@ from infergrid.settle.binding import miner_binding
 from infergrid.settle.chain import Chain, ChainError, ContractRevert, as_account
 from infergrid.settle.escrow import PaymentEscrow
 from infergrid.settle.registry import Registry
+from infergrid.verify.voucher import check_voucher as check_voucher  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -100,27 +101,6 @@ def parse_vouchers(url: str, data: Any) -> GatewayVouchers:
 
 
 # --- the pure checks ------------------------------------------------------------------------
-
-
-def check_voucher(
-    domain: Domain, entry: SignedVoucher, *, advertised_signer: str, miner: str
-) -> str | None:
-    """Why this voucher must not be collected, or None when it is fit to submit."""
-    voucher = entry.voucher
-    try:
-        recovered = entry.signer(domain)
-    except InvalidSignature as exc:
-        return f"bad signature: {exc}"
-    if recovered != voucher.gateway:
-        return f"signature is by {recovered}, not by the voucher's gateway {voucher.gateway}"
-    if voucher.gateway != to_checksum_address(advertised_signer):
-        return (
-            f"voucher gateway {voucher.gateway} is not the gateway's advertised signer "
-            f"{to_checksum_address(advertised_signer)}"
-        )
-    if voucher.miner != to_checksum_address(miner):
-        return f"voucher is for miner {voucher.miner}, not {to_checksum_address(miner)}"
-    return None
 
 
 def compare_with_log(value_aggregate: int, own_total: int) -> tuple[Discrepancy, int]:

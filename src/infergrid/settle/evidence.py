@@ -26,10 +26,10 @@ from infergrid.protocol.eip712 import (
     SIGNATURE_LENGTH,
     Domain,
     InvalidSignature,
-    hex32,
     signature_bytes,
 )
 from infergrid.protocol.messages import SIGNATURE_KEY, Attestation, Receipt, recover_signer
+from infergrid.verify.receipt import CONTRACT_FIELDS, receipt_mismatches
 
 # The contract's revert strings for the checks `check` makes (DisputeManager.open_dispute).
 NOT_SIGNED_BY_MINER = "not signed by the miner"
@@ -159,18 +159,9 @@ class DisputeEvidence:
                 RECEIPT_NOT_SIGNED, f"signed by {gateway}, the receipt names {receipt.gateway}"
             )
         mismatches = [
-            f"{what} {mine} in the receipt, {theirs} in the attestation"
-            for what, mine, theirs in (
-                ("miner", receipt.miner, attestation.miner),
-                ("request hash", hex32(receipt.request_hash), hex32(attestation.request_hash)),
-                ("model id", hex32(receipt.model_id), hex32(attestation.model_id)),
-                (
-                    "attestation hash",
-                    hex32(receipt.attestation_hash),
-                    hex32(attestation.struct_hash()),
-                ),
-            )
-            if mine != theirs
+            str(mismatch)
+            for mismatch in receipt_mismatches(receipt, attestation)
+            if mismatch.field in CONTRACT_FIELDS
         ]
         if mismatches:
             raise EvidenceRejected(NOT_THIS_ATTESTATION, "; ".join(mismatches))
