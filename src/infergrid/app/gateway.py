@@ -30,9 +30,7 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -43,13 +41,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Scope
 
 from infergrid.app import relay
-from infergrid.app.billing import InsufficientHeadroom, Reservation
+from infergrid.app.billing import InsufficientHeadroom
+from infergrid.app.calls import Call
 from infergrid.app.config import GatewayConfig
-from infergrid.app.deadlines import DeadlineRule, FirstTokenWatch, StallWatch
+from infergrid.app.deadlines import DeadlineRule, FirstTokenWatch
+from infergrid.app.failures import RECEIPT_FAILED, UPSTREAM_ERRORS, _MinerFailed, _ReceiptFailed
 from infergrid.app.keys import KeyRecord, KeyStore, mask_secret
+from infergrid.app.metering import Metering
 from infergrid.app.metrics import GatewayMetrics
 from infergrid.app.miners import (
     MinerPool,
@@ -65,20 +66,18 @@ from infergrid.app.settlement import (
     Verified,
     insufficient_error,
     no_payer_error,
-    offer_for,
-    verify_attestation,
 )
+from infergrid.app.stream_relay import StreamRelay, wait_for_disconnect
 from infergrid.app.traces import Trace, TraceStore
 from infergrid.protocol import json_body
-from infergrid.protocol.messages import Receipt, request_hash
-from infergrid.protocol.nodes import ModelOffer, NodeRecord
+from infergrid.protocol.nodes import NodeRecord
 from infergrid.protocol.openai_types import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     parse_request,
 )
-from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, max_request_value
+from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS
 from infergrid.protocol.wire import (
     ATTESTATION_KEY,
     EXTENSION_KEY,
@@ -86,7 +85,6 @@ from infergrid.protocol.wire import (
     MINER_HEADER,
     PAYER_HEADER,
     REQUEST_ID_HEADER,
-    SSE_DONE,
 )
 
 __all__ = [
@@ -102,14 +100,9 @@ log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 OWNED_BY = "infergrid"
-# One SSE line may carry a whole prompt's token ids (the usage chunk's extension), but a
-# miner must not make the gateway buffer without bound.
-MAX_SSE_LINE = 64 * 1024 * 1024
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # a non-streamed answer, extension included
 MAX_ERROR_BYTES = 1024 * 1024
 _RID_SCOPE_KEY = "infergrid.request_id"
-# Failures that mean the miner, not the request, is the problem.
-_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 _MISSING_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header"
@@ -139,53 +132,6 @@ def error_response(
     )
 
 
-class _MinerFailed(Exception):
-    """This miner could not serve this request; another one may."""
-
-
-class _Unverified(Exception):
-    """The miner's attestation does not vouch for the streamed response (after output)."""
-
-
-class _ReceiptFailed(Exception):
-    """The gateway could not store the receipt: its own failure, not the miner's."""
-
-
-class _Stalled(_MinerFailed):
-    """The miner sent nothing for longer than the stall timeout after the first token."""
-
-
-@dataclass(slots=True)
-class _Call:
-    """One client request on its way through the gateway."""
-
-    request_id: str
-    path: str
-    model: str
-    stream: bool
-    wants_logprobs: bool
-    include_usage: bool
-    payload: bytes
-    started: float  # perf_counter at arrival
-    trace: Trace
-    # The completion tokens the request may take (its limit; else, metered, the default the
-    # gateway states in the forwarded body, unmetered the default a miner applies): the most
-    # it may cost, what its attestation may claim, and how long its answer may take.
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    # Settlement only: who pays, the hold on the payer's headroom, and the chosen miner's
-    # offer for the model.
-    payer: str | None = None
-    reservation: Reservation | None = None
-    offer: ModelOffer | None = None
-    request_hash: bytes | None = None  # computed once, on the first attempt
-
-
-_RECEIPT_FAILED = (
-    "The gateway could not record the receipt for this request, so it was not charged;"
-    " please retry."
-)
-
-
 class Gateway:
     """The gateway's state and handlers; `create_gateway_app` wires it into Starlette."""
 
@@ -212,6 +158,7 @@ class Gateway:
             health_timeout_s=config.health_timeout_s,
         )
         self.metrics = GatewayMetrics(self.pool)
+        self.metering = Metering(settlement, self.metrics) if settlement is not None else None
         self.metrics.watch_writer("traces", lambda: traces.rejected)
         if settlement is not None:
             self.metrics.watch_writer("receipts", lambda: settlement.store.rejected)
@@ -443,10 +390,10 @@ class Gateway:
 
     # -- completions -------------------------------------------------------------------------
 
-    async def chat_completions(self, request: Request) -> Response | _StreamRelay:
+    async def chat_completions(self, request: Request) -> Response | StreamRelay:
         return await self._complete(request, ChatCompletionRequest)
 
-    async def completions(self, request: Request) -> Response | _StreamRelay:
+    async def completions(self, request: Request) -> Response | StreamRelay:
         return await self._complete(request, CompletionRequest)
 
     def _authenticate(self, request: Request) -> KeyRecord:
@@ -491,15 +438,15 @@ class Gateway:
 
     async def _complete(
         self, request: Request, kind: type[ChatCompletionRequest] | type[CompletionRequest]
-    ) -> Response | _StreamRelay:
+    ) -> Response | StreamRelay:
         started = time.perf_counter()
         created = time.time()
         scope = request.scope
         rid = _request_id(scope)
         path: str = scope["path"]
         trace: Trace | None = None
-        call: _Call | None = None
-        handed_off = False  # a _StreamRelay owns the call's reservation from then on
+        call: Call | None = None
+        handed_off = False  # a StreamRelay owns the call's reservation from then on
         settlement = self.settlement
         try:
             key = self._authenticate(request)
@@ -539,7 +486,7 @@ class Gateway:
                 max_tokens=stated,
             )
             trace.seed = seed
-            call = _Call(
+            call = Call(
                 request_id=rid,
                 path=path,
                 model=parsed.model,
@@ -557,7 +504,7 @@ class Gateway:
                 response = await self._forward(call)  # the relay watches the client itself
             else:
                 response = await self._forward_while_connected(call, request.receive)
-            handed_off = isinstance(response, _StreamRelay)
+            handed_off = isinstance(response, StreamRelay)
             return response
         except APIError as exc:
             elapsed = time.perf_counter() - started
@@ -577,16 +524,15 @@ class Gateway:
                 self.metrics.quota_refusals.inc()
             return error_response(exc, rid, headers)
         finally:
-            if call is not None and call.reservation is not None and not handed_off:
-                assert settlement is not None
-                settlement.ledger.release(call.reservation)
+            if call is not None and not handed_off and self.metering is not None:
+                self.metering.release(call)
 
     async def _forward_while_connected(
-        self, call: _Call, receive: Receive
-    ) -> Response | _StreamRelay:
+        self, call: Call, receive: Receive
+    ) -> Response | StreamRelay:
         """`_forward`, given up as soon as the client hangs up: the upstream request is then
         closed, which stops the miner generating an answer nobody will read. A receipt whose
-        commit had already begun is still stored and charged (see `_commit`).
+        commit had already begun is still stored and charged (see `Metering.commit`).
 
         `_forward` runs in this task and one watcher task cancels it when the client goes:
         cheaper on the hot path than racing two tasks."""
@@ -602,7 +548,7 @@ class Gateway:
                 gone = True
                 this.cancel()
 
-        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watch = asyncio.ensure_future(wait_for_disconnect(receive))
         watch.add_done_callback(client_left)
         try:
             return await self._forward(call)
@@ -616,29 +562,12 @@ class Gateway:
             done = True
             watch.cancel()
 
-    def _reserve(self, call: _Call, miner: MinerState) -> bool:
-        """Hold the most the call can cost at this miner's prices (max_request_value) on the
-        payer's headroom; False if the miner has no offer for the model (the registry changed
-        under the pick). Raises InsufficientHeadroom."""
-        settlement = self.settlement
-        assert settlement is not None and call.payer is not None
-        offer = offer_for(miner.record, call.model)
-        if offer is None:
-            return False
-        amount = max_request_value(len(call.payload), call.max_tokens, offer)
-        if call.reservation is None:
-            call.reservation = settlement.ledger.reserve(call.payer, amount)
-        else:
-            settlement.ledger.resize(call.reservation, amount)
-        call.offer = offer
-        return True
-
-    async def _forward(self, call: _Call) -> Response | _StreamRelay:
+    async def _forward(self, call: Call) -> Response | StreamRelay:
         tried: list[MinerState] = []
         last_error = "no healthy miner"
         refused: InsufficientHeadroom | None = None  # the cheapest miner the payer can't afford
         attempts = 0
-        metered = self.settlement is not None
+        metering = self.metering
         limit = max(1, self.config.max_attempts)
 
         def can_fail_over() -> bool:
@@ -661,9 +590,9 @@ class Gateway:
             except NoHealthyMiner:
                 break
             tried.append(miner)
-            if metered:
+            if metering is not None:
                 try:
-                    if not self._reserve(call, miner):
+                    if not metering.reserve(call, miner):
                         continue
                 except InsufficientHeadroom as exc:
                     # A cheaper miner may still fit the payer's headroom; this one is skipped.
@@ -688,7 +617,7 @@ class Gateway:
             code="no_miner_available",
         )
 
-    def _upstream_headers(self, call: _Call) -> dict[str, str]:
+    def _upstream_headers(self, call: Call) -> dict[str, str]:
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
         settlement = self.settlement
         if settlement is not None:
@@ -700,14 +629,14 @@ class Gateway:
         return headers
 
     async def _attempt(
-        self, call: _Call, miner: MinerState, can_fail_over: Callable[[], bool]
-    ) -> Response | _StreamRelay:
+        self, call: Call, miner: MinerState, can_fail_over: Callable[[], bool]
+    ) -> Response | StreamRelay:
         """Send the call to one miner. Raises _MinerFailed if nothing reached the client: the
         miner failed, missed its first-token deadline, or was taken out of service while the
         call waited for its first token and another miner could take it (app.deadlines)."""
         pool = self.pool
         pool.acquire(miner)
-        handed_off = False  # a _StreamRelay took over the response and its bookkeeping
+        handed_off = False  # a StreamRelay took over the response and its bookkeeping
         ok = False
         prompt_bytes = len(call.payload)
         latency = pool.latency(call.model)
@@ -746,7 +675,7 @@ class Gateway:
                         ok = True  # the miner did its job: the request itself is bad
                         return passed
                     if call.stream:
-                        stream = _StreamRelay(self, call, miner, resp)
+                        stream = StreamRelay(self, call, miner, resp)
                         await stream.prime()
                         stream.first_token_at = time.perf_counter()
                         pool.observed_latency(call.model).observe_first_token(
@@ -768,7 +697,7 @@ class Gateway:
                     raise _MinerFailed("taken out of service before its first token") from None
                 what = "first token" if call.stream else "answer"
                 raise _MinerFailed(f"no {what} within {deadline:.1f} s") from None
-            except _UPSTREAM_ERRORS as exc:
+            except UPSTREAM_ERRORS as exc:
                 pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
                 raise _MinerFailed(f"broke before answering: {type(exc).__name__}: {exc}") from None
             except ValueError as exc:
@@ -782,11 +711,11 @@ class Gateway:
                     # also tells the miner to stop generating.
                     resp.release() if ok or resp.content.is_eof() else resp.close()
             verified = None
-            if self.settlement is not None:
+            if self.metering is not None:
                 ext = answer.get(EXTENSION_KEY)
                 ext = ext if isinstance(ext, dict) else {}
                 try:
-                    verified = self._verify(
+                    verified = self.metering.verify(
                         call,
                         miner,
                         signed=ext.get(ATTESTATION_KEY),
@@ -807,138 +736,35 @@ class Gateway:
             if not handed_off:
                 pool.release(miner, ok=ok, latency_ms=latency_ms)
 
-    async def _post(self, call: _Call, miner: MinerState) -> aiohttp.ClientResponse:
+    async def _post(self, call: Call, miner: MinerState) -> aiohttp.ClientResponse:
         session = self.session
         assert session is not None, "gateway used outside its lifespan"
         try:
             return await session.post(
                 miner.base_url + call.path, data=call.payload, headers=self._upstream_headers(call)
             )
-        except _UPSTREAM_ERRORS as exc:
+        except UPSTREAM_ERRORS as exc:
             self.pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
             raise _MinerFailed(f"unreachable: {type(exc).__name__}: {exc}") from None
 
-    def _verify(
-        self,
-        call: _Call,
-        miner: MinerState,
-        *,
-        signed: Any,
-        output_token_ids: Any,
-        prompt_token_ids: Any,
-        usage: Any,
-    ) -> Verified:
-        """Check the miner's attestation of this call, within the call's limits, and that its
-        receipt would not exceed the call's reservation; raises AttestationRejected (counted,
-        logged and kept in the trace)."""
-        settlement = self.settlement
-        assert settlement is not None and call.offer is not None
-        if call.request_hash is None:
-            call.request_hash = request_hash(call.request_id, call.payload)
-        try:
-            verified = verify_attestation(
-                settlement.domain,
-                record=miner.record,
-                offer=call.offer,
-                request_hash=call.request_hash,
-                signed=signed,
-                output_token_ids=output_token_ids,
-                prompt_token_ids=prompt_token_ids,
-                usage=usage,
-                body_bytes=len(call.payload),
-                max_tokens=call.max_tokens,
-            )
-            reserved = call.reservation.amount_wei if call.reservation is not None else 0
-            if verified.value_wei > reserved:
-                # Cannot happen while the limits above hold, so it is a bug in them: charge
-                # nothing rather than more than the payer's headroom was checked for.
-                log.error(
-                    "request %s: miner %s's verified attestation is worth %d wei, above the"
-                    " %d wei reserved for the request; refusing its receipt",
-                    call.request_id,
-                    miner.owner,
-                    verified.value_wei,
-                    reserved,
-                )
-                raise AttestationRejected(
-                    f"a receipt worth {verified.value_wei} wei exceeds the {reserved} wei"
-                    " reserved for the request"
-                )
-            return verified
-        except AttestationRejected as exc:
-            self.metrics.attestation_failures.inc()
-            reason = f"{miner.owner}: {exc}"
-            trace = call.trace
-            earlier = trace.attestation_error
-            trace.attestation_error = reason if earlier is None else f"{earlier}; {reason}"
-            log.warning("request %s: attestation rejected: %s", call.request_id, reason)
-            raise
-
-    async def _commit(self, call: _Call, miner: MinerState, verified: Verified) -> int:
-        """Sign and durably store the receipt of a verified response; returns its value.
-
-        The store's group commit runs in its writer thread; this only waits for it. The
-        ledger is charged when the commit lands even if this request is cancelled meanwhile
-        (a client hanging up), so headroom never misses a stored receipt.
-        """
-        settlement = self.settlement
-        assert settlement is not None and call.payer is not None and call.offer is not None
-        attestation = verified.attestation
-        value = verified.value_wei
-        receipt = Receipt(
-            request_hash=attestation.request_hash,
-            payer=call.payer,
-            miner=miner.owner,
-            gateway=settlement.gateway,
-            model_id=attestation.model_id,
-            tokens_in=attestation.tokens_in,
-            tokens_out=attestation.tokens_out,
-            value=value,
-            timestamp=int(time.time()),
-            attestation_hash=verified.attestation_hash,
-        )
-        started = time.perf_counter()
-        task = asyncio.ensure_future(
-            settlement.store.commit(call.request_id, receipt, attestation, verified.signature)
-        )
-        payer, trace, metrics, ledger = call.payer, call.trace, self.metrics, settlement.ledger
-
-        def committed(done: asyncio.Future[bytes]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return
-            ledger.charge(payer, value)
-            trace.cost_wei = str(value)
-            metrics.receipts.inc()
-            metrics.receipt_value.inc(value)
-            metrics.receipt_commit.observe(time.perf_counter() - started)
-
-        task.add_done_callback(committed)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("request %s: storing its receipt failed: %r", call.request_id, exc)
-            raise _ReceiptFailed(f"{type(exc).__name__}: {exc}") from exc
-        return value
-
     async def _answer(
-        self, call: _Call, miner: MinerState, answer: dict[str, Any], verified: Verified | None
+        self, call: Call, miner: MinerState, answer: dict[str, Any], verified: Verified | None
     ) -> Response:
         prompt, completion = relay.usage_of(answer)
         if verified is not None:
+            assert self.metering is not None
             try:
-                value = await self._commit(call, miner, verified)
+                value = await self.metering.commit(call, miner, verified)
             except _ReceiptFailed:
                 raise APIError(
-                    500, _RECEIPT_FAILED, type="server_error", code="receipt_failed"
+                    500, RECEIPT_FAILED, type="server_error", code="receipt_failed"
                 ) from None
             usage = answer.get("usage")
             if isinstance(usage, dict):
                 relay.add_cost(usage, value)
         content = relay.encode(relay.client_view(answer, wants_logprobs=call.wants_logprobs))
         elapsed = time.perf_counter() - call.started
-        self._finish_trace(call, miner, 200, elapsed, prompt, completion)
+        self.finish_trace(call, miner, 200, elapsed, prompt, completion)
         return Response(
             content,
             200,
@@ -947,7 +773,7 @@ class Gateway:
         )
 
     async def _pass_through(
-        self, call: _Call, miner: MinerState, resp: aiohttp.ClientResponse
+        self, call: Call, miner: MinerState, resp: aiohttp.ClientResponse
     ) -> Response:
         """A miner's 4xx, which is the request's fault, goes to the client as it came, as long
         as it is an OpenAI error body; anything else is rewrapped into one."""
@@ -959,7 +785,7 @@ class Gateway:
             message = f"The miner refused the request ({resp.status}): {text or 'no details'}"
             raw = relay.encode(APIError(resp.status, message).body())
         call.trace.error = message
-        self._finish_trace(call, miner, resp.status, elapsed, None, None)
+        self.finish_trace(call, miner, resp.status, elapsed, None, None)
         return Response(
             raw,
             resp.status,
@@ -967,9 +793,9 @@ class Gateway:
             media_type="application/json",
         )
 
-    def _finish_trace(
+    def finish_trace(
         self,
-        call: _Call,
+        call: Call,
         miner: MinerState,
         status: int,
         elapsed: float,
@@ -1010,366 +836,6 @@ async def _read_bounded(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BY
             raise _MinerFailed(f"answer larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _end(send: Send, body: bytes) -> None:
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class _StreamRelay:
-    """An ASGI response that relays one miner's SSE stream to the client, cleaned up.
-
-    `prime()` reads until the miner has produced output; only then does the gateway commit to
-    this miner. The relay owns the upstream response and the miner's in-flight slot from then
-    on, and gives both back however the stream ends (finished, broken, or the client leaving).
-
-    Metered, it also collects the token ids of every chunk, holds the finish chunk back, and
-    on the miner's usage chunk checks the attestation and stores the receipt; only then do the
-    finish chunk (with usage and cost when the client did not ask for a usage chunk), the
-    usage chunk (when it did) and [DONE] go out.
-    """
-
-    def __init__(
-        self, gateway: Gateway, call: _Call, miner: MinerState, resp: aiohttp.ClientResponse
-    ) -> None:
-        self.gateway = gateway
-        self.call = call
-        self.miner = miner
-        self.resp = resp
-        self.buffer: list[bytes] = []
-        self.ttft: float | None = None
-        self.first_token_at: float | None = None  # perf_counter when prime() got output
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.upstream_done = False  # the miner sent [DONE] or an error event
-        self.error: str | None = None
-        self.status = 200
-        self.miner_to_blame = True  # False when the gateway itself failed the stream
-        self._finished = False
-        self._queued: deque[dict[str, Any] | None] = deque()
-        self._partial = b""  # the start of a line whose end has not arrived yet
-        # Settlement state.
-        self.metered = gateway.settlement is not None
-        self.token_ids: list[Any] = []
-        self.bad_token_ids = False  # a chunk's token_ids was not a list
-        self.held: dict[str, Any] | None = None  # the finish chunk, until the receipt is stored
-        self.usage_event: dict[str, Any] | None = None  # the miner's usage chunk, unsettled
-        self.settled = False
-        self.tail = b""  # what goes out with [DONE] once settled
-
-    async def _read_events(self) -> None:
-        """Wait for the miner's next bytes and queue every complete event in them (None for
-        [DONE]). Raises on a broken stream.
-
-        Reading whatever has arrived, rather than a line at a time, lets events that arrive
-        together (a finish, the usage chunk and [DONE], typically) go out in one write.
-        """
-        content = self.resp.content
-        while not self._queued:
-            data = await content.readany()
-            if not data:
-                raise _MinerFailed("stream ended without [DONE]")
-            if self._partial:
-                data = self._partial + data
-            lines = data.split(b"\n")
-            self._partial = lines.pop()
-            if len(self._partial) > MAX_SSE_LINE:
-                raise _MinerFailed(f"an SSE line longer than {MAX_SSE_LINE} bytes")
-            for line in lines:
-                payload = relay.parse_sse_data(line)
-                if not payload:
-                    continue
-                if payload == b"[DONE]":
-                    self._queued.append(None)
-                    return
-                event = json_body.loads(payload, strict=False)
-                if not isinstance(event, dict):
-                    raise _MinerFailed("stream event is not a JSON object")
-                self._queued.append(event)
-
-    def _take(self, event: dict[str, Any]) -> bytes | None:
-        """Account for one miner event; returns what the client gets for it, if anything."""
-        call = self.call
-        if "error" in event:
-            self.upstream_done = True
-            self.error = f"miner error event: {event.get('error')}"
-            self.status = 502
-            self.gateway.metrics.stream_errors.inc()
-            event.pop(EXTENSION_KEY, None)
-            return relay.sse_event(event)
-        if self.metered:
-            if self.settled:
-                return None  # nothing after the attested usage chunk is relayed or charged
-            ext = event.get(EXTENSION_KEY)
-            if isinstance(ext, dict):
-                ids = ext.get("token_ids")
-                if isinstance(ids, list):
-                    self.token_ids.extend(ids)
-                    if len(self.token_ids) > call.max_tokens:
-                        # More than it may bill: stop relaying output nobody will pay for.
-                        # Before the first token this fails over; after it, ends the stream.
-                        raise _MinerFailed(
-                            f"streamed {len(self.token_ids)} tokens, above the request's"
-                            f" limit {call.max_tokens}"
-                        )
-                elif ids is not None:
-                    self.bad_token_ids = True
-        if relay.is_usage_chunk(event):
-            self.prompt_tokens, self.completion_tokens = relay.usage_of(event)
-            if self.metered:
-                self.usage_event = event  # settled by the pump before anything else goes out
-                return None
-            if not call.include_usage:
-                return None
-        elif self.ttft is None and relay.carries_output(event):
-            self.ttft = time.perf_counter() - call.started
-        view = relay.client_view(
-            event, wants_logprobs=call.wants_logprobs, drop_usage=not call.include_usage
-        )
-        if self.metered and relay.finishes(view):
-            self.held = view
-            return None
-        return relay.sse_event(view)
-
-    async def prime(self) -> None:
-        """Buffer events until the first output. Raises _MinerFailed if the miner fails first."""
-        queued = self._queued
-        try:
-            while True:
-                await self._read_events()
-                while queued:
-                    event = queued.popleft()
-                    if event is None:
-                        if self.metered:
-                            # No usage chunk, so no attestation: nothing to charge for.
-                            raise _MinerFailed("stream ended before any output")
-                        self.upstream_done = True
-                        return
-                    if "error" in event:
-                        raise _MinerFailed(f"error before the first token: {event['error']}")
-                    committed = relay.carries_output(event)
-                    out = self._take(event)
-                    if out is not None:
-                        self.buffer.append(out)
-                    if committed:
-                        return  # anything still queued goes out with the stream
-        except _UPSTREAM_ERRORS as exc:
-            self.gateway.pool.mark_unreachable(self.miner, f"{type(exc).__name__}: {exc}")
-            raise _MinerFailed(f"stream broke before the first token: {exc!r}") from None
-        except ValueError as exc:
-            raise _MinerFailed(f"sent invalid JSON: {exc}") from None
-
-    async def _settle(self) -> None:
-        """Check the attestation in the usage chunk and store the receipt; then prepare the
-        held finish chunk and the usage chunk, with the cost, to go out with [DONE]."""
-        gateway, call = self.gateway, self.call
-        event = self.usage_event
-        assert event is not None
-        self.usage_event = None
-        ext = event.get(EXTENSION_KEY)
-        ext = ext if isinstance(ext, dict) else {}
-        try:
-            verified = gateway._verify(
-                call,
-                self.miner,
-                signed=ext.get(ATTESTATION_KEY),
-                output_token_ids=None if self.bad_token_ids else self.token_ids,
-                prompt_token_ids=ext.get("prompt_token_ids"),
-                usage=event.get("usage"),
-            )
-        except AttestationRejected as exc:
-            raise _Unverified(str(exc)) from None
-        value = await gateway._commit(call, self.miner, verified)
-        self.settled = True
-        usage = event.get("usage")
-        assert isinstance(usage, dict)  # is_usage_chunk said so
-        relay.add_cost(usage, value)
-        pieces: list[bytes] = []
-        if self.held is not None:
-            if not call.include_usage:
-                # Every stream's last chunk tells what it cost, asked or not.
-                self.held["usage"] = usage
-            pieces.append(relay.sse_event(self.held))
-            self.held = None
-        if call.include_usage:
-            view = relay.client_view(event, wants_logprobs=call.wants_logprobs)
-            pieces.append(relay.sse_event(view))
-        self.tail = b"".join(pieces)
-
-    async def _pump(self, send: Send) -> None:
-        call = self.call
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (REQUEST_ID_HEADER.encode(), call.request_id.encode()),
-                    (MINER_HEADER.encode(), self.miner.owner.encode()),
-                ],
-            }
-        )
-        if self.buffer:
-            await send(
-                {"type": "http.response.body", "body": b"".join(self.buffer), "more_body": True}
-            )
-            self.buffer.clear()
-        queued = self._queued
-        # Only the waits for the miner count toward a stall, not a slow client or the receipt.
-        stall = StallWatch(self.gateway.config.stream_stall_timeout_s, self._stalled)
-        try:
-            while not self.upstream_done:
-                if self.usage_event is not None:
-                    await self._settle()
-                    continue
-                if not queued:
-                    stall.reading()
-                    await self._read_events()
-                    stall.idle()
-                out: list[bytes] = []
-                while queued and not self.upstream_done:
-                    event = queued.popleft()
-                    if event is None:
-                        self.upstream_done = True
-                        break
-                    piece = self._take(event)  # an error event also ends the stream
-                    if piece is not None:
-                        out.append(piece)
-                    if self.usage_event is not None:
-                        break  # settle before anything after it goes out
-                if out:
-                    body = out[0] if len(out) == 1 else b"".join(out)
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            if self.metered and self.error is None and not self.settled:
-                raise _Unverified("the stream ended without a usage chunk")
-        except _Unverified as exc:
-            # The client has output we cannot charge for: end it with an error and no receipt.
-            self.error = f"attestation rejected after the first token: {exc}"
-            self.status = 502
-            self.gateway.metrics.stream_errors.inc()
-            message = (
-                "The miner serving this request could not vouch for its response; it was not"
-                " charged, and the response is incomplete."
-            )
-            await _end(send, relay.stream_error_event(message, code="attestation_failed"))
-            return
-        except _ReceiptFailed as exc:
-            self.error = f"receipt not stored: {exc}"
-            self.status = 500
-            self.miner_to_blame = False
-            await _end(send, relay.stream_error_event(_RECEIPT_FAILED, code="receipt_failed"))
-            return
-        except (_MinerFailed, ValueError, *_UPSTREAM_ERRORS) as exc:
-            stalled = isinstance(exc, _Stalled)
-            reason = f"{type(exc).__name__}: {exc}"
-            if stalled:
-                self.gateway.metrics.stream_stalls.inc()
-            elif not isinstance(exc, _MinerFailed | ValueError):
-                self.gateway.pool.mark_unreachable(self.miner, reason)
-            if not self.settled:
-                # The client already has output, so there is no failing over now: end the
-                # stream with an error the OpenAI clients raise, and charge nothing for it.
-                self.status = 502
-                self.gateway.metrics.stream_errors.inc()
-                if stalled:
-                    self.error = f"miner stalled after the first token: {exc}"
-                    message = (
-                        f"The miner serving this request sent nothing for {exc}; the response"
-                        " is incomplete and was not charged."
-                    )
-                    await _end(send, relay.stream_error_event(message, code="miner_stalled"))
-                else:
-                    self.error = f"miner stream broke after the first token: {reason}"
-                    message = (
-                        "The miner serving this request failed mid-stream; the response is"
-                        " incomplete."
-                    )
-                    await _end(send, relay.stream_error_event(message))
-                return
-            # Broke or stalled after its usage chunk: the receipt is stored and the tail holds
-            # everything the client paid for, so the stream ends as a success; only the
-            # miner's [DONE] is missing. The half-read connection cannot be reused.
-            self.resp.close()
-            self.upstream_done = True
-        finally:
-            stall.stop()
-        tail = self.tail + SSE_DONE if self.error is None else b""
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
-
-    def _stalled(self) -> None:
-        # Delivered as a read error, so it can only end a wait for the miner, never cut into
-        # storing a receipt.
-        gap = self.gateway.config.stream_stall_timeout_s
-        self.resp.content.set_exception(_Stalled(f"{gap:g} s"))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
-        try:
-            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
-                # The client hung up: stop reading, which also stops the miner generating.
-                self.status = 499
-                self.error = "client closed the connection"
-        finally:
-            for task in (pump, watch):
-                task.cancel()
-            results = await asyncio.gather(pump, watch, return_exceptions=True)
-            failure = results[0] if isinstance(results[0], Exception) else None
-            if isinstance(failure, OSError) and self.error is None:
-                # Some servers raise from send() once the client has gone: a hang-up too.
-                self.status, self.error, failure = 499, "client closed the connection", None
-            if failure is not None and self.error is None:
-                self.status = 500
-                self.error = f"gateway bug: {failure!r}"
-            if self.status == 499:
-                # One line: a client leaving is routine, and the trace records it.
-                log.info("request %s: the client closed the connection", self.call.request_id)
-            self._finish()
-        if failure is not None:
-            raise failure
-
-    def _finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        gateway, call = self.gateway, self.call
-        ok = self.status == 200
-        if ok and self.upstream_done:
-            self.resp.release()
-        else:
-            self.resp.close()  # a half-read stream cannot go back to the keep-alive pool
-        ttft_ms = self.ttft * 1000 if self.ttft is not None else None
-        if ok and self.first_token_at is not None:
-            gateway.pool.observed_latency(call.model).observe_rest(
-                time.perf_counter() - self.first_token_at, self.completion_tokens
-            )
-        # A client hanging up is not the miner's failure, nor is the gateway's own.
-        miner_ok = ok or self.status == 499 or not self.miner_to_blame
-        gateway.pool.release(self.miner, ok=miner_ok, latency_ms=ttft_ms)
-        if call.reservation is not None:
-            assert gateway.settlement is not None
-            gateway.settlement.ledger.release(call.reservation)
-        call.trace.error = self.error
-        elapsed = time.perf_counter() - call.started
-        if not ok:
-            # An unfinished stream is not charged, so it is not metered either.
-            self.prompt_tokens = self.completion_tokens = None
-        gateway._finish_trace(
-            call,
-            self.miner,
-            self.status,
-            elapsed,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.ttft,
-        )
 
 
 def create_gateway_app(
