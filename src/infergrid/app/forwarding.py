@@ -1,0 +1,399 @@
+"""Forwarding with failover: a call goes to one miner after another until one answers.
+
+The core of the completion path: pick a miner, reserve what the call may cost there (metered,
+through `Metering`), send it under the first-token deadline (app.deadlines), and fail over to
+another miner while nothing has reached the client. A non-streamed answer is verified,
+committed and returned here; a stream is handed, once primed, to a `StreamRelay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from starlette.responses import Response
+from starlette.types import Receive
+
+from infergrid.app import relay
+from infergrid.app.api_common import model_not_found
+from infergrid.app.billing import InsufficientHeadroom
+from infergrid.app.calls import Call
+from infergrid.app.config import GatewayConfig
+from infergrid.app.deadlines import DeadlineRule, FirstTokenWatch
+from infergrid.app.failures import RECEIPT_FAILED, UPSTREAM_ERRORS, _MinerFailed, _ReceiptFailed
+from infergrid.app.metering import Metering
+from infergrid.app.metrics import GatewayMetrics
+from infergrid.app.miners import (
+    MinerPool,
+    MinerState,
+    ModelNotServed,
+    NoHealthyMiner,
+    PoolMaintainer,
+)
+from infergrid.app.settlement import AttestationRejected, Settlement, Verified, insufficient_error
+from infergrid.app.stream_relay import StreamRelay, wait_for_disconnect
+from infergrid.app.traces import TraceStore
+from infergrid.protocol import json_body
+from infergrid.protocol.openai_types import APIError
+from infergrid.protocol.wire import (
+    ATTESTATION_KEY,
+    EXTENSION_KEY,
+    GATEWAY_HEADER,
+    MINER_HEADER,
+    PAYER_HEADER,
+    REQUEST_ID_HEADER,
+)
+
+__all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "Forwarder"]
+
+# The gateway's one log, whichever of its modules writes to it.
+log = logging.getLogger("infergrid.app.gateway")
+
+MAX_ANSWER_BYTES = 256 * 1024 * 1024  # a non-streamed answer, extension included
+MAX_ERROR_BYTES = 1024 * 1024
+
+
+class Forwarder:
+    """Sends calls to miners, with failover; the `RelayHost` of the streams it starts."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        pool: MinerPool,
+        maintainer: PoolMaintainer,
+        metrics: GatewayMetrics,
+        traces: TraceStore,
+        settlement: Settlement | None,
+        metering: Metering | None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.maintainer = maintainer
+        self.metrics = metrics
+        self.traces = traces
+        self.settlement = settlement
+        self.metering = metering
+        self.session: aiohttp.ClientSession | None = None  # set for the gateway's lifespan
+        self.deadlines = DeadlineRule(
+            floor_s=config.first_token_timeout_floor_s,
+            cap_s=config.first_token_timeout_cap_s,
+            factor=config.first_token_timeout_factor,
+            answer_cap_s=config.read_timeout_s,
+        )
+
+    async def forward_while_connected(self, call: Call, receive: Receive) -> Response | StreamRelay:
+        """`forward`, given up as soon as the client hangs up: the upstream request is then
+        closed, which stops the miner generating an answer nobody will read. A receipt whose
+        commit had already begun is still stored and charged (see `Metering.commit`).
+
+        `forward` runs in this task and one watcher task cancels it when the client goes:
+        cheaper on the hot path than racing two tasks."""
+        this = asyncio.current_task()
+        assert this is not None
+        gone = done = False
+
+        def client_left(watch: asyncio.Task[None]) -> None:
+            nonlocal gone
+            # `done`: a callback already scheduled when the forward ended must not cancel
+            # whatever this task does next.
+            if not done and not watch.cancelled() and watch.exception() is None:
+                gone = True
+                this.cancel()
+
+        watch = asyncio.ensure_future(wait_for_disconnect(receive))
+        watch.add_done_callback(client_left)
+        try:
+            return await self.forward(call)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # the server is shutting down
+            this.uncancel()
+            log.info("request %s: the client closed the connection", call.request_id)
+            raise APIError(499, "The client closed the connection.", code="client_closed") from None
+        finally:
+            done = True
+            watch.cancel()
+
+    async def forward(self, call: Call) -> Response | StreamRelay:
+        """Serve the call from the first miner that can: pick one (reserving at its prices,
+        metered), attempt it, and fail over while nothing reached the client, up to
+        `max_attempts` miners. Raises APIError: 404 for a model nobody serves, 402 when the
+        payer can afford no miner, 503 when no miner could take it."""
+        tried: list[MinerState] = []
+        last_error = "no healthy miner"
+        refused: InsufficientHeadroom | None = None  # the cheapest miner the payer can't afford
+        attempts = 0
+        metering = self.metering
+        limit = max(1, self.config.max_attempts)
+
+        def can_fail_over() -> bool:
+            """Whether another miner could still take the call if this attempt gave up."""
+            return attempts < limit and self.pool.can_serve(call.model, tried)
+
+        while attempts < limit:
+            try:
+                miner = self.pool.pick(call.model, tried)
+            except ModelNotServed:
+                if not self.maintainer.discovered:
+                    # Not "no such model": we have not been able to read the registry yet.
+                    raise APIError(
+                        503,
+                        "The gateway has not read the miner registry yet; please retry.",
+                        type="server_error",
+                        code="registry_unavailable",
+                    ) from None
+                raise model_not_found(call.model) from None
+            except NoHealthyMiner:
+                break
+            tried.append(miner)
+            if metering is not None:
+                try:
+                    if not metering.reserve(call, miner):
+                        continue
+                except InsufficientHeadroom as exc:
+                    # A cheaper miner may still fit the payer's headroom; this one is skipped.
+                    if refused is None or exc.needed_wei < refused.needed_wei:
+                        refused = exc
+                    continue
+            attempts += 1
+            call.trace.attempts += 1
+            try:
+                return await self._attempt(call, miner, can_fail_over)
+            except _MinerFailed as exc:
+                last_error = f"{miner.owner}: {exc}"
+                self.metrics.failovers.inc()
+                log.info("request %s: miner %s failed (%s)", call.request_id, miner.owner, exc)
+        if refused is not None and attempts == 0:
+            raise insufficient_error(refused)
+        call.trace.error = last_error  # the details are for the operator, not the client
+        raise APIError(
+            503,
+            f"No miner serving `{call.model}` can take the request right now; please retry.",
+            type="server_error",
+            code="no_miner_available",
+        )
+
+    def _upstream_headers(self, call: Call) -> dict[str, str]:
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
+        settlement = self.settlement
+        if settlement is not None:
+            # The miner logs who pays and which signer will sign the receipt, to check the
+            # vouchers it is later given against what it attested.
+            assert call.payer is not None
+            headers[PAYER_HEADER] = call.payer
+            headers[GATEWAY_HEADER] = settlement.gateway
+        return headers
+
+    async def _attempt(
+        self, call: Call, miner: MinerState, can_fail_over: Callable[[], bool]
+    ) -> Response | StreamRelay:
+        """Send the call to one miner. Raises _MinerFailed if nothing reached the client: the
+        miner failed, missed its first-token deadline, or was taken out of service while the
+        call waited for its first token and another miner could take it (app.deadlines)."""
+        pool = self.pool
+        pool.acquire(miner)
+        handed_off = False  # a StreamRelay took over the response and its bookkeeping
+        ok = False
+        prompt_bytes = len(call.payload)
+        latency = pool.latency(call.model)
+        rule = self.deadlines
+        if call.stream:
+            deadline, cap = rule.first_token_s(latency, prompt_bytes), rule.cap_s
+        else:
+            deadline = rule.answer_s(latency, prompt_bytes, call.max_tokens)
+            cap = rule.answer_cap_s
+        sent = time.perf_counter()
+        latency_ms: float | None = None  # time to the whole answer, non-streamed
+        scope = asyncio.timeout(None)
+        watch: FirstTokenWatch | None = None
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                # Everything until the first token (non-streamed: the whole answer) is bounded
+                # by the watch; nothing that stores a receipt runs inside it.
+                async with scope:
+                    watch = FirstTokenWatch(
+                        scope,
+                        deadline,
+                        cap,
+                        can_fail_over=can_fail_over,
+                        miner_down=lambda: miner.healthy is False,
+                    )
+                    miner.down_watchers.add(watch.on_miner_down)
+                    resp = await self._post(call, miner)
+                    status = resp.status
+                    if status >= 500 or status == 429:
+                        # 429 too: a busy miner is not the client's fault, another may be idle.
+                        detail = (await resp.content.read(200)).decode("utf-8", "replace")
+                        raise _MinerFailed(f"HTTP {status}: {detail}")
+                    if status >= 400:
+                        passed = await self._pass_through(call, miner, resp)
+                        ok = True  # the miner did its job: the request itself is bad
+                        return passed
+                    if call.stream:
+                        stream = StreamRelay(self, call, miner, resp)
+                        await stream.prime()
+                        stream.first_token_at = time.perf_counter()
+                        pool.observed_latency(call.model).observe_first_token(
+                            prompt_bytes, stream.first_token_at - sent
+                        )
+                        handed_off = True
+                        return stream
+                    raw = await _read_bounded(resp)
+                answer_s = time.perf_counter() - sent
+                answer = json_body.loads(raw, strict=False)
+                if not isinstance(answer, dict):
+                    raise _MinerFailed("answer is not a JSON object")
+            except TimeoutError as exc:
+                if watch is None or not scope.expired():  # aiohttp's own read timeout
+                    pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
+                    raise _MinerFailed(f"timed out: {type(exc).__name__}: {exc}") from None
+                self.metrics.first_token_timeouts.labels(watch.reason or "deadline").inc()
+                if watch.reason == "miner_down":
+                    raise _MinerFailed("taken out of service before its first token") from None
+                what = "first token" if call.stream else "answer"
+                raise _MinerFailed(f"no {what} within {deadline:.1f} s") from None
+            except UPSTREAM_ERRORS as exc:
+                pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
+                raise _MinerFailed(f"broke before answering: {type(exc).__name__}: {exc}") from None
+            except ValueError as exc:
+                raise _MinerFailed(f"sent invalid JSON: {exc}") from None
+            finally:
+                if watch is not None:
+                    watch.stop()
+                    miner.down_watchers.discard(watch.on_miner_down)
+                if resp is not None and not handed_off:
+                    # A half-read answer cannot go back to the keep-alive pool; closing it
+                    # also tells the miner to stop generating.
+                    resp.release() if ok or resp.content.is_eof() else resp.close()
+            verified = None
+            if self.metering is not None:
+                ext = answer.get(EXTENSION_KEY)
+                ext = ext if isinstance(ext, dict) else {}
+                try:
+                    verified = self.metering.verify(
+                        call,
+                        miner,
+                        signed=ext.get(ATTESTATION_KEY),
+                        output_token_ids=ext.get("output_token_ids"),
+                        prompt_token_ids=ext.get("prompt_token_ids"),
+                        usage=answer.get("usage"),
+                    )
+                except AttestationRejected as exc:
+                    # Nothing reached the client: another miner may serve it honestly.
+                    raise _MinerFailed(f"attestation rejected: {exc}") from None
+            ok = True
+            latency_ms = answer_s * 1000
+            pool.observed_latency(call.model).observe_answer(
+                prompt_bytes, answer_s, relay.usage_of(answer)[1]
+            )
+            return await self._answer(call, miner, answer, verified)
+        finally:
+            if not handed_off:
+                pool.release(miner, ok=ok, latency_ms=latency_ms)
+
+    async def _post(self, call: Call, miner: MinerState) -> aiohttp.ClientResponse:
+        session = self.session
+        assert session is not None, "gateway used outside its lifespan"
+        try:
+            return await session.post(
+                miner.base_url + call.path, data=call.payload, headers=self._upstream_headers(call)
+            )
+        except UPSTREAM_ERRORS as exc:
+            self.pool.mark_unreachable(miner, f"{type(exc).__name__}: {exc}")
+            raise _MinerFailed(f"unreachable: {type(exc).__name__}: {exc}") from None
+
+    async def _answer(
+        self, call: Call, miner: MinerState, answer: dict[str, Any], verified: Verified | None
+    ) -> Response:
+        prompt, completion = relay.usage_of(answer)
+        if verified is not None:
+            assert self.metering is not None
+            try:
+                value = await self.metering.commit(call, miner, verified)
+            except _ReceiptFailed:
+                raise APIError(
+                    500, RECEIPT_FAILED, type="server_error", code="receipt_failed"
+                ) from None
+            usage = answer.get("usage")
+            if isinstance(usage, dict):
+                relay.add_cost(usage, value)
+        content = relay.encode(relay.client_view(answer, wants_logprobs=call.wants_logprobs))
+        elapsed = time.perf_counter() - call.started
+        self.finish_trace(call, miner, 200, elapsed, prompt, completion)
+        return Response(
+            content,
+            200,
+            headers={REQUEST_ID_HEADER: call.request_id, MINER_HEADER: miner.owner},
+            media_type="application/json",
+        )
+
+    async def _pass_through(
+        self, call: Call, miner: MinerState, resp: aiohttp.ClientResponse
+    ) -> Response:
+        """A miner's 4xx, which is the request's fault, goes to the client as it came, as long
+        as it is an OpenAI error body; anything else is rewrapped into one."""
+        raw = await _read_bounded(resp, MAX_ERROR_BYTES)
+        elapsed = time.perf_counter() - call.started
+        message = relay.error_message(raw)
+        if message is None:
+            text = raw[:500].decode("utf-8", "replace").strip()
+            message = f"The miner refused the request ({resp.status}): {text or 'no details'}"
+            raw = relay.encode(APIError(resp.status, message).body())
+        call.trace.error = message
+        self.finish_trace(call, miner, resp.status, elapsed, None, None)
+        return Response(
+            raw,
+            resp.status,
+            headers={REQUEST_ID_HEADER: call.request_id, MINER_HEADER: miner.owner},
+            media_type="application/json",
+        )
+
+    def finish_trace(
+        self,
+        call: Call,
+        miner: MinerState,
+        status: int,
+        elapsed: float,
+        prompt: int | None,
+        completion: int | None,
+        ttft: float | None = None,
+    ) -> None:
+        trace = call.trace
+        trace.status = status
+        trace.miner = miner.owner
+        trace.miner_endpoint = miner.endpoint
+        trace.prompt_tokens = prompt
+        trace.completion_tokens = completion
+        trace.total_ms = elapsed * 1000
+        if ttft is not None:
+            trace.ttft_ms = ttft * 1000
+            self.metrics.ttft.observe(ttft)
+        self.traces.record(trace)
+        metrics = self.metrics
+        metrics.observe(call.path, status, elapsed)
+        if prompt:
+            metrics.prompt_tokens.inc(prompt)
+        if completion:
+            metrics.completion_tokens.inc(completion)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """A miner's whole body, refusing more than `limit` bytes: miners join without permission,
+    so one must not be able to make the gateway buffer without end."""
+    length = resp.content_length
+    if length is not None and length <= limit:
+        return await resp.read()  # the common case: aiohttp reads exactly content-length
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _MinerFailed(f"answer larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
