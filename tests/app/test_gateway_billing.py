@@ -20,12 +20,7 @@ from infergrid.app.billing import EscrowSnapshot, InsufficientHeadroom, Ledger
 from infergrid.app.keys import KeyStore
 from infergrid.app.miners import MinerPool
 from infergrid.app.node import receipts_db_path
-from infergrid.app.settlement import (
-    AttestationRejected,
-    Settlement,
-    offer_for,
-    verify_attestation,
-)
+from infergrid.app.settlement import Settlement
 from infergrid.app.traces import Trace, TraceStore
 from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.messages import (
@@ -37,6 +32,7 @@ from infergrid.protocol.messages import (
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.protocol.openai_types import APIError
 from infergrid.protocol.pricing import TEMPLATE_TOKEN_ALLOWANCE, max_request_value
+from infergrid.verify.attestation import AttestationRejected, offer_for, verify_attestation
 
 PAYER = "0x" + "aa" * 20
 OWNER = "0x" + "0b" * 20

@@ -23,7 +23,7 @@ from infergrid.app.receipts import (
     SignedVoucher,
     StoredReceipt,
 )
-from infergrid.compute.collector import check_voucher, parse_vouchers
+from infergrid.compute.collector import parse_vouchers
 from infergrid.protocol import merkle
 from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.messages import (
@@ -33,6 +33,7 @@ from infergrid.protocol.messages import (
     sign_message,
 )
 from infergrid.settle.binding import ChainBinding, ChainMismatch
+from infergrid.verify.voucher import check_voucher
 
 DOMAIN = Domain(chain_id=1337, verifying_contract="0x" + "ab" * 20)
 GATEWAY_KEY = "0x" + "11" * 32

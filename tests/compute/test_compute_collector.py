@@ -24,7 +24,6 @@ from infergrid.compute.collector import (
     MalformedVoucher,
     SignedVoucher,
     VoucherResult,
-    check_voucher,
     collect_now,
     compare_with_log,
     parse_vouchers,
@@ -50,6 +49,7 @@ from infergrid.settle.chain import Chain, EmbeddedEVM, as_account, dev_private_k
 from infergrid.settle.escrow import PaymentEscrow, deploy_escrow
 from infergrid.settle.registry import Registry, deploy_registry
 from infergrid.settle.rpc_server import EmbeddedChainServer
+from infergrid.verify.voucher import check_voucher
 
 KEYS = dev_private_keys(6)
 DEPLOYER, TREASURY, POOL, MINER, PAYER, GATEWAY_OWNER = range(6)

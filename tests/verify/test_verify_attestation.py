@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import infergrid.verify
-from infergrid.app import settlement
+from infergrid.app import metering
 from infergrid.verify import attestation
 
 PURE_MODULES = ("attestation.py", "receipt.py", "voucher.py")
@@ -33,10 +33,8 @@ IO_MODULES = (
 
 
 def test_the_gateway_uses_the_verify_check() -> None:
-    assert settlement.verify_attestation is attestation.verify_attestation
-    assert settlement.AttestationRejected is attestation.AttestationRejected
-    assert settlement.Verified is attestation.Verified
-    assert settlement.offer_for is attestation.offer_for
+    assert metering.verify_attestation is attestation.verify_attestation
+    assert metering.offer_for is attestation.offer_for
 
 
 @pytest.mark.parametrize("name", PURE_MODULES)

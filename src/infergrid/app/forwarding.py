@@ -34,7 +34,7 @@ from infergrid.app.miners import (
     NoHealthyMiner,
     PoolMaintainer,
 )
-from infergrid.app.settlement import AttestationRejected, Settlement, Verified, insufficient_error
+from infergrid.app.settlement import Settlement, insufficient_error
 from infergrid.app.stream_relay import StreamRelay, wait_for_disconnect
 from infergrid.app.traces import TraceStore
 from infergrid.protocol import json_body
@@ -47,6 +47,7 @@ from infergrid.protocol.wire import (
     PAYER_HEADER,
     REQUEST_ID_HEADER,
 )
+from infergrid.verify.attestation import AttestationRejected, Verified
 
 __all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "Forwarder"]
 

@@ -16,15 +16,15 @@ from infergrid.app.calls import Call
 from infergrid.app.failures import _ReceiptFailed
 from infergrid.app.metrics import GatewayMetrics
 from infergrid.app.miners import MinerState
-from infergrid.app.settlement import (
+from infergrid.app.settlement import Settlement
+from infergrid.protocol.messages import Receipt, request_hash
+from infergrid.protocol.pricing import max_request_value
+from infergrid.verify.attestation import (
     AttestationRejected,
-    Settlement,
     Verified,
     offer_for,
     verify_attestation,
 )
-from infergrid.protocol.messages import Receipt, request_hash
-from infergrid.protocol.pricing import max_request_value
 
 __all__ = ["Metering"]
 

@@ -1,6 +1,6 @@
 """Settlement on the gateway: the shell that keeps billing headroom current (escrow polling,
-receipt store, anchoring). The attestation checks are pure and live in verify.attestation;
-their names are re-exported here, where the gateway imports them.
+receipt store, anchoring). The attestation checks are pure and live in verify.attestation,
+which the gateway's metering calls.
 
 The request path only ever touches memory here, with one exception the protocol requires:
 `ReceiptStore.commit`, the durable group-committed write of a receipt before the response
@@ -26,10 +26,6 @@ from infergrid.app.billing import (
 from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.openai_types import MAX_TOKENS_LIMIT, APIError
 from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, format_btt
-from infergrid.verify.attestation import AttestationRejected as AttestationRejected
-from infergrid.verify.attestation import Verified as Verified
-from infergrid.verify.attestation import offer_for as offer_for
-from infergrid.verify.attestation import verify_attestation as verify_attestation
 
 if TYPE_CHECKING:
     from infergrid.app.anchoring import ReceiptAnchorer

@@ -31,7 +31,6 @@ from infergrid.app.failures import (
 from infergrid.app.metering import Metering
 from infergrid.app.metrics import GatewayMetrics
 from infergrid.app.miners import MinerPool, MinerState
-from infergrid.app.settlement import AttestationRejected
 from infergrid.protocol import json_body
 from infergrid.protocol.wire import (
     ATTESTATION_KEY,
@@ -40,6 +39,7 @@ from infergrid.protocol.wire import (
     REQUEST_ID_HEADER,
     SSE_DONE,
 )
+from infergrid.verify.attestation import AttestationRejected
 
 __all__ = ["MAX_SSE_LINE", "RelayHost", "StreamRelay", "wait_for_disconnect"]
 

@@ -46,7 +46,7 @@ from infergrid.settle.binding import miner_binding
 from infergrid.settle.chain import Chain, ChainError, ContractRevert, as_account
 from infergrid.settle.escrow import PaymentEscrow
 from infergrid.settle.registry import Registry
-from infergrid.verify.voucher import check_voucher as check_voucher  # re-exported
+from infergrid.verify.voucher import check_voucher
 
 log = logging.getLogger(__name__)
 
