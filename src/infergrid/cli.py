@@ -109,6 +109,15 @@ def _devnet_info(state_dir: Path) -> dict[str, Any]:
 @friendly_errors
 def up(
     miners: Annotated[int, typer.Option(min=1, max=8, help="How many miners to start.")] = 2,
+    verifiers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=8,
+            help="How many verifiers to start (they audit the miners, send canaries and vote"
+            " on disputes; 0: none, and miners are not audited).",
+        ),
+    ] = 3,
     model: Annotated[
         str, typer.Option(help="Model every miner serves: smollm2, tiny, or a model path.")
     ] = "smollm2",
@@ -124,11 +133,13 @@ def up(
     ] = 30.0,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
-    """Start a local network: chain, contracts, miners and a gateway. Ctrl-C stops it."""
+    """Start a local network: chain, contracts, verifiers, miners and a gateway. Ctrl-C stops
+    it."""
     from infergrid.devnet import DevnetOptions, run_devnet
 
     options = DevnetOptions(
         miners=miners,
+        verifiers=verifiers,
         model=model,
         chain_rpc=chain_rpc,
         gateway_port=port,
