@@ -244,6 +244,87 @@ def miner(
     run_miner(settings, err)
 
 
+@app.command()
+@friendly_errors
+def verifier(
+    chain_rpc: Annotated[str | None, typer.Option(help="EVM JSON-RPC URL.")] = None,
+    registry: Annotated[str | None, typer.Option(help="NodeRegistry contract address.")] = None,
+    escrow: Annotated[
+        str | None,
+        typer.Option(help="PaymentEscrow address: verdicts are signed in its EIP-712 domain."),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Model to audit (repeatable): smollm2, tiny, tiny:<seed>, or a model"
+            " directory/GGUF file, from the same model store as miners."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve audits on.")] = 8200,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Public URL to register (default http://HOST:PORT).")
+    ] = None,
+    stake: Annotated[
+        float | None,
+        typer.Option(help="Stake to keep bonded, in BTT (default: the registry's minimum)."),
+    ] = None,
+    gateway_url: Annotated[
+        str | None,
+        typer.Option("--gateway", help="Gateway whose public API canaries go through."),
+    ] = None,
+    canary_key: Annotated[
+        str | None,
+        typer.Option(help="The verifier's own API key at --gateway (a paying developer's)."),
+    ] = None,
+    canary_interval: Annotated[
+        float, typer.Option(min=0, help="Seconds between canary prompts (0: no canaries).")
+    ] = 60.0,
+    qualification_interval: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds between canaries while the gateway shows a miner on probation.",
+        ),
+    ] = 2.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPU threads for audits (default: every core)."),
+    ] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Run a verifier: load the reference model(s), register and stake as a verifier
+    (idempotent), audit the jobs gateways send, dispute confirmed failures on-chain, vote on
+    other verifiers' disputes, and (with --gateway and --canary-key) send canary prompts.
+
+    The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable.
+    """
+    from infergrid.verify.node import VerifierSettings, run_verifier
+
+    if chain_rpc is None or registry is None or escrow is None:
+        raise CLIError("a verifier needs --chain-rpc, --registry and --escrow")
+    if (gateway_url is None) != (canary_key is None):
+        raise CLIError("canaries need both --gateway and --canary-key (or neither)")
+    settings = VerifierSettings(
+        chain_rpc=chain_rpc,
+        registry=registry,
+        escrow=escrow,
+        private_key=_private_key(),
+        models=tuple(model or ["smollm2"]),
+        host=host,
+        port=port,
+        endpoint=endpoint,
+        stake_wei=None if stake is None else int(stake * 10**18),
+        state_dir=state_dir,
+        threads=threads,
+        gateway_url=gateway_url,
+        canary_key=canary_key,
+        canary_interval_s=canary_interval,
+        qualification_interval_s=qualification_interval,
+    )
+    run_verifier(settings, err)
+
+
 @dataclass(frozen=True)
 class _CollectingMiner:
     name: str | None  # its name in devnet.json, if it is a devnet miner
