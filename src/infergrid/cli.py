@@ -210,24 +210,62 @@ def miner(
             " should split its cores).",
         ),
     ] = None,
+    devnet: Annotated[
+        bool,
+        typer.Option(
+            "--devnet",
+            help="Join the network `infergrid up` runs from --state-dir: its chain and"
+            " contracts, the next unused dev account (funded), a free port.",
+        ),
+    ] = False,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            help="RED TEAM, for testing the verifiers: 'substitute=MODEL' serves MODEL's tokens"
+            " under --model's id. Such a miner is audited, disputed and slashed.",
+        ),
+    ] = None,
+    attack_after: Annotated[
+        int,
+        typer.Option(min=0, help="With --attack: serve this many requests honestly first."),
+    ] = 0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Run a miner: load the model, register and stake on-chain (idempotent), serve requests;
     with --escrow, attest every response and collect vouchers on a schedule.
 
-    The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable.
+    The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable
+    (with --devnet, a dev account is picked unless it is set).
     """
     if ctx.invoked_subcommand is not None:
         return
-    from infergrid.compute.node import MinerSettings, run_miner
+    from infergrid.compute.node import MinerSettings, default_receipt_log_path, run_miner
 
+    substitute = _parse_attack(attack)
+    private_key = os.environ.get(PRIVATE_KEY_ENV, "").strip() or None
+    if devnet:
+        from infergrid.devnet_join import join_devnet
+        from infergrid.processes import free_port, port_is_free
+        from infergrid.protocol.nodes import Role
+
+        plan = join_devnet(state_dir, Role.MINER)
+        chain_rpc, registry, escrow = plan.chain_rpc, plan.registry, plan.escrow
+        if private_key is None:
+            private_key = plan.private_key
+            receipt_log = receipt_log or default_receipt_log_path(plan.address, state_dir)
+        if not port_is_free(port, host):
+            port = free_port(host)
+        err.print(f"joining the devnet at {plan.chain_rpc} as {plan.address}")
     if chain_rpc is None or registry is None:
-        raise CLIError("a miner needs --chain-rpc and --registry")
+        raise CLIError("a miner needs --chain-rpc and --registry (or --devnet)")
     if engine != "transformers":
         raise CLIError(f"unknown engine {engine!r} (available: transformers)")
+    if private_key is None:
+        private_key = _private_key()  # raises the one-line error
     settings = MinerSettings(
         chain_rpc=chain_rpc,
         registry=registry,
-        private_key=_private_key(),
+        private_key=private_key,
         model=model,
         host=host,
         port=port,
@@ -240,8 +278,20 @@ def miner(
         gateway_urls=tuple(gateway_url or ()),
         receipt_log=receipt_log,
         threads=threads,
+        substitute_model=substitute,
+        honest_first=attack_after,
     )
     run_miner(settings, err)
+
+
+def _parse_attack(attack: str | None) -> str | None:
+    """The substitute model of `--attack substitute=MODEL`, or None without --attack."""
+    if attack is None:
+        return None
+    kind, _, model = attack.partition("=")
+    if kind != "substitute" or not model:
+        raise CLIError(f"unknown --attack {attack!r}: the one attack is 'substitute=MODEL'")
+    return model
 
 
 @app.command()

@@ -17,6 +17,7 @@ from infergrid.protocol.nodes import WEI_PER_BTT, ModelOffer, Role
 if TYPE_CHECKING:  # the chain stack loads only when a miner starts
     from infergrid.compute.attestation import Attestor
     from infergrid.compute.collector import CollectionLoop, Collector
+    from infergrid.compute.engine import Engine
     from infergrid.compute.receipt_log import ReceiptLog
     from infergrid.settle.chain import Chain
     from infergrid.settle.escrow import PaymentEscrow
@@ -57,6 +58,10 @@ class MinerSettings:
     # torch CPU threads; None means every core this process may use (right for a lone miner;
     # miners sharing a machine should split its cores between them).
     threads: int | None = None
+    # RED TEAM (compute.attacks): serve this model's tokens under `model`'s id, after
+    # `honest_first` honest requests. Verifiers catch and slash such a miner.
+    substitute_model: str | None = None
+    honest_first: int = 0
 
 
 def make_attestor(escrow: PaymentEscrow, private_key: str) -> Attestor:
@@ -154,7 +159,16 @@ def run_miner(settings: MinerSettings, console: Console) -> None:
     owner = Account.from_key(settings.private_key).address
     threads = settings.threads or available_cores()
     console.print(f"miner {owner}: loading {settings.model} ({threads} CPU threads)")
-    engine = TransformersEngine.load(settings.model, num_threads=threads)
+    engine: Engine = TransformersEngine.load(settings.model, num_threads=threads)
+    if settings.substitute_model is not None:
+        from infergrid.compute.attacks import SubstitutedEngine
+
+        actual = TransformersEngine.load(settings.substitute_model, num_threads=threads)
+        console.print(
+            f"[bold red]RED TEAM: serving {actual.name}'s tokens under {engine.name}'s id after"
+            f" {settings.honest_first} honest request(s); verifiers will slash this miner[/]"
+        )
+        engine = SubstitutedEngine(engine, actual, honest_first=settings.honest_first)
     offer = ModelOffer(
         name=engine.name,
         model_id=engine.model_id,
