@@ -1035,14 +1035,18 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
-    """Show every registered node: role, endpoint, stake (read from the chain), models, health."""
+    """Show every registered node: role, endpoint, stake (read from the chain), models, health,
+    and each miner's state (probation, active, frozen, slashed) and audit record as the
+    devnet's gateway sees them."""
     from infergrid.network_status import collect_status, render_status
 
+    gateway: tuple[str, str] | None = None
     if chain_rpc is None or registry is None:
         info = _devnet_info(state_dir)
         chain_rpc = chain_rpc or info["chain_rpc"]
         registry = registry or info["contracts"]["NodeRegistry"]
-    nodes = collect_status(chain_rpc, registry)
+        gateway = (info["base_url"], info["api_key"])
+    nodes = collect_status(chain_rpc, registry, gateway)
     if as_json:
         sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
     else:

@@ -1,7 +1,15 @@
-"""`infergrid status`: every registered node, its stake as the chain says, and its health."""
+"""`infergrid status`: every registered node, its stake as the chain says, its health, and
+(from a gateway's `GET /v1/miners`) each miner's state and audit record.
+
+A node's state: `frozen` while a dispute about it is open (the registry says so), `inactive`
+once deregistered; for miners the gateway's view otherwise: `probation` (qualifying, or after a
+failed audit until its disputes end), `active`, `slashed`. Without a gateway to ask, a miner
+that is neither frozen nor inactive shows `registered`.
+"""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -9,9 +17,10 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from infergrid.processes import health_ok
-from infergrid.protocol.nodes import WEI_PER_BTT, NodeRecord
+from infergrid.protocol.nodes import WEI_PER_BTT, NodeRecord, Role
 
 HEALTH_TIMEOUT_S = 2.0
+_HEADERS = ("role", "owner", "endpoint", "stake (BTT)", "models", "health", "state", "audits")
 
 
 def node_health(node: NodeRecord) -> str:
@@ -20,13 +29,57 @@ def node_health(node: NodeRecord) -> str:
     return "ok" if health_ok(node.endpoint.rstrip("/") + "/health") else "down"
 
 
-def collect_status(chain_rpc: str, registry_address: str) -> list[dict[str, Any]]:
+def gateway_miners(base_url: str, api_key: str) -> dict[str, dict[str, Any]]:
+    """The gateway's view of its miners by address (GET /v1/miners); empty if it cannot say."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        base_url.rstrip("/") + "/miners", headers={"authorization": f"Bearer {api_key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as response:
+            data = json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return {}
+    return {
+        str(entry["address"]).lower(): entry
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("address"), str)
+    }
+
+
+def node_state(node: NodeRecord, seen: dict[str, Any] | None) -> str:
+    if not node.active:
+        return "inactive"
+    if node.frozen:
+        return "frozen"
+    if node.role == Role.MINER:
+        return str(seen.get("state", "registered")) if seen else "registered"
+    return "active"
+
+
+def audit_record(seen: dict[str, Any] | None) -> str:
+    audits = seen.get("audits") if seen else None
+    if not isinstance(audits, dict):
+        return "-"
+    return f"{audits.get('passed', 0)} passed, {audits.get('failed', 0)} failed"
+
+
+def collect_status(
+    chain_rpc: str, registry_address: str, gateway: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Every node the registry lists; `gateway` (base URL ending in /v1, API key) adds the
+    miners' states and audit records as that gateway sees them."""
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
 
     nodes = Registry(Chain.connect(chain_rpc), registry_address).nodes(active_only=False)
     with ThreadPoolExecutor(max_workers=8) as pool:
         health = list(pool.map(node_health, nodes))
+    seen = gateway_miners(*gateway) if gateway is not None else {}
     return [
         {
             "owner": node.owner,
@@ -46,7 +99,10 @@ def collect_status(chain_rpc: str, registry_address: str) -> list[dict[str, Any]
                 for offer in node.models
             ],
             "active": node.active,
+            "frozen": node.frozen,
             "health": state,
+            "state": node_state(node, seen.get(node.owner.lower())),
+            "audits": (seen.get(node.owner.lower()) or {}).get("audits"),
         }
         for node, state in zip(nodes, health, strict=True)
     ]
@@ -57,14 +113,11 @@ def render_status(nodes: list[dict[str, Any]], out: Console) -> None:
         out.print("no nodes registered")
         return
     # Fold rather than truncate: an address cut to "0x90F7…" is useless to an operator.
-    table = Table(
-        *(
-            Column(header, overflow="fold")
-            for header in ("role", "owner", "endpoint", "stake (BTT)", "models", "health")
-        )
-    )
+    table = Table(*(Column(header, overflow="fold") for header in _HEADERS))
     colours = {"ok": "green", "down": "red", "inactive": "dim"}
+    state_colours = {"active": "green", "probation": "yellow", "frozen": "red", "slashed": "red"}
     for node in nodes:
+        state = node["state"]
         table.add_row(
             node["role"],
             node["owner"],
@@ -72,5 +125,7 @@ def render_status(nodes: list[dict[str, Any]], out: Console) -> None:
             f"{node['stake_btt']:,.2f}",
             ", ".join(model["name"] for model in node["models"]) or "-",
             f"[{colours[node['health']]}]{node['health']}[/]",
+            f"[{state_colours.get(state, 'dim')}]{state}[/]",
+            audit_record({"audits": node["audits"]}) if node["role"] == "miner" else "-",
         )
     out.print(table)
