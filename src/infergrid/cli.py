@@ -325,7 +325,10 @@ def verifier(
     ] = None,
     canary_key: Annotated[
         str | None,
-        typer.Option(help="The verifier's own API key at --gateway (a paying developer's)."),
+        typer.Option(
+            envvar="INFERGRID_CANARY_KEY",
+            help="The verifier's own API key at --gateway (a paying developer's).",
+        ),
     ] = None,
     canary_interval: Annotated[
         float, typer.Option(min=0, help="Seconds between canary prompts (0: no canaries).")
@@ -341,25 +344,54 @@ def verifier(
         int | None,
         typer.Option(min=1, help="CPU threads for audits (default: every core)."),
     ] = None,
+    devnet: Annotated[
+        bool,
+        typer.Option(
+            "--devnet",
+            help="Join the network `infergrid up` runs from --state-dir: its chain, contracts"
+            " and gateway, the next unused dev account (funded), a funded canary account and"
+            " canary key, a free port.",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Run a verifier: load the reference model(s), register and stake as a verifier
     (idempotent), audit the jobs gateways send, dispute confirmed failures on-chain, vote on
     other verifiers' disputes, and (with --gateway and --canary-key) send canary prompts.
 
-    The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable.
+    The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable
+    (with --devnet, a dev account is picked unless it is set).
     """
     from infergrid.verify.node import VerifierSettings, run_verifier
 
+    private_key = os.environ.get(PRIVATE_KEY_ENV, "").strip() or None
+    if devnet:
+        from infergrid.devnet_join import join_devnet
+        from infergrid.processes import free_port, port_is_free
+        from infergrid.protocol.nodes import Role
+
+        plan = join_devnet(state_dir, Role.VERIFIER)
+        chain_rpc, registry, escrow = plan.chain_rpc, plan.registry, plan.escrow
+        if private_key is None:
+            private_key = plan.private_key
+        gateway_url = gateway_url or plan.base_url
+        canary_key = canary_key or plan.canary_api_key
+        if model is None:
+            model = [_devnet_info(state_dir)["model"]]
+        if not port_is_free(port, host):
+            port = free_port(host)
+        err.print(f"joining the devnet at {plan.chain_rpc} as {plan.address}")
+    if private_key is None:
+        private_key = _private_key()  # raises the one-line error
     if chain_rpc is None or registry is None or escrow is None:
-        raise CLIError("a verifier needs --chain-rpc, --registry and --escrow")
+        raise CLIError("a verifier needs --chain-rpc, --registry and --escrow (or --devnet)")
     if (gateway_url is None) != (canary_key is None):
         raise CLIError("canaries need both --gateway and --canary-key (or neither)")
     settings = VerifierSettings(
         chain_rpc=chain_rpc,
         registry=registry,
         escrow=escrow,
-        private_key=_private_key(),
+        private_key=private_key,
         models=tuple(model or ["smollm2"]),
         host=host,
         port=port,
