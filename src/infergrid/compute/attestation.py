@@ -21,13 +21,15 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from infergrid.protocol.eip712 import ZERO32, Domain, Signer
+
+# seed_for lives with the other rules of how a request is sampled; re-exported here.
+from infergrid.protocol.generation import seed_for as seed_for
 from infergrid.protocol.messages import (
     Attestation,
     response_hash,
     sign_message,
     signed_json,
 )
-from infergrid.protocol.openai_types import GENERATED_SEED_BITS
 
 # How many signed request hashes stay in memory. With a receipt log the older ones are
 # found there (see AttestedRequests); without one this is the whole memory of the guard.
@@ -81,16 +83,6 @@ class Attestor:
     ) -> dict[str, Any]:
         """What goes under wire.ATTESTATION_KEY in the response's extension."""
         return signed_json(*self.attest(request_hash_, output_token_ids, model_id, tokens_in))
-
-
-def seed_for(request_hash_: bytes) -> int:
-    """A sampling seed derived from the request hash, for requests that bring none.
-
-    A random seed would make a replayed request produce a different answer: with the guard's
-    memory lost (no log, or a replay older than it remembers) that is equivocation. With the
-    seed fixed by the request hash, a replay gives the same tokens on the same hardware.
-    """
-    return int.from_bytes(request_hash_[:8], "big") >> (64 - GENERATED_SEED_BITS)
 
 
 class AttestedRequests:

@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import re
-import secrets
 import socket
 import threading
 import time
@@ -55,28 +54,28 @@ from infergrid.compute.attestation import (
     DEFAULT_REMEMBERED,
     AttestedRequests,
     Attestor,
-    seed_for,
 )
 from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
 from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
 from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
+from infergrid.protocol.generation import (
+    billable_prompt,
+    chat_messages,
+    plan_generation,
+    requested_logprobs,
+)
+from infergrid.protocol.generation import token_budget as token_budget  # re-exported
 from infergrid.protocol.json_body import decode_request_json, read_body
 from infergrid.protocol.messages import request_hash, signed_json
 from infergrid.protocol.nodes import ModelOffer
 from infergrid.protocol.openai_types import (
-    GENERATED_SEED_BITS,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
     parse_request,
 )
-from infergrid.protocol.pricing import (
-    DEFAULT_MAX_TOKENS,
-    TEMPLATE_TOKEN_ALLOWANCE,
-    max_prompt_tokens,
-    request_value,
-)
+from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, request_value
 from infergrid.protocol.wire import (
     GATEWAY_HEADER,
     MINER_HEADER,
@@ -395,57 +394,7 @@ class MinerState:
         return {"receipt_log": {"rejected_rows": log.rejected, "write_errors": log.write_errors}}
 
 
-# -- request parsing (pure apart from the tokenizer) ---------------------------------------
-
-
-def token_budget(
-    prompt_tokens: int,
-    requested: int | None,
-    context_length: int,
-    default_max_tokens: int,
-    *,
-    prompt_param: str = "messages",
-) -> int:
-    """How many tokens may be generated, or APIError(400) when the context cannot hold it."""
-    room = context_length - prompt_tokens
-    if room < 1:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context_length} tokens. However, your "
-            f"prompt is {prompt_tokens} tokens, leaving no room for a completion. Please "
-            "shorten the prompt.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if requested is None:
-        return min(default_max_tokens, room)
-    if requested > room:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context_length} tokens. However, you "
-            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
-            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return requested
-
-
-def billable_prompt(prompt_tokens: int, body_bytes: int, *, prompt_param: str = "messages") -> None:
-    """Raise APIError(400) when a prompt of `prompt_tokens` is more than a request of
-    `body_bytes` can be billed for (protocol.pricing.max_prompt_tokens): the gateway would
-    refuse the attestation, so an attesting miner refuses the request before generating."""
-    bound = max_prompt_tokens(body_bytes)
-    if prompt_tokens > bound:
-        raise APIError(
-            400,
-            f"The prompt is {prompt_tokens} tokens under this model's tokenizer and chat"
-            f" template, more than the {bound} a {body_bytes}-byte request can be billed for"
-            f" (one per byte of the request body plus {TEMPLATE_TOKEN_ALLOWANCE} for the"
-            " template), so this miner cannot serve it.",
-            param=prompt_param,
-            code="prompt_exceeds_billable_tokens",
-        )
+# -- request parsing (pure apart from the tokenizer; the rules are protocol.generation's) ---
 
 
 def _request_id(request: Request) -> str:
@@ -463,7 +412,7 @@ def _request_id(request: Request) -> str:
 
 async def _prompt_ids(engine: Engine, req: ChatCompletionRequest | CompletionRequest) -> list[int]:
     if isinstance(req, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = chat_messages(req)
         size = sum(len(m["content"]) for m in messages)
 
         def work() -> list[int]:
@@ -518,7 +467,6 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
             param="model",
             code="model_not_found",
         )
-    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else None
     request_id = _request_id(request)
     attesting: _Attesting | None = None
     if state.settlement is not None:
@@ -533,31 +481,23 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
     prompt_param = "messages" if chat else "prompt"
     if attesting is not None:
         billable_prompt(len(prompt_ids), len(raw), prompt_param=prompt_param)
-    max_tokens = token_budget(
-        len(prompt_ids),
-        req.token_limit(),
-        engine.context_length,
-        state.default_max_tokens,
-        prompt_param=prompt_param,
+    plan = plan_generation(
+        req,
+        prompt_ids,
+        request_hash=attesting.request_hash if attesting is not None else None,
+        context_length=engine.context_length,
+        default_max_tokens=state.default_max_tokens,
     )
-    if req.seed is not None:
-        seed = req.seed
-    elif attesting is not None:
-        seed = seed_for(attesting.request_hash)  # a replay must not sample differently
-    else:
-        seed = secrets.randbits(GENERATED_SEED_BITS)
-    if isinstance(req, ChatCompletionRequest):
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        logprobs = req.logprobs
+    logprobs = requested_logprobs(req)
+    seed = plan.seed
     params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=top_k,
+        max_tokens=plan.max_tokens,
+        temperature=plan.temperature,
+        top_p=plan.top_p,
+        top_k=plan.top_k,
         seed=seed,
-        stop=tuple(req.stop_list()),
-        top_logprobs=logprobs or 0,
+        stop=plan.stop,
+        top_logprobs=plan.top_logprobs,
     )
     ctx = ResponseContext(
         completion_id=completion_id(request_id, chat=chat),
