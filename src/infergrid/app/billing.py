@@ -137,6 +137,11 @@ class Ledger:
         """A receipt for `value_wei` was committed."""
         self.account(payer).receipts_wei += value_wei
 
+    def refund(self, payer: str, value_wei: int) -> None:
+        """A receipt for `value_wei` was voided (its audit failed): it no longer counts."""
+        account = self.account(payer)
+        account.receipts_wei = max(0, account.receipts_wei - value_wei)
+
     def active_payers(self, since: float) -> list[str]:
         """Payers with a request in flight or seen since `since` (monotonic): the ones whose
         escrow figures are worth keeping fresh."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from infergrid.app.billing import Reservation
 from infergrid.app.traces import Trace
@@ -35,3 +36,12 @@ class Call:
     reservation: Reservation | None = None
     offer: ModelOffer | None = None
     request_hash: bytes | None = None  # computed once, on the first attempt
+    # Sent with a verifier's canary key: goes to miners on probation first (app.audits).
+    canary: bool = False
+    key_id: str = ""
+    # Set by Metering.commit once the receipt is stored: the receipt, the gateway's signature
+    # of it, and the attestation it pays for with the miner's signature.
+    receipt: Any = None
+    receipt_signature: bytes = b""
+    attestation: Any = None
+    attestation_signature: bytes = b""

@@ -38,3 +38,12 @@ class GatewayConfig:
     trace_flush_s: float = 0.1
     shutdown_grace_s: float = 10.0
     log_level: str = "warning"
+    # Audits (metered gateways, app.audits): a new miner is on probation, and gets only canary
+    # traffic, until this many of its responses passed a verifier's audit ...
+    qualification_audits: int = 3
+    # ... and it served its model at least this fast (completion tokens per second).
+    qualification_tokens_per_s: float = 1.0
+    audit_timeout_s: float = 30.0  # one verifier's answer to one audit job
+    # Per-request records (app.request_status): at most this many, none older than this.
+    request_retention_max: int = 100_000
+    request_retention_s: float = 7 * 86400.0

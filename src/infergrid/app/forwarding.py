@@ -20,6 +20,7 @@ from starlette.types import Receive
 
 from infergrid.app import relay
 from infergrid.app.api_common import model_not_found
+from infergrid.app.audits import AuditService
 from infergrid.app.billing import InsufficientHeadroom
 from infergrid.app.calls import Call
 from infergrid.app.config import GatewayConfig
@@ -46,6 +47,8 @@ from infergrid.protocol.wire import (
     MINER_HEADER,
     PAYER_HEADER,
     REQUEST_ID_HEADER,
+    REQUEST_STATUS_HEADER,
+    request_status_path,
 )
 from infergrid.verify.attestation import AttestationRejected, Verified
 
@@ -79,6 +82,7 @@ class Forwarder:
         self.traces = traces
         self.settlement = settlement
         self.metering = metering
+        self.audits: AuditService | None = None  # metered gateways: set by the Gateway
         self.session: aiohttp.ClientSession | None = None  # set for the gateway's lifespan
         self.deadlines = DeadlineRule(
             floor_s=config.first_token_timeout_floor_s,
@@ -134,11 +138,11 @@ class Forwarder:
 
         def can_fail_over() -> bool:
             """Whether another miner could still take the call if this attempt gave up."""
-            return attempts < limit and self.pool.can_serve(call.model, tried)
+            return attempts < limit and self.pool.can_serve(call.model, tried, canary=call.canary)
 
         while attempts < limit:
             try:
-                miner = self.pool.pick(call.model, tried)
+                miner = self.pool.pick(call.model, tried, canary=call.canary)
             except ModelNotServed:
                 if not self.maintainer.discovered:
                     # Not "no such model": we have not been able to read the registry yet.
@@ -322,6 +326,8 @@ class Forwarder:
                     500, RECEIPT_FAILED, type="server_error", code="receipt_failed"
                 ) from None
             usage = answer.get("usage")
+            if self.audits is not None and call.receipt is not None:
+                self._record_answer(call, miner, answer)
             if isinstance(usage, dict):
                 relay.add_cost(usage, value)
         content = relay.encode(relay.client_view(answer, wants_logprobs=call.wants_logprobs))
@@ -330,8 +336,34 @@ class Forwarder:
         return Response(
             content,
             200,
-            headers={REQUEST_ID_HEADER: call.request_id, MINER_HEADER: miner.owner},
+            headers={
+                REQUEST_ID_HEADER: call.request_id,
+                MINER_HEADER: miner.owner,
+                REQUEST_STATUS_HEADER: request_status_path(call.request_id),
+            },
             media_type="application/json",
+        )
+
+    def _record_answer(self, call: Call, miner: MinerState, answer: dict[str, Any]) -> None:
+        """Hand a committed non-streamed answer to the audits (before the extension goes)."""
+        assert self.audits is not None
+        ext = answer.get(EXTENSION_KEY)
+        ext = ext if isinstance(ext, dict) else {}
+        choices = answer.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else {}
+        choice = choice if isinstance(choice, dict) else {}
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        usage = answer.get("usage")
+        self.audits.record(
+            call,
+            miner,
+            prompt_token_ids=ext.get("prompt_token_ids"),
+            output_token_ids=ext.get("output_token_ids"),
+            output_logprobs=ext.get("output_logprobs"),
+            text=text if isinstance(text, str) else "",
+            finish_reason=choice.get("finish_reason"),
+            usage=dict(usage) if isinstance(usage, dict) else {},
         )
 
     async def _pass_through(
@@ -351,7 +383,11 @@ class Forwarder:
         return Response(
             raw,
             resp.status,
-            headers={REQUEST_ID_HEADER: call.request_id, MINER_HEADER: miner.owner},
+            headers={
+                REQUEST_ID_HEADER: call.request_id,
+                MINER_HEADER: miner.owner,
+                REQUEST_STATUS_HEADER: request_status_path(call.request_id),
+            },
             media_type="application/json",
         )
 

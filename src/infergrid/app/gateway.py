@@ -52,13 +52,16 @@ from infergrid.app.api_common import (
     new_request_id,
     request_id,
 )
+from infergrid.app.audits import AuditService
 from infergrid.app.config import GatewayConfig
+from infergrid.app.dispute_watch import DisputeWatch
 from infergrid.app.forwarding import Forwarder
 from infergrid.app.keys import KeyStore
 from infergrid.app.metering import Metering
 from infergrid.app.metrics import GatewayMetrics
 from infergrid.app.miners import MinerPool, PoolMaintainer
 from infergrid.app.openapi import OPENAPI_PATH, document_bytes
+from infergrid.app.request_status import RequestLog, request_status_for, requests_db_path
 from infergrid.app.serving import CompletionServing
 from infergrid.app.settlement import Settlement
 from infergrid.app.stream_relay import StreamRelay
@@ -66,6 +69,7 @@ from infergrid.app.traces import TraceStore
 from infergrid.protocol.nodes import NodeRecord
 from infergrid.protocol.openai_types import APIError
 from infergrid.protocol.wire import REQUEST_ID_HEADER
+from infergrid.settle.disputes import DisputeManager
 
 __all__ = [
     "Gateway",
@@ -98,15 +102,35 @@ class Gateway:
         traces: TraceStore,
         pool: MinerPool | None = None,
         settlement: Settlement | None = None,
+        disputes: DisputeManager | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
         self.traces = traces
         self.settlement = settlement
         self.pool = pool or MinerPool()
+        # Metered: every request's record, its audit, and the miners' standing (app.audits).
+        self.requests: RequestLog | None = None
+        self.audits: AuditService | None = None
+        self.dispute_watch: DisputeWatch | None = None
+        if settlement is not None:
+            self.requests = RequestLog(
+                requests_db_path(config.db_path),
+                max_records=config.request_retention_max,
+                retention_s=config.request_retention_s,
+            )
+            self.audits = AuditService(config, requests=self.requests, settlement=settlement)
+            if disputes is not None:
+                self.dispute_watch = DisputeWatch(
+                    disputes,
+                    gateway=settlement.gateway,
+                    audits=self.audits,
+                    requests=self.requests,
+                    interval_s=config.discovery_interval_s,
+                )
         self.maintainer = PoolMaintainer(
             self.pool,
-            discover,
+            self._discover_with(discover),
             discovery_interval_s=config.discovery_interval_s,
             health_interval_s=config.health_interval_s,
             health_timeout_s=config.health_timeout_s,
@@ -132,6 +156,7 @@ class Gateway:
             settlement=settlement,
             metering=self.metering,
         )
+        self.forwarder.audits = self.audits
         self.deadlines = self.forwarder.deadlines
         self.serving = CompletionServing(
             config,
@@ -141,6 +166,23 @@ class Gateway:
             settlement=settlement,
             forwarder=self.forwarder,
         )
+
+    def _discover_with(
+        self, discover: Callable[[], list[NodeRecord]]
+    ) -> Callable[[], list[NodeRecord]]:
+        """Discovery that also tells the audits about the verifiers and miners it read, and
+        turns qualification routing on while some verifier is active."""
+        audits = self.audits
+        if audits is None:
+            return discover
+
+        def read() -> list[NodeRecord]:
+            records = discover()
+            audits.observe_nodes(records)
+            self.pool.route_filter = audits.route if audits.qualifying else None
+            return records
+
+        return read
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -159,6 +201,8 @@ class Gateway:
             skip_auto_headers=("User-Agent",),
         )
         self.forwarder.session = session
+        if self.audits is not None:
+            self.audits.session = session
         settlement = self.settlement
         if settlement is not None:
             # Receipts from before a restart count against headroom from the first request.
@@ -177,12 +221,18 @@ class Gateway:
         ]
         if settlement is not None:
             tasks.append(asyncio.create_task(settlement.run(), name="settlement"))
+        if self.dispute_watch is not None:
+            tasks.append(asyncio.create_task(self.dispute_watch.run(), name="dispute-watch"))
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.audits is not None:
+                await self.audits.close()
+            if self.requests is not None:
+                await asyncio.to_thread(self.requests.close)
             await session.close()
             self.forwarder.session = None
 
@@ -324,6 +374,40 @@ class Gateway:
         }
         return json_response(body, rid)
 
+    async def request_status(self, request: Request) -> Response:
+        """GET /v1/requests/{id}: a request's verification status (app.request_status)."""
+        rid = request_id(request.scope)
+        try:
+            key = authenticate(self.keys, request)
+            body = await request_status_for(
+                request.path_params["request_id"], key.key_id, self.traces, self.requests
+            )
+        except APIError as exc:
+            return error_response(exc, rid)
+        return json_response(body, rid)
+
+    async def list_miners(self, request: Request) -> Response:
+        """GET /v1/miners: every registered miner, its state and its audit record."""
+        rid = request_id(request.scope)
+        try:
+            authenticate(self.keys, request)
+        except APIError as exc:
+            return error_response(exc, rid)
+        if self.audits is not None:
+            data = self.audits.miners_json()
+        else:
+            data = [
+                {
+                    "address": m.owner,
+                    "models": [o.name for o in m.record.models],
+                    "state": "active",
+                    "served": m.served,
+                    "audits": {"passed": 0, "failed": 0, "pending": 0},
+                }
+                for m in self.pool.miners()
+            ]
+        return json_response({"object": "list", "data": data}, rid)
+
     @staticmethod
     def _model_object(name: str, first_seen: int) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": first_seen, "owned_by": OWNED_BY}
@@ -365,13 +449,22 @@ def create_gateway_app(
     traces: TraceStore,
     pool: MinerPool | None = None,
     settlement: Settlement | None = None,
+    disputes: DisputeManager | None = None,
 ) -> Starlette:
     """The gateway as an ASGI app; background work starts and stops with its lifespan.
 
     Without `settlement` it serves unmetered; with one, every request is charged to its key's
-    payer (the caller still owns the settlement's receipt store and closes it)."""
+    payer (the caller still owns the settlement's receipt store and closes it), recorded and
+    audited (app.audits), and with `disputes` (the registry's slasher) the disputes about its
+    requests are watched."""
     gateway = Gateway(
-        config, discover=discover, keys=keys, traces=traces, pool=pool, settlement=settlement
+        config,
+        discover=discover,
+        keys=keys,
+        traces=traces,
+        pool=pool,
+        settlement=settlement,
+        disputes=disputes,
     )
     routes = [
         Route(CHAT_PATH, gateway.chat_completions, methods=["POST"]),
@@ -380,6 +473,8 @@ def create_gateway_app(
         Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
         Route("/v1/vouchers", gateway.vouchers, methods=["GET"]),
         Route("/v1/receipts/{request_id}", gateway.receipt, methods=["GET"]),
+        Route("/v1/requests/{request_id}", gateway.request_status, methods=["GET"]),
+        Route("/v1/miners", gateway.list_miners, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         Route(OPENAPI_PATH, gateway.openapi, methods=["GET"]),
@@ -400,12 +495,18 @@ def build_server(
     keys: KeyStore | None = None,
     traces: TraceStore | None = None,
     settlement: Settlement | None = None,
+    disputes: DisputeManager | None = None,
 ) -> uvicorn.Server:
     """A uvicorn server for the gateway (uvloop + httptools); `await server.serve()` runs it."""
     keys = keys or KeyStore(config.db_path, refresh_s=config.key_refresh_s)
     traces = traces or TraceStore(config.db_path, flush_interval_s=config.trace_flush_s)
     app = create_gateway_app(
-        config, discover=discover, keys=keys, traces=traces, settlement=settlement
+        config,
+        discover=discover,
+        keys=keys,
+        traces=traces,
+        settlement=settlement,
+        disputes=disputes,
     )
     uv_config = uvicorn.Config(
         app,
@@ -427,13 +528,16 @@ def run_gateway(
     config: GatewayConfig,
     discover: Callable[[], list[NodeRecord]],
     settlement: Settlement | None = None,
+    disputes: DisputeManager | None = None,
 ) -> None:
     """Serve the gateway until interrupted (blocking); traces still queued are written, and
     the receipt store (metered) is closed after its last commit."""
     keys = KeyStore(config.db_path, refresh_s=config.key_refresh_s)
     traces = TraceStore(config.db_path, flush_interval_s=config.trace_flush_s)
     try:
-        build_server(config, discover, keys=keys, traces=traces, settlement=settlement).run()
+        build_server(
+            config, discover, keys=keys, traces=traces, settlement=settlement, disputes=disputes
+        ).run()
     finally:
         if settlement is not None:
             settlement.close()

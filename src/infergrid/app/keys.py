@@ -38,7 +38,8 @@ _SCHEMA = [
         hint        TEXT NOT NULL,
         created_at  REAL NOT NULL,
         revoked_at  REAL,
-        payer       TEXT
+        payer       TEXT,
+        canary      INTEGER NOT NULL DEFAULT 0
     )""",
     # Bumped with every key change. The file may hold other tables (traces), whose commits
     # also move data_version; this row tells a key change from those without a reload.
@@ -49,7 +50,7 @@ _SCHEMA = [
     "INSERT OR IGNORE INTO api_keys_version (id, version) VALUES (0, 0)",
 ]
 _BUMP = "UPDATE api_keys_version SET version = version + 1 WHERE id = 0"
-_RECORD_COLUMNS = "key_id, name, hint, created_at, revoked_at, payer"
+_RECORD_COLUMNS = "key_id, name, hint, created_at, revoked_at, payer, canary"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class KeyRecord:
     # The escrow account (checksummed address) this key's requests are charged to; None for
     # a key made before settlement, which a metered gateway refuses with a 402.
     payer: str | None = None
+    # A verifier's key for canary prompts: its requests go to miners on probation first
+    # (app.audits has the routing rule), and every one of them is audited.
+    canary: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canary", bool(self.canary))  # SQLite gives 0 or 1
 
     @property
     def active(self) -> bool:
@@ -91,9 +98,11 @@ def normalize_payer(payer: str | None) -> str | None:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a database made by an older version up to this schema."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
-    if "payer" not in columns:
+    for name, definition in (("payer", "TEXT"), ("canary", "INTEGER NOT NULL DEFAULT 0")):
+        if name in columns:
+            continue
         try:
-            conn.execute("ALTER TABLE api_keys ADD COLUMN payer TEXT")
+            conn.execute(f"ALTER TABLE api_keys ADD COLUMN {name} {definition}")
         except sqlite3.OperationalError as exc:
             # Another process opening the same file may have just added it.
             if "duplicate column" not in str(exc):
@@ -185,9 +194,12 @@ class KeyStore:
 
     # -- CLI side ----------------------------------------------------------------------------
 
-    def create(self, name: str, payer: str | None = None) -> tuple[str, str]:
+    def create(
+        self, name: str, payer: str | None = None, *, canary: bool = False
+    ) -> tuple[str, str]:
         """Make a key, optionally bound to the escrow account `payer` that its requests are
-        charged to; returns (key_id, secret). The secret exists only in this return value."""
+        charged to, and marked as a verifier's `canary` key; returns (key_id, secret). The
+        secret exists only in this return value."""
         payer = normalize_payer(payer)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
@@ -197,13 +209,22 @@ class KeyStore:
             hint=f"{SECRET_PREFIX}…{secret[-4:]}",
             created_at=time.time(),
             payer=payer,
+            canary=canary,
         )
         digest = hash_secret(secret)
         with self._lock, self._transaction():
             self._conn.execute(
-                "INSERT INTO api_keys (key_id, name, secret_hash, hint, created_at, payer)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (record.key_id, record.name, digest, record.hint, record.created_at, payer),
+                "INSERT INTO api_keys (key_id, name, secret_hash, hint, created_at, payer,"
+                " canary) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.key_id,
+                    record.name,
+                    digest,
+                    record.hint,
+                    record.created_at,
+                    payer,
+                    int(canary),
+                ),
             )
             self._conn.execute(_BUMP)
             self._live[digest] = record

@@ -154,7 +154,10 @@ class Metering:
 
         task.add_done_callback(committed)
         try:
-            await asyncio.shield(task)
+            call.receipt_signature = await asyncio.shield(task)
+            call.receipt = receipt
+            call.attestation = attestation
+            call.attestation_signature = verified.signature
         except asyncio.CancelledError:
             raise
         except Exception as exc:

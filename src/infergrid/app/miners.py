@@ -76,6 +76,9 @@ class MinerPool:
     _first_seen: dict[str, int] = field(default_factory=dict)  # model -> unix time
     _names: list[str] = field(default_factory=list)
     _latency: dict[str, ModelLatency] = field(default_factory=dict)  # by the model as routed
+    # Which of a model's miners a request may go to, given whether it is a canary request
+    # (app.audits.AuditService.route: qualification); None: all of them.
+    route_filter: Callable[[list[MinerState], bool], list[MinerState]] | None = None
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -154,14 +157,19 @@ class MinerPool:
 
     # -- routing -----------------------------------------------------------------------------
 
-    def pick(self, model: str, exclude: Iterable[MinerState] = ()) -> MinerState:
-        """A healthy miner for `model`: least in-flight first, then lower latency, then random.
+    def pick(
+        self, model: str, exclude: Iterable[MinerState] = (), *, canary: bool = False
+    ) -> MinerState:
+        """A healthy miner for `model` that `route_filter` lets this request (a canary one or
+        not) go to: least in-flight first, then lower latency, then random.
 
         Raises ModelNotServed or NoHealthyMiner.
         """
         serving = self._by_model.get(model)
         if not serving:
             raise ModelNotServed(model)
+        if self.route_filter is not None:
+            serving = self.route_filter(serving, canary)
         best: list[MinerState] = []
         least = -1
         for state in serving:
@@ -184,13 +192,15 @@ class MinerPool:
             best = [s for s in best if s.latency_ewma_ms is None or s.latency_ewma_ms <= cutoff]
         return best[0] if len(best) == 1 else self.rng.choice(best)
 
-    def can_serve(self, model: str, exclude: Iterable[MinerState] = ()) -> bool:
+    def can_serve(
+        self, model: str, exclude: Iterable[MinerState] = (), *, canary: bool = False
+    ) -> bool:
         """Whether pick() would find a miner for `model` outside `exclude`."""
         excluded = set(exclude)
-        return any(
-            state.healthy is True and state not in excluded
-            for state in self._by_model.get(model, ())
-        )
+        serving = self._by_model.get(model, [])
+        if self.route_filter is not None and serving:
+            serving = self.route_filter(serving, canary)
+        return any(state.healthy is True and state not in excluded for state in serving)
 
     def latency(self, model: str) -> ModelLatency | None:
         """What has been observed of the model's speed (None: nothing yet)."""

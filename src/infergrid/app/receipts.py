@@ -153,6 +153,21 @@ _UPSERT_TOTAL = (
 _PROOF_CACHE_ANCHORS = 4
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store made by an older version up to this schema: `voided` (ReceiptStore.void)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(receipts)")}
+    if "voided" not in columns:
+        try:
+            conn.execute("ALTER TABLE receipts ADD COLUMN voided INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+
+
+class ReceiptCollected(ValueError):
+    """The receipt cannot be voided: the escrow may already have paid it."""
+
+
 def _hex(data: bytes) -> str:
     return "0x" + data.hex()
 
@@ -324,6 +339,7 @@ class ReceiptStore:
         self._wconn = connect(self.db_path, synchronous="FULL")
         for statement in _SCHEMA:
             self._wconn.execute(statement)
+        _migrate(self._wconn)
         self.binding: ChainBinding | None = None
         if chain is not None:
             try:
@@ -619,6 +635,61 @@ class ReceiptStore:
     def payer_totals(self) -> dict[str, int]:
         with self._totals_lock:
             return dict(self._payers)
+
+    # -- voiding --------------------------------------------------------------------------------
+
+    def void(self, request_id: str, collected_wei: int) -> int:
+        """Void the receipt of `request_id` (its audit failed): every later voucher's
+        valueAggregate leaves its value out, as do the payer's totals (payer_total), so the
+        payer's headroom gets it back. The receipt stays in the file and in the vouchers'
+        Merkle roots (they prove what was signed); only the money moves. Returns its value.
+
+        `collected_wei` is what the escrow has collected for the receipt's (payer, gateway,
+        miner): if the pair's value without this receipt would fall below it, the miner may
+        already have been paid for it and ReceiptCollected is raised (nothing changes); a
+        refund must then come from a slash. ValueError for an unknown or already voided one."""
+        with self._write_lock:
+            conn = self._wconn
+            row = conn.execute(
+                "SELECT payer, miner, value, voided FROM receipts WHERE request_id = ?"
+                " AND gateway = ?",
+                (request_id, self.gateway),
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"no receipt of request {request_id!r} at this gateway")
+            payer, miner, value_text, voided = row
+            if voided:
+                raise ValueError(f"the receipt of request {request_id!r} is already voided")
+            value = int(value_text)
+            with self._totals_lock:
+                pair = self._pairs[(miner, payer)]
+                remaining = pair.value - value
+            if remaining < collected_wei:
+                raise ReceiptCollected(
+                    f"the escrow collected {collected_wei} wei of {miner}'s receipts from"
+                    f" {payer}; without this one they are worth {remaining}"
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("UPDATE receipts SET voided = 1 WHERE request_id = ?", (request_id,))
+                conn.execute(
+                    "UPDATE receipt_totals SET value = ? WHERE gateway = ? AND miner = ?"
+                    " AND payer = ?",
+                    (str(remaining), self.gateway, miner, payer),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            with self._totals_lock:
+                pair.value -= value
+                self._payers[payer] = self._payers.get(payer, 0) - value
+        return value
+
+    def is_voided(self, request_id: str) -> bool:
+        rows = self._query("SELECT voided FROM receipts WHERE request_id = ?", (request_id,))
+        return bool(rows and rows[0][0])
 
     # -- reading -------------------------------------------------------------------------------
 

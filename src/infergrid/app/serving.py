@@ -32,6 +32,7 @@ from infergrid.protocol.openai_types import (
     parse_request,
 )
 from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS
+from infergrid.protocol.wire import REQUEST_STATUS_HEADER, request_status_path
 
 __all__ = ["CompletionServing"]
 
@@ -146,6 +147,8 @@ class CompletionServing:
                 trace=trace,
                 max_tokens=limit or DEFAULT_MAX_TOKENS,
             )
+            call.canary = key.canary
+            call.key_id = key.key_id
             if settlement is not None:
                 call.payer = key.payer
             if call.stream:
@@ -163,13 +166,14 @@ class CompletionServing:
                 trace.total_ms = elapsed * 1000
                 self.traces.record(trace)
             self.metrics.observe(path, exc.status, elapsed)
-            headers = None
+            # Every completion response says where its status is, refusals included.
+            headers = {REQUEST_STATUS_HEADER: request_status_path(rid)}
             if exc.status == 503:
-                headers = {"retry-after": "1"}
+                headers["retry-after"] = "1"
             elif exc.status == 402:
                 # OpenAI's clients retry 5xx and 429 by default; this header tells them (and
                 # anyone reading) that retrying cannot help until the payer tops up.
-                headers = {"x-should-retry": "false"}
+                headers["x-should-retry"] = "false"
                 self.metrics.quota_refusals.inc()
             return error_response(exc, rid, headers)
         finally:

@@ -17,6 +17,7 @@ import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from infergrid.app import relay
+from infergrid.app.audits import AuditService
 from infergrid.app.calls import Call
 from infergrid.app.config import GatewayConfig
 from infergrid.app.deadlines import StallWatch
@@ -37,7 +38,9 @@ from infergrid.protocol.wire import (
     EXTENSION_KEY,
     MINER_HEADER,
     REQUEST_ID_HEADER,
+    REQUEST_STATUS_HEADER,
     SSE_DONE,
+    request_status_path,
 )
 from infergrid.verify.attestation import AttestationRejected
 
@@ -58,6 +61,7 @@ class RelayHost(Protocol):
     pool: MinerPool
     metrics: GatewayMetrics
     metering: Metering | None  # None: unmetered
+    audits: AuditService | None  # None: unmetered
 
     def finish_trace(
         self,
@@ -119,6 +123,10 @@ class StreamRelay:
         self.metering = gateway.metering
         self.metered = self.metering is not None
         self.token_ids: list[Any] = []
+        # For the audit record: the per-chunk logprobs, the text the client got, the finish.
+        self.logprobs: list[Any] = []
+        self.text_parts: list[str] = []
+        self.finish_reason: Any = None
         self.bad_token_ids = False  # a chunk's token_ids was not a list
         self.held: dict[str, Any] | None = None  # the finish chunk, until the receipt is stored
         self.usage_event: dict[str, Any] | None = None  # the miner's usage chunk, unsettled
@@ -182,6 +190,10 @@ class StreamRelay:
                         )
                 elif ids is not None:
                     self.bad_token_ids = True
+                chunk_logprobs = ext.get("logprobs")
+                if isinstance(chunk_logprobs, list):
+                    self.logprobs.extend(chunk_logprobs)
+            self._collect_text(event)
         if relay.is_usage_chunk(event):
             self.prompt_tokens, self.completion_tokens = relay.usage_of(event)
             if self.metered:
@@ -198,6 +210,18 @@ class StreamRelay:
             self.held = view
             return None
         return relay.sse_event(view)
+
+    def _collect_text(self, event: dict[str, Any]) -> None:
+        choices = event.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return
+        choice = choices[0]
+        delta = choice.get("delta")
+        piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(piece, str):
+            self.text_parts.append(piece)
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = choice.get("finish_reason")
 
     async def prime(self) -> None:
         """Buffer events until the first output. Raises _MinerFailed if the miner fails first."""
@@ -252,6 +276,18 @@ class StreamRelay:
         self.settled = True
         usage = event.get("usage")
         assert isinstance(usage, dict)  # is_usage_chunk said so
+        audits = self.gateway.audits
+        if audits is not None:
+            audits.record(
+                call,
+                self.miner,
+                prompt_token_ids=ext.get("prompt_token_ids"),
+                output_token_ids=self.token_ids,
+                output_logprobs=self.logprobs,
+                text="".join(self.text_parts),
+                finish_reason=self.finish_reason,
+                usage=dict(usage),
+            )
         relay.add_cost(usage, value)
         pieces: list[bytes] = []
         if self.held is not None:
@@ -276,6 +312,7 @@ class StreamRelay:
                     (b"cache-control", b"no-cache"),
                     (REQUEST_ID_HEADER.encode(), call.request_id.encode()),
                     (MINER_HEADER.encode(), self.miner.owner.encode()),
+                    (REQUEST_STATUS_HEADER.encode(), request_status_path(call.request_id).encode()),
                 ],
             }
         )

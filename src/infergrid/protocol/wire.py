@@ -45,7 +45,16 @@ PAYER_HEADER = "x-infergrid-payer"
 GATEWAY_HEADER = "x-infergrid-gateway"
 ATTESTATION_KEY = "attestation"
 
+# On every completion response of a gateway (plain, streamed and errors once the request has an
+# id): where its verification status is, `/v1/requests/<request id>` (relative to the gateway).
+REQUEST_STATUS_HEADER = "x-infergrid-request"
+
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+def request_status_path(request_id: str) -> str:
+    """The value of REQUEST_STATUS_HEADER for a request."""
+    return "/v1/requests/" + request_id
 
 
 def completion_id(request_id: str, *, chat: bool) -> str:
