@@ -561,6 +561,32 @@ def gateway(
             " (not charged)."
         ),
     ] = 30.0,
+    qualification_audits: Annotated[
+        int,
+        typer.Option(
+            help="Passed audits a new miner needs before it gets developers' traffic (until"
+            " then it serves only verifiers' canary requests). Ignored while the registry"
+            " lists no active verifier: then every miner serves."
+        ),
+    ] = 3,
+    qualification_tokens_per_s: Annotated[
+        float,
+        typer.Option(help="Completion tokens per second a new miner must also reach to qualify."),
+    ] = 1.0,
+    audit_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a verifier may take to answer one audit job."),
+    ] = 30.0,
+    request_retention: Annotated[
+        int,
+        typer.Option(
+            help="Most per-request records (for GET /v1/requests/{id} and audits) kept;"
+            " the oldest go first."
+        ),
+    ] = 100_000,
+    request_retention_days: Annotated[
+        float, typer.Option(help="Days a per-request record is kept.")
+    ] = 7.0,
 ) -> None:
     """Run a gateway: OpenAI-compatible API in front of the miners in the registry.
 
@@ -576,6 +602,12 @@ def gateway(
         )
     if stream_stall_timeout <= 0:
         raise CLIError(f"--stream-stall-timeout must be positive, not {stream_stall_timeout:g}")
+    if qualification_audits < 0 or qualification_tokens_per_s < 0:
+        raise CLIError("--qualification-audits and --qualification-tokens-per-s must be >= 0")
+    if audit_timeout <= 0:
+        raise CLIError(f"--audit-timeout must be positive, not {audit_timeout:g}")
+    if request_retention < 1 or request_retention_days <= 0:
+        raise CLIError("--request-retention must be >= 1 and --request-retention-days positive")
     settings = GatewaySettings(
         chain_rpc=chain_rpc,
         registry=registry,
@@ -591,6 +623,11 @@ def gateway(
         first_token_timeout_floor_s=first_token_timeout_floor,
         first_token_timeout_cap_s=first_token_timeout_cap,
         stream_stall_timeout_s=stream_stall_timeout,
+        qualification_audits=qualification_audits,
+        qualification_tokens_per_s=qualification_tokens_per_s,
+        audit_timeout_s=audit_timeout,
+        request_retention_max=request_retention,
+        request_retention_s=request_retention_days * 86400.0,
     )
     if escrow is not None and settings.private_key is None:
         raise CLIError(f"a billing gateway (--escrow) signs receipts: set {PRIVATE_KEY_ENV}")
@@ -657,6 +694,14 @@ def keys_create(
             " start with this --db).",
         ),
     ] = False,
+    canary: Annotated[
+        bool,
+        typer.Option(
+            "--canary",
+            help="A verifier's canary key: its requests go to miners on probation first, so"
+            " their audits qualify them.",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     as_json: JsonOption = False,
 ) -> None:
@@ -667,13 +712,16 @@ def keys_create(
         payer = _checked_address(payer)
     store = _key_store(db, state_dir, init=init)
     warning = "" if payer is not None else _unpaid_key_warning(store)
-    key_id, secret = store.create(name, payer=payer)
+    key_id, secret = store.create(name, payer=payer, canary=canary)
     if warning:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     if as_json:
-        out.print_json(data={"id": key_id, "name": name, "payer": payer, "key": secret})
+        out.print_json(
+            data={"id": key_id, "name": name, "payer": payer, "canary": canary, "key": secret}
+        )
     else:
         billed = f", billed to {payer}" if payer else ""
+        billed += ", canary" if canary else ""
         out.print(
             f"created key {key_id} ({name}{billed}); the secret is shown only once:",
             highlight=False,
@@ -1013,6 +1061,13 @@ def trace(
         rewards = rewards or info["contracts"]["RewardDistributor"]
     assert base_url and api_key and chain_rpc and escrow and registry and rewards
     body = fetch_receipt(base_url, api_key, request_id)
+    from infergrid.app.request_status import fetch_request_status, status_lines
+
+    status_error = ""
+    try:
+        status: dict[str, Any] | None = fetch_request_status(base_url, api_key, request_id)
+    except (RuntimeError, ConnectionError) as exc:
+        status, status_error = None, str(exc)
     chain = Chain.connect(chain_rpc)
     domain = Domain(chain.chain_id, escrow)
     miner = body["receipt"]["miner"]
@@ -1030,7 +1085,9 @@ def trace(
         anchored_root=anchored_root,
     )
     if as_json:
-        out.print_json(data={**body, "checks": [check.to_json() for check in checks]})
+        out.print_json(
+            data={**body, "status": status, "checks": [check.to_json() for check in checks]}
+        )
     else:
         out.print(f"request   {request_id}", highlight=False)
         out.print(f"payer     {receipt.payer}", highlight=False)
@@ -1048,6 +1105,11 @@ def trace(
                 out.print(f"  proof   {node}", highlight=False)
         else:
             out.print("anchor    not anchored yet (gateways anchor every epoch)")
+        if status is not None:
+            for line in status_lines(status):
+                out.print(line, highlight=False, markup=False)
+        else:
+            out.print(f"audit     unknown ({status_error})", highlight=False, markup=False)
         for check in checks:
             mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
             out.print(f"{mark} {check.name}: {check.detail}", highlight=False)

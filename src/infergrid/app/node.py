@@ -47,6 +47,12 @@ class GatewaySettings:
     first_token_timeout_floor_s: float = GatewayConfig.first_token_timeout_floor_s
     first_token_timeout_cap_s: float = GatewayConfig.first_token_timeout_cap_s
     stream_stall_timeout_s: float = GatewayConfig.stream_stall_timeout_s
+    # Audits and qualification (metered gateways; GatewayConfig documents them).
+    qualification_audits: int = GatewayConfig.qualification_audits
+    qualification_tokens_per_s: float = GatewayConfig.qualification_tokens_per_s
+    audit_timeout_s: float = GatewayConfig.audit_timeout_s
+    request_retention_max: int = GatewayConfig.request_retention_max
+    request_retention_s: float = GatewayConfig.request_retention_s
 
 
 def receipts_db_path(db_path: Path) -> Path:
@@ -165,5 +171,19 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
         first_token_timeout_floor_s=settings.first_token_timeout_floor_s,
         first_token_timeout_cap_s=settings.first_token_timeout_cap_s,
         stream_stall_timeout_s=settings.stream_stall_timeout_s,
+        qualification_audits=settings.qualification_audits,
+        qualification_tokens_per_s=settings.qualification_tokens_per_s,
+        audit_timeout_s=settings.audit_timeout_s,
+        request_retention_max=settings.request_retention_max,
+        request_retention_s=settings.request_retention_s,
     )
-    run_gateway(config, discover, settlement)
+    disputes = None
+    if settlement is not None:
+        # The registry's slasher is the DisputeManager whose disputes about this gateway's
+        # requests the gateway watches (DESIGN.md section 6); none set, nothing to watch.
+        from infergrid.settle.disputes import ZERO_ADDRESS, DisputeManager
+
+        slasher = registry.slasher()
+        if int(slasher, 16) != int(ZERO_ADDRESS, 16):
+            disputes = DisputeManager(chain, slasher)
+    run_gateway(config, discover, settlement, disputes)

@@ -373,3 +373,54 @@ class RequestLog:
         with self._lock:
             rows = self._conn.execute("SELECT miner, record FROM miner_audits").fetchall()
         return {miner: json.loads(text) for miner, text in rows}
+
+
+# -- for `infergrid trace` ---------------------------------------------------------------------
+
+
+def fetch_request_status(
+    base_url: str, api_key: str, request_id: str, timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """GET {base_url}/requests/{id} (base_url ends in /v1); RuntimeError with the gateway's
+    message, ConnectionError when it cannot be reached."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base_url.rstrip('/')}/requests/{urllib.parse.quote(request_id, safe='')}"
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise RuntimeError(f"the gateway answered: {message}") from None
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"cannot reach the gateway at {base_url}: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("audit"), dict):
+        raise RuntimeError("the gateway's request status has no audit")
+    return body
+
+
+def status_lines(body: dict[str, Any]) -> list[str]:
+    """A request status as `infergrid trace` prints it: state, verdicts, dispute, refund."""
+    audit = body["audit"]
+    lines = [
+        f"audit     {audit.get('state')}" + (f" ({audit['note']})" if audit.get("note") else "")
+    ]
+    for verdict in audit.get("verdicts") or []:
+        outcome = "passed" if verdict.get("passed") else "failed"
+        reason = f": {verdict['reason']}" if verdict.get("reason") else ""
+        lines.append(f"  verdict {outcome} by {verdict.get('verifier')}{reason}")
+    dispute = audit.get("dispute")
+    if dispute:
+        lines.append(
+            f"dispute   #{dispute.get('id')} {dispute.get('status')} tx {dispute.get('tx')}"
+        )
+    refund = int(audit.get("refund_wei") or 0)
+    if refund or audit.get("refund"):
+        lines.append(f"refund    {refund} wei ({audit.get('refund')})")
+    return lines
