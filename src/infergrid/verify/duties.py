@@ -270,11 +270,14 @@ class DisputeDuties:
                 continue
             record = self.disputes.dispute(dispute_id)
             if record.status == "open":
-                if now >= record.deadline:
-                    self._resolve(record)
-                elif dispute_id not in self.voted:
-                    self._maybe_vote(record)
-                continue
+                if now < record.deadline:
+                    if dispute_id not in self.voted:
+                        self._maybe_vote(record)
+                    continue
+                self._resolve(record)
+                record = self.disputes.dispute(dispute_id)
+                if record.status == "open":
+                    continue
             if self._settle(record):
                 self._done.add(dispute_id)
 

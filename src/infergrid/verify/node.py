@@ -232,7 +232,7 @@ def run_verifier(settings: VerifierSettings, console: Console) -> None:
         disputes=disputes,
         private_key=settings.private_key,
         domain=domain,
-        audit=lambda job: service.audit_now(job, report_failure=False).report,
+        audit=service.reaudit,
         evidence=evidence,
         log=say,
     )

@@ -178,9 +178,9 @@ class VerifierService:
 
     def _run(self, job: AuditJob, *, report_failure: bool) -> AuditOutcome:
         # On the worker thread.
+        report = self.audit(job)  # CannotAudit first: nothing to sign
         from infergrid.verify.verdict import make_verdict
 
-        report = self.audit(job)
         verdict = make_verdict(job, report, verifier=self.address, timestamp=int(self.clock()))
         signed = sign_verdict(self.domain, verdict, self.signer)
         self.audits += 1
@@ -202,6 +202,11 @@ class VerifierService:
         """Audit `job` on the worker thread and wait for it (from any thread but the worker
         itself); CannotAudit and the audit's other errors propagate."""
         return self.executor.submit(self._run, job, report_failure=report_failure).result()
+
+    def reaudit(self, job: AuditJob) -> AuditReport:
+        """Only the model pass, on the worker thread (a confirmation or a vote's re-audit:
+        no verdict, no evidence kept, nothing reported); CannotAudit propagates."""
+        return self.executor.submit(self.audit, job).result()
 
     async def audit_async(self, job: AuditJob) -> AuditOutcome:
         loop = asyncio.get_running_loop()
