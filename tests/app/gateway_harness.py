@@ -16,6 +16,7 @@ from infergrid.app.keys import KeyStore
 from infergrid.app.settlement import Settlement
 from infergrid.app.traces import TraceStore
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
+from infergrid.settle.disputes import DisputeManager
 
 MODEL = "tiny-test"
 
@@ -46,10 +47,12 @@ async def running_gateway(
     *,
     settlement: Settlement | None = None,
     discover: Callable[[], list[NodeRecord]] | None = None,
+    disputes: DisputeManager | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
     """A gateway routing to `miners` (which must already be running), found through
-    `discover` (default: the miners' own records); metered when given a settlement."""
+    `discover` (default: the miners' own records); metered when given a settlement, and
+    watching `disputes` (a DisputeManager) when given one."""
     settings: dict[str, Any] = {
         "discovery_interval_s": 0.5,
         "health_interval_s": 0.5,
@@ -65,6 +68,7 @@ async def running_gateway(
         keys=keys,
         traces=traces,
         settlement=settlement,
+        disputes=disputes,
     )
     async with serve(app) as url:
         running = RunningGateway(url, app.state.gateway, miners)

@@ -135,6 +135,8 @@ async def metered_gateway(
         escrow_poll_s=0.2,
         default_max_tokens=default_max_tokens,
     )
+    # The gateway's request records live beside its database: the test's, not the cwd's.
+    overrides.setdefault("db_path", tmp_path / "gateway.db")
     try:
         async with running_gateway(
             miners, keys, traces, settlement=settlement, discover=net.discover, **overrides

@@ -64,18 +64,22 @@ def check_verdict(
         rule = None
     if rule is not None:
         return rule(domain, signed, is_verifier=is_verifier, request_hash=request_hash)
-    # Stand-in for verify.verdict.check_verdict (engineer A's) while it is not merged.
+    # Stand-in for verify.verdict.check_verdict (engineer A's, same checks and wording) while
+    # that module is not on main; delete once it is.
     verdict = signed.verdict
+    if request_hash is not None and verdict.request_hash != request_hash:
+        return (
+            f"the verdict is about request 0x{verdict.request_hash.hex()}, not "
+            f"0x{request_hash.hex()}"
+        )
     try:
         signer = signed.signer(domain)
     except Exception as exc:
-        return f"bad signature: {exc}"
-    if signer != verdict.verifier:
-        return f"signed by {signer}, not by the verdict's verifier {verdict.verifier}"
+        return f"the verdict's signature is invalid: {exc}"
+    if signer.lower() != verdict.verifier.lower():
+        return f"the verdict names verifier {verdict.verifier} but is signed by {signer}"
     if not is_verifier(verdict.verifier):
-        return f"{verdict.verifier} is not an active registered verifier"
-    if request_hash is not None and verdict.request_hash != request_hash:
-        return "the verdict is about another request"
+        return f"{verdict.verifier} is not a registered, active verifier"
     return None
 
 
@@ -135,7 +139,7 @@ class AuditService:
             elif record.role == Role.MINER:
                 known[record.owner] = record
                 if record.owner not in self.miners:
-                    self.miners[record.owner] = MinerRecord()
+                    self.miners[record.owner] = self._new_miner()
                     self._save(record.owner)
         self.known = known
         self.verifiers = verifiers
@@ -175,6 +179,21 @@ class AuditService:
             if probation:
                 return probation
         return [s for s, st in states if st == ACTIVE]
+
+    def _new_miner(self) -> MinerRecord:
+        mine = MinerRecord()
+        self._maybe_qualify(mine)  # nothing to pass when qualification asks for no audits
+        return mine
+
+    def selects(self, owner: str, request_hash: bytes) -> bool:
+        """Whether the miner's next response, of this request, is audited: the secret draw
+        at audit_probability of its record; counts the response as served."""
+        mine = self.miners.get(owner)
+        if mine is None:
+            mine = self.miners[owner] = self._new_miner()
+        p = audit_probability(mine.served, probation=self.state(owner) == PROBATION)
+        mine.served += 1
+        return selected_for_audit(self.secret, request_hash, p)
 
     def _save(self, owner: str) -> None:
         self.requests.save_miner(owner, self.miners[owner].to_json())
@@ -219,19 +238,14 @@ class AuditService:
         if call.receipt is None or call.request_hash is None:
             return
         owner = miner.owner
-        mine = self.miners.get(owner)
-        if mine is None:
-            mine = self.miners[owner] = MinerRecord()
+        selected = self.selects(owner, call.request_hash) and self.qualifying
+        mine = self.miners[owner]
         elapsed = time.perf_counter() - call.started
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
         if isinstance(tokens, int) and tokens > 0 and elapsed > 0:
             rate = tokens / elapsed
             prev = mine.tokens_per_s
             mine.tokens_per_s = rate if prev == 0 else prev + THROUGHPUT_ALPHA * (rate - prev)
-        probation = self.state(owner) == PROBATION
-        p = audit_probability(mine.served, probation=probation)
-        mine.served += 1
-        selected = selected_for_audit(self.secret, call.request_hash, p) and self.qualifying
         record = RequestRecord(
             request_id=call.request_id,
             key_id=call.key_id,
