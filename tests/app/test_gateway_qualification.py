@@ -1,0 +1,95 @@
+"""Qualification (app.audits): a new miner is on probation and serves only canary requests
+until it passed `qualification_audits` audits; canary requests prefer miners on probation; with
+no verifier in the registry every miner is active and serves everyone.
+
+Real HTTP and contracts; ScriptedMiners and ScriptedVerifiers stand in for models and
+verifier nodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from audit_harness import chat, get_json, registered_verifiers, wait_state
+from settlement_harness import PAYER_A, Network, addr, metered_gateway, registered_miners
+
+from infergrid.app.keys import KeyStore
+from infergrid.app.traces import TraceStore
+from infergrid.protocol.wire import MINER_HEADER
+
+
+def _canary(keys: KeyStore) -> str:
+    return keys.create("canary", payer=addr(PAYER_A), canary=True)[1]
+
+
+async def test_a_new_miner_serves_developers_only_after_three_passed_canary_audits(
+    net: Network, keys: KeyStore, traces: TraceStore, tmp_path: Path, payer_key: str
+) -> None:
+    canary = _canary(keys)
+    async with (
+        registered_verifiers(net) as (verifier,),
+        registered_miners(net, 1) as (miner,),
+        metered_gateway(net, [miner], keys, traces, tmp_path) as gw,
+    ):
+        for passed in range(3):
+            refused = await chat(gw, payer_key)
+            assert refused.status == 503
+            assert refused.body["error"]["code"] == "no_miner_available"
+            _, miners = await get_json(gw, "/v1/miners", payer_key)
+            (record,) = miners["data"]
+            assert record["state"] == "probation" and record["audits"]["passed"] == passed
+            answer = await chat(gw, canary)
+            assert answer.status == 200 and answer.headers[MINER_HEADER.lower()] == miner.owner
+            await wait_state(gw, answer.status_path, canary, {"passed"})
+        _, miners = await get_json(gw, "/v1/miners", payer_key)
+        (record,) = miners["data"]
+        assert record["state"] == "active" and record["audits"]["passed"] == 3
+        assert record["models"] == ["tiny-test"] and record["address"] == miner.owner
+        served = await chat(gw, payer_key)
+        assert served.status == 200
+        assert len(verifier.jobs) >= 3
+
+
+async def test_canary_requests_prefer_miners_on_probation(
+    net: Network, keys: KeyStore, traces: TraceStore, tmp_path: Path, payer_key: str
+) -> None:
+    """Two new miners, one passed audit to qualify: the first canary request qualifies one
+    of them, the next goes to the other (still on probation); developers get the active one."""
+    canary = _canary(keys)
+    async with (
+        registered_verifiers(net),
+        registered_miners(net, 2) as miners,
+        metered_gateway(net, miners, keys, traces, tmp_path, qualification_audits=1) as gw,
+    ):
+        first = await chat(gw, canary)
+        await wait_state(gw, first.status_path, canary, {"passed"})
+        qualified = first.headers[MINER_HEADER.lower()]
+        (other,) = [m.owner for m in miners if m.owner != qualified]
+        second = await chat(gw, canary)
+        assert second.headers[MINER_HEADER.lower()] == other
+        await wait_state(gw, second.status_path, canary, {"passed"})
+        _, listed = await get_json(gw, "/v1/miners", payer_key)
+        assert {m["state"] for m in listed["data"]} == {"active"}
+        # With no miner on probation a canary request goes to an active one.
+        third = await chat(gw, canary)
+        assert third.status == 200
+
+
+async def test_without_verifiers_every_miner_is_active(
+    net: Network, keys: KeyStore, traces: TraceStore, tmp_path: Path, payer_key: str
+) -> None:
+    """Nobody can qualify miners without a verifier: a new miner serves developers at once,
+    shows as active, and nothing is audited."""
+    async with (
+        registered_miners(net, 1) as (miner,),
+        metered_gateway(net, [miner], keys, traces, tmp_path) as gw,
+    ):
+        answer = await chat(gw, payer_key)
+        assert answer.status == 200
+        status, body = await get_json(gw, answer.status_path, payer_key)
+        assert status == 200 and body["audit"]["state"] == "not_selected"
+        assert body["attestation"] is not None
+        _, listed = await get_json(gw, "/v1/miners", payer_key)
+        assert [(m["address"], m["state"], m["served"]) for m in listed["data"]] == [
+            (miner.owner, "active", 1)
+        ]
