@@ -11,7 +11,9 @@ fetched over HTTP from the challenger's registered endpoint.
   voted down by an honest verifier: rejected, the miner keeps its stake;
 - the opener waits, logging it once, while the other verifiers are too young to vote; it
   opens once they are old enough, and skips a request that is already disputed;
-- a verifier without the job's model abstains.
+- a verifier without the job's model abstains;
+- a bundle about another request than the disputed one is voted down; a bundle the
+  challenger does not serve yet is waited for (said once) and judged once it is served.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from infergrid.protocol.eip712 import Signer
 from infergrid.protocol.messages import Receipt
 from infergrid.settle.chain import Chain, EmbeddedEVM
 from infergrid.settle.disputes import PPM
+from infergrid.settle.evidence import DisputeEvidence
 from infergrid.verify.audit import AuditReport
 from infergrid.verify.duties import DisputeDuties, fetch_evidence_http
 from infergrid.verify.evidence_store import EvidenceStore
@@ -258,3 +261,66 @@ def test_the_opener_waits_while_the_other_verifiers_are_too_young_to_vote(
         v1.duties.tick()
         assert v1.said(f"request {job.request_id} is already disputed: skipped")
         assert net.disputes.dispute_count() == 1
+
+
+def open_directly(net: Net, challenger: int, disputed: AuditJob, evidence_hash: bytes) -> int:
+    """A challenger opening a dispute about `disputed` with whatever evidence hash it likes."""
+    evidence = DisputeEvidence.from_receipt_json(
+        {"attestation": disputed.attestation, "receipt": disputed.receipt}
+    )
+    return net.disputes.open_dispute(
+        KEYS[challenger],
+        evidence.attestation,
+        evidence.attestation_signature,
+        evidence.receipt,
+        evidence.receipt_signature,
+        evidence_hash,
+    )
+
+
+def test_evidence_about_another_request_is_voted_down(
+    net: Net, tiny: TransformersEngine, tiny1: TransformersEngine, tmp_path: Path
+) -> None:
+    """A challenger disputes an honest answer but names the bundle of a really bad answer of
+    the same miner to another request: the voter checks the bundle is the disputed request."""
+    with (
+        attesting_miner(tiny, net.domain) as miner,
+        attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny])) as challenger,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])) as voter,
+    ):
+        net.chain.increase_time(P.min_verifier_age_s)
+        honest = served_job(miner, net, model=tiny.name)
+        bad = served_job(cheater, net, model=tiny.name, max_tokens=12)
+        challenger.service.evidence.put(bad)
+        dispute_id = open_directly(net, V1, honest, bad.evidence_hash())
+        voter.duties.tick()
+    vote = net.disputes.vote_of(dispute_id, ADDRS[V2])
+    assert vote is not None and vote.uphold is False
+    assert voter.said(
+        f"voted REJECT on dispute {dispute_id}: evidence refused: the evidence is about another"
+        " request than the dispute's"
+    )
+
+
+def test_evidence_not_served_yet_is_waited_for_then_judged(
+    net: Net, tiny: TransformersEngine, tiny1: TransformersEngine, tmp_path: Path
+) -> None:
+    with (
+        attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny])) as challenger,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])) as voter,
+    ):
+        net.chain.increase_time(P.min_verifier_age_s)
+        bad = served_job(cheater, net, model=tiny.name, max_tokens=12)
+        dispute_id = open_directly(net, V1, bad, bad.evidence_hash())
+        voter.duties.tick()
+        voter.duties.tick()
+        assert net.disputes.vote_of(dispute_id, ADDRS[V2]) is None
+        unavailable = voter.said(f"dispute {dispute_id}: evidence not available yet")
+        assert len(unavailable) == 1 and "answered 404" in unavailable[0]
+
+        challenger.service.evidence.put(bad)
+        voter.duties.tick()
+    vote = net.disputes.vote_of(dispute_id, ADDRS[V2])
+    assert vote is not None and vote.uphold is True

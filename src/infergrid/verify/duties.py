@@ -90,6 +90,7 @@ class _Pending:
     job: AuditJob
     evidence: DisputeEvidence
     waiting_logged: bool = False
+    last_error: str = ""  # logged once until it changes
 
 
 class DisputeDuties:
@@ -125,6 +126,7 @@ class DisputeDuties:
         self._done: set[int] = set()
         self._abstained: set[int] = set()  # logged once
         self._unavailable: set[int] = set()  # logged once
+        self._errors: dict[int, str] = {}  # dispute id -> the last error logged
         self.opened: list[int] = []  # dispute ids this verifier opened
         self.voted: dict[int, bool] = {}  # dispute id -> uphold
 
@@ -216,7 +218,15 @@ class DisputeDuties:
     def _open_pending(self) -> None:
         still: list[_Pending] = []
         for pending in self._pending:
-            if not self._try_open(pending):
+            try:
+                done = self._try_open(pending)
+            except (ChainError, ValueError) as exc:  # a cap reached, a chain hiccup: retry
+                done = False
+                line = f"dispute of {pending.job.request_id} not opened yet: {exc}"
+                if line != pending.last_error:
+                    pending.last_error = line
+                    self.log(line)
+            if not done:
                 still.append(pending)
         self._pending = still
 
@@ -268,18 +278,27 @@ class DisputeDuties:
         for dispute_id in range(1, count + 1):
             if dispute_id in self._done:
                 continue
+            try:
+                self._watch_one(dispute_id, now)
+            except (ChainError, ValueError) as exc:  # this dispute only; the others go on
+                line = f"dispute {dispute_id}: {exc}"
+                if self._errors.get(dispute_id) != line:
+                    self._errors[dispute_id] = line
+                    self.log(line)
+
+    def _watch_one(self, dispute_id: int, now: int) -> None:
+        record = self.disputes.dispute(dispute_id)
+        if record.status == "open":
+            if now < record.deadline:
+                if dispute_id not in self.voted:
+                    self._maybe_vote(record)
+                return
+            self._resolve(record)
             record = self.disputes.dispute(dispute_id)
             if record.status == "open":
-                if now < record.deadline:
-                    if dispute_id not in self.voted:
-                        self._maybe_vote(record)
-                    continue
-                self._resolve(record)
-                record = self.disputes.dispute(dispute_id)
-                if record.status == "open":
-                    continue
-            if self._settle(record):
-                self._done.add(dispute_id)
+                return
+        self._settle(record)
+        self._done.add(dispute_id)
 
     def _resolve(self, record: DisputeRecord) -> None:
         try:
@@ -293,17 +312,16 @@ class DisputeDuties:
             f" {final.votes_against_wei} wei against)"
         )
 
-    def _settle(self, record: DisputeRecord) -> bool:
-        """Settle this verifier's vote on a resolved dispute; True when nothing is left."""
+    def _settle(self, record: DisputeRecord) -> None:
+        """Settle this verifier's vote on a resolved dispute, if it has one not settled."""
         vote = self.disputes.vote_of(record.id, self.address)
         if vote is None or vote.settled:
-            return True
+            return
         slashed = self.disputes.settle_vote(self.key, record.id, self.address)
         self.log(
             f"vote on dispute {record.id} settled"
             + (f": {slashed} wei slashed for voting against the verdict" if slashed else "")
         )
-        return True
 
     def may_vote(self, record: DisputeRecord) -> bool:
         """Whether the contract would take this verifier's vote on `record` (apart from the
