@@ -6,7 +6,9 @@ on probation (GET /v1/miners), sends a prompt through /v1/chat/completions, foll
 x-infergrid-request header to GET /v1/requests/{id}, checks the job's text is the answer it
 got, and audits the job itself. An honest miner's canary passes; a substituted model's fails
 and goes to the duties like any failed audit (confirmed, then waiting for voters). Plus the
-pure parts: the prompts vary and mix greedy with sampled, and the loop's pacing.
+pure parts: the prompts vary and mix greedy with sampled, and the loop's pacing. And, against
+a scripted lying gateway stand-in, a job whose text is not the answer the verifier got, or an
+answer without the status header, is reported and not audited.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from verify_helpers import (
     ADDRS,
     GATEWAY,
@@ -34,6 +40,7 @@ from verify_helpers import (
     attesting_miner,
     deploy,
     offer,
+    served_job,
     substituted_engine,
 )
 
@@ -43,7 +50,9 @@ from infergrid.app.keys import KeyStore
 from infergrid.app.node import build_settlement
 from infergrid.app.traces import TraceStore
 from infergrid.compute.transformers_engine import TransformersEngine
+from infergrid.protocol.audits import AuditJob
 from infergrid.protocol.eip712 import Signer
+from infergrid.protocol.wire import REQUEST_STATUS_HEADER
 from infergrid.settle.chain import Chain, EmbeddedEVM
 from infergrid.verify.canary import CanaryLoop, CanarySender, canary_request
 from infergrid.verify.duties import DisputeDuties
@@ -232,3 +241,59 @@ def test_with_canaries_off_the_loop_only_qualifies() -> None:
     loop = CanaryLoop(object(), 0.0, 2.0)  # type: ignore[arg-type]
     assert loop.next_wait(False, 1e6) == (False, 5.0)
     assert loop.next_wait(True, 3.0) == (True, 2.0)
+
+
+def scripted_lying_gateway(job: AuditJob, answer_text: str, *, header: bool = True) -> Starlette:
+    """SCRIPTED STAND-IN for a dishonest gateway: it answers `answer_text` but records `job`
+    (whose text differs) as the request's audit job; or it leaves out the status header."""
+
+    async def chat(request: Request) -> Response:
+        body = {"choices": [{"message": {"role": "assistant", "content": answer_text}}]}
+        headers = {REQUEST_STATUS_HEADER: "/v1/requests/lie-1"} if header else {}
+        return JSONResponse(body, headers=headers)
+
+    async def status(request: Request) -> Response:
+        return JSONResponse({"id": "lie-1", "miner": job.miner, "job": job.to_json()})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/requests/{request_id}", status, methods=["GET"]),
+        ]
+    )
+
+
+@pytest.mark.parametrize("header", [True, False], ids=["other-text", "no-header"])
+def test_a_gateway_that_shows_another_answer_or_no_status_is_caught(
+    chain: Chain, tiny: TransformersEngine, tmp_path: Path, header: bool
+) -> None:
+    net = deploy(chain, tiny)
+    with attesting_miner(tiny, net.domain) as miner:
+        job = served_job(miner, net, model=tiny.name, collect=False)
+    lines: list[str] = []
+    service = VerifierService(
+        domain=net.domain,
+        signer=Signer(KEYS[V1]),
+        audit=EngineAuditor([tiny]),
+        is_gateway=is_gateway_signer(net.registry),
+        evidence=EvidenceStore(tmp_path / "evidence"),
+        log=lines.append,
+    )
+    app = scripted_lying_gateway(job, job.text + " (edited)", header=header)
+    with VerifierServerThread(app) as gateway:
+        sender = CanarySender(
+            gateway.url, "sk-test", service=service, models=[tiny.name], seed=1, log=lines.append
+        )
+        result = sender.send_one()
+    service.close()
+    if header:
+        assert (result.outcome, result.request_id) == ("mismatch", "lie-1")
+        assert result.detail == (
+            f"the gateway's job text {job.text!r} is not the answer received"
+            f" {job.text + ' (edited)'!r}"
+        )
+    else:
+        assert result.outcome == "error"
+        assert result.detail == "ValueError: the gateway's answer has no x-infergrid-request header"
+    assert service.audits == 0  # nothing was audited on a job that is not the answer
+    assert lines == [result.line()]
