@@ -1,8 +1,16 @@
 """`infergrid up`: one command that starts a whole local network.
 
 Order: chain (embedded EVM served over JSON-RPC, unless --chain-rpc names one) → contracts →
-miners (each registers and stakes itself) → gateway. Every node is its own process with its
-log under the state directory; the parent watches them and stops them all on Ctrl-C.
+verifiers (each registers and stakes itself, and gets a canary payer account with an escrow
+deposit and a canary API key) → miners (each registers and stakes itself) → gateway → the
+miners' qualification (the verifiers' canaries pass their audits). Every node is its own
+process with its log under the state directory; the parent watches them and stops them all on
+Ctrl-C.
+
+Dev accounts (the dev mnemonic's indices): 0 deployer, treasury and reward arbiter; 1 the
+gateway; 2-9 miners; 10 the developer; 11-18 verifiers; 19-26 the verifiers' canary payers; 27
+on are spare (tests use them). `infergrid miner --devnet` and `infergrid verifier --devnet`
+take the next index of their range that no node has registered (devnet_join).
 """
 
 from __future__ import annotations
@@ -38,7 +46,22 @@ FIRST_MINER_KEY_INDEX = 2
 # The developer whose API key the devnet hands out; it pays from its escrow deposit.
 DEVELOPER_KEY_INDEX = FIRST_MINER_KEY_INDEX + MAX_MINERS
 
+MAX_VERIFIERS = 8
+FIRST_VERIFIER_KEY_INDEX = DEVELOPER_KEY_INDEX + 1
+# Verifier i pays for its canaries from account FIRST_CANARY_KEY_INDEX + i: an ordinary payer,
+# not its registered address, so a miner cannot tell its canaries from other traffic.
+FIRST_CANARY_KEY_INDEX = FIRST_VERIFIER_KEY_INDEX + MAX_VERIFIERS
+SPARE_KEY_INDEX = FIRST_CANARY_KEY_INDEX + MAX_VERIFIERS  # no devnet node uses these
+DEFAULT_VERIFIERS = 3
+
 DEVNET_MINER_STAKE_WEI = 100 * WEI_PER_BTT
+DEVNET_VERIFIER_STAKE_WEI = 20 * WEI_PER_BTT
+DEVNET_CANARY_DEPOSIT_WEI = 20 * WEI_PER_BTT
+# Canaries in steady state: rare enough to leave two cores to real traffic. While a miner
+# qualifies, verifiers send them every couple of seconds.
+DEVNET_CANARY_INTERVAL_S = 120.0
+QUALIFICATION_TIMEOUT_S = 300.0
+DEVNET_QUALIFICATION_AUDITS = 3  # the gateway's default
 DEVNET_GATEWAY_STAKE_WEI = 10 * WEI_PER_BTT
 DEVNET_DEPOSIT_WEI = 100 * WEI_PER_BTT
 DEVNET_ANCHOR_INTERVAL_S = 30.0
@@ -49,6 +72,7 @@ NODE_FUNDING_WEI = 1_000 * WEI_PER_BTT
 @dataclass
 class DevnetOptions:
     miners: int = 2
+    verifiers: int = DEFAULT_VERIFIERS
     model: str = "smollm2"
     chain_rpc: str | None = None
     host: str = "127.0.0.1"
@@ -152,11 +176,20 @@ class Devnet:
         chain = Chain.connect(chain_rpc)
         if not 1 <= opts.miners <= MAX_MINERS:
             raise ValueError(f"a devnet runs 1 to {MAX_MINERS} miners")
-        keys = dev_private_keys(DEVELOPER_KEY_INDEX + 1)
+        if not 0 <= opts.verifiers <= MAX_VERIFIERS:
+            raise ValueError(f"a devnet runs 0 to {MAX_VERIFIERS} verifiers")
+        keys = dev_private_keys(SPARE_KEY_INDEX)
         deployer = keys[DEPLOYER_INDEX]
         developer_key = keys[DEVELOPER_KEY_INDEX]
         gateway_signer = as_account(keys[GATEWAY_KEY_INDEX]).address
-        node_keys = [keys[GATEWAY_KEY_INDEX], *keys[FIRST_MINER_KEY_INDEX:][: opts.miners]]
+        verifier_keys = keys[FIRST_VERIFIER_KEY_INDEX:][: opts.verifiers]
+        canary_keys = keys[FIRST_CANARY_KEY_INDEX:][: opts.verifiers]
+        node_keys = [
+            keys[GATEWAY_KEY_INDEX],
+            *keys[FIRST_MINER_KEY_INDEX:][: opts.miners],
+            *verifier_keys,
+            *canary_keys,
+        ]
         with step("deploying the settlement contracts"):
             contracts = deploy_network(chain, deployer, DEVNET_PARAMS)
             # Dev chains fund the first ten accounts already; an external chain may not.
@@ -182,6 +215,12 @@ class Devnet:
 
         self._prepare_model(opts.model)
 
+        gateway_port, gateway_note = _pick_port(opts.gateway_port, opts.host)
+        base_url = f"http://{opts.host}:{gateway_port}/v1"
+        db_path = self.state_dir / GATEWAY_DB
+        keystore = KeyStore(db_path)
+        api_key = keystore.create("devnet demo key", payer=developer)[1]
+
         common = [
             "--chain-rpc",
             chain_rpc,
@@ -190,6 +229,11 @@ class Devnet:
             "--escrow",
             contracts.PaymentEscrow,
         ]
+        verifier_info = self._start_verifiers(
+            chain, escrow, keystore, verifier_keys, canary_keys, gateway_signer, base_url, common
+        )
+        keystore.close()
+
         threads = threads_per_miner(opts.miners, available_cores())
         # The OpenMP and MKL pools too, for whatever in the miner sizes them before torch does.
         thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -246,12 +290,8 @@ class Devnet:
         for proc in miners:
             self._done(f"{proc.name:<10} {proc.endpoint} (pid {proc.pid})")
 
-        gateway_port, note = _pick_port(opts.gateway_port, opts.host)
-        if note:
-            self._note(f"gateway    {note}")
-        base_url = f"http://{opts.host}:{gateway_port}/v1"
-        db_path = self.state_dir / GATEWAY_DB
-        api_key = KeyStore(db_path).create("devnet demo key", payer=developer)[1]
+        if gateway_note:
+            self._note(f"gateway    {gateway_note}")
         gateway = self._spawn(
             "gateway",
             infergrid_command(
@@ -280,6 +320,17 @@ class Devnet:
                 lambda: self._gateway_sees_miners(base_url, api_key), 120, "miners in /v1/models"
             )
         self._done(f"gateway    {base_url} (pid {gateway.pid})")
+        if verifier_info:
+            with step(
+                f"qualifying the miners: the verifiers' canaries must pass"
+                f" {DEVNET_QUALIFICATION_AUDITS} audits each"
+            ):
+                gateway.wait_until(
+                    lambda: self._miners_qualified(base_url, api_key, opts.miners),
+                    QUALIFICATION_TIMEOUT_S,
+                    "every miner qualified in /v1/miners",
+                )
+            self._done(f"miners     {opts.miners} qualified by the verifiers' audited canaries")
 
         self.description = {
             "base_url": base_url,
@@ -294,6 +345,7 @@ class Devnet:
             "model": opts.model,
             "gateway_db": str(db_path),
             "miners": miner_info,
+            "verifiers": verifier_info,
             "state_dir": str(self.state_dir),
             "nodes": [
                 {
@@ -308,6 +360,89 @@ class Devnet:
         devnet_file(self.state_dir).write_text(json.dumps(self.description, indent=2) + "\n")
         return self.description
 
+    def _start_verifiers(
+        self,
+        chain: Any,
+        escrow: Any,
+        keystore: Any,
+        verifier_keys: list[str],
+        canary_keys: list[str],
+        gateway_signer: str,
+        base_url: str,
+        common: list[str],
+    ) -> list[dict[str, Any]]:
+        """Start the verifiers (registered and staked by themselves), each with a canary payer
+        account: an escrow deposit, the gateway's signer authorized, a canary API key."""
+        from infergrid.settle.chain import as_account
+
+        opts = self.options
+        if not verifier_keys:
+            return []
+        info: list[dict[str, Any]] = []
+        procs: list[ManagedProcess] = []
+        with self.console.status("funding the verifiers' canary accounts"):
+            for index, (key, canary_key) in enumerate(zip(verifier_keys, canary_keys, strict=True)):
+                canary_payer = as_account(canary_key).address
+                escrow.deposit(canary_key, DEVNET_CANARY_DEPOSIT_WEI)
+                escrow.authorize_signer(canary_key, gateway_signer)
+                name = f"verifier-{index + 1}"
+                api_key = keystore.create(f"{name} canaries", payer=canary_payer, canary=True)[1]
+                port = free_port(opts.host)
+                endpoint = f"http://{opts.host}:{port}"
+                argv = [
+                    "verifier",
+                    "--model", opts.model,
+                    "--host", opts.host,
+                    "--port", str(port),
+                    "--stake", str(DEVNET_VERIFIER_STAKE_WEI // WEI_PER_BTT),
+                    "--gateway", base_url,
+                    "--canary-interval", str(DEVNET_CANARY_INTERVAL_S),
+                    "--threads", "1",
+                    *common,
+                ]  # fmt: skip
+                proc = self._spawn(
+                    name,
+                    infergrid_command(*argv),
+                    endpoint=endpoint,
+                    env={
+                        "INFERGRID_PRIVATE_KEY": key,
+                        "INFERGRID_CANARY_KEY": api_key,
+                        "OMP_NUM_THREADS": "1",
+                        "MKL_NUM_THREADS": "1",
+                    },
+                )
+                procs.append(proc)
+                info.append(
+                    {
+                        "name": name,
+                        "address": as_account(key).address,
+                        # Dev-mnemonic keys, public by design.
+                        "key": key,
+                        "endpoint": endpoint,
+                        "canary_payer": canary_payer,
+                        "canary_payer_key": canary_key,
+                        "canary_api_key": api_key,
+                    }
+                )
+        with self.console.status(
+            f"starting {len(procs)} verifier(s) with {opts.model}: loading, registering"
+        ):
+            for proc in procs:
+                proc.wait_until(lambda e=proc.endpoint: health_ok(e + "/health"), 300, "health")
+        for proc, entry in zip(procs, info, strict=True):
+            self._done(
+                f"{proc.name:<10} {proc.endpoint} (pid {proc.pid}); canaries paid by"
+                f" {entry['canary_payer']} ({DEVNET_CANARY_DEPOSIT_WEI // WEI_PER_BTT} BTT)"
+            )
+        return info
+
+    def _miners_qualified(self, base_url: str, api_key: str, expected: int) -> bool:
+        listed = _get_json(base_url + "/miners", api_key)
+        if listed is None:
+            return False
+        states = [entry.get("state") for entry in listed.get("data", [])]
+        return len(states) >= expected and all(state == "active" for state in states)
+
     def _prepare_model(self, model: str) -> None:
         # Done once here so that N miners starting together don't each dequantize the weights.
         from infergrid.compute.model_store import prepare_model
@@ -317,16 +452,8 @@ class Devnet:
         self._done(f"model      {model} cached")
 
     def _gateway_sees_miners(self, base_url: str, api_key: str) -> bool:
-        import urllib.request
-
-        request = urllib.request.Request(
-            base_url + "/models", headers={"authorization": f"Bearer {api_key}"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=2.0) as response:
-                return bool(json.loads(response.read()).get("data"))
-        except (OSError, ValueError):
-            return False
+        listed = _get_json(base_url + "/models", api_key)
+        return listed is not None and bool(listed.get("data"))
 
     def _spawn(
         self, name: str, argv: list[str], *, endpoint: str, env: dict[str, str] | None = None
@@ -397,6 +524,13 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
         out.print(f"  base URL   {info['base_url']}")
         out.print(f"  API key    {info['api_key']}")
         out.print(f"  chain RPC  {info['chain_rpc']} (chain id {info['chain_id']})")
+        if info["verifiers"]:
+            out.print(
+                f"  verifiers  {len(info['verifiers'])} staked, auditing every miner's answers"
+                " (`infergrid status` shows each miner's audit record)"
+            )
+        else:
+            out.print("  verifiers  none: answers are billed but not audited")
         out.print(
             f"  try        curl {info['base_url']}/chat/completions "
             f"-H 'Authorization: Bearer {info['api_key']}' -H 'Content-Type: application/json' "
@@ -414,6 +548,18 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         console.print("stopped")
+
+
+def _get_json(url: str, api_key: str) -> dict[str, Any] | None:
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2.0) as response:
+            data = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _served_model_name(model: str) -> str:

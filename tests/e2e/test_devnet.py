@@ -347,7 +347,7 @@ def test_a_killed_miner_does_not_stop_service(devnet: DevnetProcess, client: ope
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
-    net = DevnetProcess(tmp_path / "net", "--miners", "1", "--model", "tiny")
+    net = DevnetProcess(tmp_path / "net", "--miners", "1", "--model", "tiny", "--verifiers", "0")
     net.wait_up()
     pids = net.node_pids()
     assert len(pids) == 3 and all(pid_alive(pid) for pid in pids)

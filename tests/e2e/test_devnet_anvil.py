@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.anvil]
 
 def test_devnet_runs_on_an_external_chain(anvil_rpc: str, tmp_path: Path) -> None:
     net = DevnetProcess(
-        tmp_path / "net", "--miners", "1", "--model", "tiny", "--chain-rpc", anvil_rpc
-    )
+        tmp_path / "net", "--miners", "1", "--model", "tiny", "--verifiers", "0",
+        "--chain-rpc", anvil_rpc,
+    )  # fmt: skip
     try:
         info = net.wait_up()
         assert info["chain_rpc"] == anvil_rpc

@@ -57,7 +57,7 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevnetProcess]:
     # One miner, so the dispute's freeze is visible at the gateway; collection only when told.
     net = DevnetProcess(
         tmp_path_factory.mktemp("devnet"),
-        "--miners", "1", "--model", "tiny", "--collect-interval", "0",
+        "--miners", "1", "--model", "tiny", "--collect-interval", "0", "--verifiers", "0",
     )  # fmt: skip
     try:
         net.wait_up()

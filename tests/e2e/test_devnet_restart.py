@@ -30,7 +30,9 @@ QUESTION = [{"role": "user", "content": "Hello"}]
 
 def _start(state_dir: Path) -> DevnetProcess:
     # Collection only by hand: the test decides when vouchers are paid.
-    net = DevnetProcess(state_dir, "--miners", "1", "--model", "tiny", "--collect-interval", "0")
+    net = DevnetProcess(
+        state_dir, "--miners", "1", "--model", "tiny", "--collect-interval", "0", "--verifiers", "0"
+    )
     try:
         net.wait_up()
     except BaseException:
