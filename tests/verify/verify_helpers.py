@@ -3,10 +3,6 @@ __init__.py): a network of real contracts on the embedded EVM (settle.deploy.dep
 DEVNET_PARAMS), a real miner server attesting with its registered signer key, a gateway signer
 that receipts its answers, and jobs built from what the miner actually sent, as a gateway
 builds them (app.audits).
-
-`FakeSubstitutedEngine` is a scripted stand-in, named as such, for compute.attacks'
-SubstitutedEngine (engineer A's) while that is not on main: it claims one model and generates
-with another.
 """
 
 from __future__ import annotations
@@ -18,8 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from infergrid.compute.attacks import SubstitutedEngine
 from infergrid.compute.attestation import Attestor
-from infergrid.compute.engine import GeneratedToken, SamplingParams
 from infergrid.compute.miner_server import MinerServerThread, create_miner_app
 from infergrid.compute.transformers_engine import TransformersEngine
 from infergrid.protocol.audits import AuditJob
@@ -49,46 +45,9 @@ PRICE_IN, PRICE_OUT = 10**15, 2 * 10**15
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
 
 
-class FakeSubstitutedEngine:
-    """SCRIPTED STAND-IN for compute.attacks.SubstitutedEngine: a cheating miner's engine that
-    claims `claimed` (name, model id, tokenizer, prompt ids) and generates with `actual` (both
-    tiny models share a vocabulary)."""
-
-    def __init__(self, claimed: TransformersEngine, actual: TransformersEngine) -> None:
-        self._claimed = claimed
-        self._actual = actual
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._claimed, name)
-
-    @property
-    def name(self) -> str:
-        return self._claimed.name
-
-    @property
-    def model_id(self) -> str:
-        return self._claimed.model_id
-
-    @property
-    def context_length(self) -> int:
-        return self._claimed.context_length
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._claimed.eos_token_ids
-
-    def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> Iterator[GeneratedToken]:
-        return self._actual.generate(prompt_ids, params)
-
-
 def substituted_engine(claimed: TransformersEngine, actual: TransformersEngine) -> Any:
-    """A.'s SubstitutedEngine once it is on main, else the scripted stand-in."""
-    try:
-        from infergrid.compute.attacks import SubstitutedEngine
-    except ImportError:
-        return FakeSubstitutedEngine(claimed, actual)
+    """A cheating miner's engine (red team, compute.attacks): `claimed`'s identity, tokenizer
+    and prompts, `actual`'s tokens."""
     return SubstitutedEngine(claimed, actual)
 
 
