@@ -466,7 +466,7 @@ def logprob_errors(
     given = torch.tensor(list(reported), dtype=torch.float64)
     errors = (given - recomputed).abs()
     agree = (given == recomputed) | (torch.isinf(given) & torch.isinf(recomputed))
-    return torch.where(agree, torch.zeros_like(errors), errors.nan_to_num(nan=math.inf))
+    return torch.where(agree, torch.zeros_like(errors), errors.nan_to_num(nan=math.inf, posinf=math.inf))
 
 
 def check_logprobs(errors: torch.Tensor, tolerance: float) -> tuple[float, Finding | None]:
