@@ -281,3 +281,45 @@ def test_honest_smollm2_answers_pass(attestor: Attestor) -> None:
         body = request_body(engine.name, "Name three colours.", max_tokens=24, **params)
         job = serve_job(engine, body, chat=True, request_id="smol-1", attestor=attestor)
         _passes(engine, job)
+
+
+def test_a_prompt_other_than_the_bodys_fails_the_prompt_check(
+    tiny_ref: TransformersEngine, serve: Serve, attestor: Attestor
+) -> None:
+    """A miner that answered another prompt than the one it was sent (and attested its own
+    counts for it) fails "prompt", whatever else holds."""
+    from infergrid.protocol.messages import request_hash
+
+    job = serve()
+    other = (*job.prompt_token_ids[:-1], 50)
+    attestation = attestor.attestation_json(
+        request_hash(job.request_id, job.body), job.output_token_ids, tiny_ref.model_id, len(other)
+    )
+    report = audit_job(
+        tiny_ref, dataclasses.replace(job, prompt_token_ids=other, attestation=attestation)
+    )
+    assert "prompt" in report.failed_checks
+    assert report.reason.startswith("prompt: the reported prompt ids")
+
+
+def test_an_attestation_for_another_request_fails_identity(
+    tiny_ref: TransformersEngine, serve: Serve
+) -> None:
+    job = serve()
+    report = audit_job(tiny_ref, dataclasses.replace(job, request_id="another-id"))
+    assert report.failed_checks == ("identity",)
+    assert report.reason.startswith("identity: the attestation's request hash")
+
+
+def test_bf16_answers_pass_a_bf16_reference(tiny_ref: TransformersEngine, serve: Serve) -> None:
+    """A miner claiming the bf16 model is audited by a verifier running bf16, at the bf16
+    thresholds (the engine's precision picks them)."""
+    from infergrid.compute.attacks import cast_copy
+
+    bf16 = cast_copy(tiny_ref, torch.bfloat16)
+    assert bf16.precision == "bfloat16" and bf16.model_id != tiny_ref.model_id
+    for i, params in enumerate(HONEST[:5]):
+        job = serve(f"bf16 {i}", engine=bf16, request_id=f"bf-{i}", **params.values[0])
+        report = audit_job(bf16, job)
+        assert report.passed, report.reason
+        assert report.worst_logprob_error <= BF16_THRESHOLDS.logprob_tolerance
