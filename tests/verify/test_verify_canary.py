@@ -144,7 +144,7 @@ def network(chain: Chain, tiny: TransformersEngine, engine: Any, tmp_path: Path)
         VerifierServerThread(app) as gateway,
     ):
         net.registry.update(KEYS[MINER], miner.url, MINER_SIGNER.address, [offer(tiny)])
-        add_verifier(net, V1, verifier.url)
+        add_verifier(net, V1, verifier.url, [tiny])
         yield Setup(net, gateway.url, canary_key, service, duties, lines)
     service.close()
     settlement.close()

@@ -19,7 +19,7 @@ fetched over HTTP from the challenger's registered endpoint.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +107,14 @@ class Node:
 
 @contextlib.contextmanager
 def verifier_node(
-    net: Net, index: int, tmp_path: Path, audit: Callable[[AuditJob], Any]
+    net: Net,
+    index: int,
+    tmp_path: Path,
+    audit: Callable[[AuditJob], Any],
+    engines: Sequence[TransformersEngine],
 ) -> Iterator[Node]:
-    """A verifier as run_verifier wires one, registered with its server's URL as endpoint."""
+    """A verifier as run_verifier wires one, registered with its server's URL as endpoint and
+    `engines`' models as the ones it audits."""
     lines: list[str] = []
     fetched: list[str] = []
     service = VerifierService(
@@ -126,7 +131,7 @@ def verifier_node(
         return fetch_evidence_http(endpoint, digest)
 
     server = VerifierServerThread(create_verifier_app(service))
-    add_verifier(net, index, server.url)
+    add_verifier(net, index, server.url, engines)
     duties = DisputeDuties(
         chain=net.chain,
         registry=net.registry,
@@ -149,9 +154,9 @@ def test_a_substituted_model_is_disputed_upheld_and_slashed_and_the_payer_refund
 ) -> None:
     with (
         attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
-        verifier_node(net, V1, tmp_path, EngineAuditor([tiny])) as v1,
-        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])) as v2,
-        verifier_node(net, V3, tmp_path, EngineAuditor([tiny1])) as v3,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny]), [tiny]) as v1,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny]), [tiny]) as v2,
+        verifier_node(net, V3, tmp_path, EngineAuditor([tiny1]), [tiny1]) as v3,
     ):
         net.chain.increase_time(P.min_verifier_age_s)
         job = served_job(cheater, net, model=tiny.name, max_tokens=12)
@@ -209,8 +214,8 @@ def test_an_honest_job_disputed_by_a_lying_challenger_is_voted_down(
 ) -> None:
     with (
         attesting_miner(tiny, net.domain) as miner,
-        verifier_node(net, V1, tmp_path, LyingScriptedAuditor()) as liar,
-        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])) as honest,
+        verifier_node(net, V1, tmp_path, LyingScriptedAuditor(), [tiny]) as liar,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny]), [tiny]) as honest,
     ):
         net.chain.increase_time(P.min_verifier_age_s)
         job = served_job(miner, net, model=tiny.name, temperature=0.8, seed=5)
@@ -236,8 +241,8 @@ def test_the_opener_waits_while_the_other_verifiers_are_too_young_to_vote(
 ) -> None:
     with (
         attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
-        verifier_node(net, V1, tmp_path, EngineAuditor([tiny])) as v1,
-        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])),
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny]), [tiny]) as v1,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny]), [tiny]),
     ):
         job = served_job(cheater, net, model=tiny.name, max_tokens=12)
         assert v1.service.audit_now(job).report.passed is False
@@ -250,7 +255,7 @@ def test_the_opener_waits_while_the_other_verifiers_are_too_young_to_vote(
             f"0 other verifier(s) old enough to vote weigh 0 wei of the"
             f" {P.min_quorum_stake_wei} wei quorum" in waiting[0]
         )
-        assert "(1 registered less than 60 s ago)" in waiting[0]
+        assert "(1 registered less than 60 s ago, 0 without the model)" in waiting[0]
 
         net.chain.increase_time(P.min_verifier_age_s)
         v1.duties.tick()
@@ -261,6 +266,27 @@ def test_the_opener_waits_while_the_other_verifiers_are_too_young_to_vote(
         v1.duties.tick()
         assert v1.said(f"request {job.request_id} is already disputed: skipped")
         assert net.disputes.dispute_count() == 1
+
+
+def test_verifiers_without_the_model_do_not_count_towards_the_quorum(
+    net: Net, tiny: TransformersEngine, tiny1: TransformersEngine, tmp_path: Path
+) -> None:
+    """They would abstain: a dispute only they could judge would end without quorum."""
+    with (
+        attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny]), [tiny]) as v1,
+        verifier_node(net, V3, tmp_path, EngineAuditor([tiny1]), [tiny1]),
+    ):
+        net.chain.increase_time(P.min_verifier_age_s)
+        job = served_job(cheater, net, model=tiny.name, max_tokens=12)
+        assert v1.service.audit_now(job).report.passed is False
+        v1.duties.tick()
+    assert net.disputes.dispute_count() == 0
+    [waiting] = v1.said("waits for voters")
+    assert waiting.endswith(
+        f"0 other verifier(s) old enough to vote weigh 0 wei of the {P.min_quorum_stake_wei} wei"
+        " quorum (0 registered less than 60 s ago, 1 without the model)"
+    )
 
 
 def open_directly(net: Net, challenger: int, disputed: AuditJob, evidence_hash: bytes) -> int:
@@ -286,8 +312,8 @@ def test_evidence_about_another_request_is_voted_down(
     with (
         attesting_miner(tiny, net.domain) as miner,
         attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
-        verifier_node(net, V1, tmp_path, EngineAuditor([tiny])) as challenger,
-        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])) as voter,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny]), [tiny]) as challenger,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny]), [tiny]) as voter,
     ):
         net.chain.increase_time(P.min_verifier_age_s)
         honest = served_job(miner, net, model=tiny.name)
@@ -308,8 +334,8 @@ def test_evidence_not_served_yet_is_waited_for_then_judged(
 ) -> None:
     with (
         attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
-        verifier_node(net, V1, tmp_path, EngineAuditor([tiny])) as challenger,
-        verifier_node(net, V2, tmp_path, EngineAuditor([tiny])) as voter,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny]), [tiny]) as challenger,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny]), [tiny]) as voter,
     ):
         net.chain.increase_time(P.min_verifier_age_s)
         bad = served_job(cheater, net, model=tiny.name, max_tokens=12)

@@ -92,14 +92,20 @@ def offer(engine: Any) -> ModelOffer:
 
 
 def add_verifier(
-    net: Net, index: int, endpoint: str = "http://verifier", stake: int | None = None
+    net: Net,
+    index: int,
+    endpoint: str = "http://verifier",
+    engines: Sequence[Any] = (),
+    stake: int | None = None,
 ) -> None:
+    """Register dev account `index` as a verifier auditing `engines` (zero-price offers, as
+    verify.node registers one)."""
     net.registry.register(
         KEYS[index],
         Role.VERIFIER,
         endpoint,
         ADDRS[index],
-        [],
+        [ModelOffer(e.name, e.model_id, 0, 0) for e in engines],
         P.min_stake_verifier_wei if stake is None else stake,
     )
 

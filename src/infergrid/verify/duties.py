@@ -6,7 +6,8 @@ their own (`DutyLoop`).
 2. **Open.** A confirmed failure is disputed in the DisputeManager (the registry's slasher)
    with the job's signed attestation and receipt and its evidence hash, depositing
    `dispute_deposit`, once enough *other* verifiers could vote on it: those neither the miner
-   nor the payer, registered `min_verifier_age` before now, whose stake as the contract weighs
+   nor the payer, whose registry record lists the job's model (verifiers register the models
+   they audit), registered `min_verifier_age` before now, whose stake as the contract weighs
    it (min of the stake bonded `min_verifier_age` ago and now, at least the verifier minimum)
    sums to `min_quorum_stake`. Until then it waits (logged once); a dispute nobody can judge
    would only forfeit part of the deposit. A request already disputed is skipped; evidence
@@ -186,19 +187,28 @@ class DisputeDuties:
             return
         self._pending.append(_Pending(job, evidence))
 
-    def quorum_ready(self, *, miner: str, payer: str) -> tuple[bool, str]:
+    def quorum_ready(
+        self, *, miner: str, payer: str, model_id: bytes | str | None = None
+    ) -> tuple[bool, str]:
         """Whether verifiers other than this one, the miner and the payer could together
-        reach the quorum on a dispute opened now; and a line saying where it stands."""
+        reach the quorum on a dispute opened now (with `model_id`, only those whose registry
+        record lists that model: a verifier without it abstains); and a line saying where it
+        stands."""
         now = self.chain.timestamp()
         age = self.disputes.min_verifier_age()
         needed = self.disputes.min_quorum_stake()
         minimum = self.registry.min_stake(Role.VERIFIER)
         excluded = {self.address.lower(), miner.lower(), payer.lower()}
+        wanted = _model_key(model_id) if model_id is not None else None
         weight = 0
         voters = 0
         too_young = 0
+        without_model = 0
         for record in self.registry.nodes(active_only=True, role=Role.VERIFIER):
             if record.owner.lower() in excluded:
+                continue
+            if wanted is not None and wanted not in {_model_key(o.model_id) for o in record.models}:
+                without_model += 1
                 continue
             registered = self.registry.registered_at(record.owner)
             if registered == 0 or registered + age > now:
@@ -211,7 +221,9 @@ class DisputeDuties:
             voters += 1
         line = (
             f"{voters} other verifier(s) old enough to vote weigh {weight} wei of the"
-            f" {needed} wei quorum ({too_young} registered less than {age} s ago)"
+            f" {needed} wei quorum ({too_young} registered less than {age} s ago"
+            + (f", {without_model} without the model" if wanted is not None else "")
+            + ")"
         )
         return weight >= needed, line
 
@@ -241,7 +253,9 @@ class DisputeDuties:
         if self.disputes.evidence_disputed(digest):
             self.log(f"evidence 0x{digest.hex()} is already disputed: skipped")
             return True
-        ready, line = self.quorum_ready(miner=attestation.miner, payer=receipt.payer)
+        ready, line = self.quorum_ready(
+            miner=attestation.miner, payer=receipt.payer, model_id=attestation.model_id
+        )
         if not ready:
             if not pending.waiting_logged:
                 self.log(f"dispute of {job.request_id} waits for voters: {line}")
@@ -402,6 +416,12 @@ class DisputeDuties:
             amount = self.disputes.credits(self.address)
             self.disputes.claim(self.key)
             self.log(f"claimed {amount} wei of deposits from the dispute manager")
+
+
+def _model_key(model_id: bytes | str) -> str:
+    if isinstance(model_id, bytes):
+        return model_id.hex()
+    return model_id.lower().removeprefix("0x")
 
 
 def check_job_is_disputed(
