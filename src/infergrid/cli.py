@@ -331,13 +331,18 @@ def verifier(
         ),
     ] = None,
     canary_interval: Annotated[
-        float, typer.Option(min=0, help="Seconds between canary prompts (0: no canaries).")
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds between canary prompts (0: none, except while a miner is on probation).",
+        ),
     ] = 60.0,
     qualification_interval: Annotated[
         float,
         typer.Option(
             min=0,
-            help="Seconds between canaries while the gateway shows a miner on probation.",
+            help="Seconds between canaries while the gateway shows a miner on probation"
+            " (0: no faster than --canary-interval).",
         ),
     ] = 2.0,
     threads: Annotated[

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,7 +72,6 @@ class VerifierSettings:
     qualification_interval_s: float = DEFAULT_QUALIFICATION_INTERVAL_S
     max_queue: int = DEFAULT_MAX_QUEUE
     canary_seed: int | None = None  # None: a random one
-    extra: dict[str, str] = field(default_factory=dict)
 
     def public_endpoint(self) -> str:
         return self.endpoint or f"http://{self.host}:{self.port}"
