@@ -300,6 +300,37 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             },
         }
     }
+    paths["/v1/requests/{request_id}"] = {
+        "get": {
+            "operationId": "retrieveRequestStatus",
+            "summary": "The verification status of one of this key's requests: audit state,"
+            " verdicts, dispute, refund (the x-infergrid-request header points here).",
+            "parameters": [
+                {
+                    "name": "request_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "The request's `x-request-id` response header.",
+                }
+            ],
+            "responses": {
+                "200": _ok("The request's status.", {"type": "object"}),
+                **_errors(401, 404, 405),
+            },
+        }
+    }
+    paths["/v1/miners"] = {
+        "get": {
+            "operationId": "listMiners",
+            "summary": "Every registered miner: its state (probation, active, frozen,"
+            " slashed), requests served and audit record.",
+            "responses": {
+                "200": _ok("The miners.", {"type": "object"}),
+                **_errors(401, 405),
+            },
+        }
+    }
     paths["/v1/vouchers"] = {
         "get": {
             "operationId": "listVouchers",
