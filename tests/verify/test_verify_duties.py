@@ -13,7 +13,8 @@ fetched over HTTP from the challenger's registered endpoint.
   opens once they are old enough, and skips a request that is already disputed;
 - a verifier without the job's model abstains;
 - a bundle about another request than the disputed one is voted down; a bundle the
-  challenger does not serve yet is waited for (said once) and judged once it is served.
+  challenger does not serve yet is waited for (said once) and judged once it is served;
+- a restarted verifier disputes the failures its evidence store kept, once.
 """
 
 from __future__ import annotations
@@ -350,3 +351,45 @@ def test_evidence_not_served_yet_is_waited_for_then_judged(
         voter.duties.tick()
     vote = net.disputes.vote_of(dispute_id, ADDRS[V2])
     assert vote is not None and vote.uphold is True
+
+
+def test_a_restarted_verifier_disputes_the_failures_it_kept(
+    net: Net, tiny: TransformersEngine, tiny1: TransformersEngine, tmp_path: Path
+) -> None:
+    """The failure was audited (its evidence kept) but the verifier stopped before disputing
+    it; the next run finds it in the evidence store, confirms it and opens the dispute."""
+    with (
+        attesting_miner(substituted_engine(tiny, tiny1), net.domain) as cheater,
+        verifier_node(net, V1, tmp_path, EngineAuditor([tiny]), [tiny]) as before,
+        verifier_node(net, V2, tmp_path, EngineAuditor([tiny]), [tiny]),
+    ):
+        net.chain.increase_time(P.min_verifier_age_s)
+        job = served_job(cheater, net, model=tiny.name, max_tokens=12)
+        assert before.service.audit_now(job).report.passed is False  # ... and no tick
+        lines: list[str] = []
+        restarted = DisputeDuties(
+            chain=net.chain,
+            registry=net.registry,
+            disputes=net.disputes,
+            private_key=KEYS[V1],
+            domain=net.domain,
+            audit=EngineAuditor([tiny]),
+            evidence=EvidenceStore(before.service.evidence.directory),
+            log=lines.append,
+        )
+        restarted.tick()
+        assert lines[0] == "1 failed audit(s) kept from before are confirmed again"
+        assert restarted.opened == [1]
+        assert net.disputes.dispute(1).evidence_hash == job.evidence_hash()
+        restarted2 = DisputeDuties(
+            chain=net.chain,
+            registry=net.registry,
+            disputes=net.disputes,
+            private_key=KEYS[V1],
+            domain=net.domain,
+            audit=EngineAuditor([tiny]),
+            evidence=EvidenceStore(before.service.evidence.directory),
+            log=lines.append,
+        )
+        restarted2.tick()  # disputed already: nothing to confirm again
+        assert restarted2.opened == [] and lines.count(lines[0]) == 1

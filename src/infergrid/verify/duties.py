@@ -2,7 +2,9 @@
 their own (`DutyLoop`).
 
 1. **Confirm.** A failed audit (`report_failed`, from the audit worker) is re-run once; only a
-   failure that fails again is disputed (a flaky machine must not accuse anyone).
+   failure that fails again is disputed (a flaky machine must not accuse anyone). At the first
+   round, the failures kept in the evidence store that no dispute names yet are confirmed
+   again, so a restarted verifier still disputes them.
 2. **Open.** A confirmed failure is disputed in the DisputeManager (the registry's slasher)
    with the job's signed attestation and receipt and its evidence hash, depositing
    `dispute_deposit`, once enough *other* verifiers could vote on it: those neither the miner
@@ -128,6 +130,7 @@ class DisputeDuties:
         self._abstained: set[int] = set()  # logged once
         self._unavailable: set[int] = set()  # logged once
         self._errors: dict[int, str] = {}  # dispute id -> the last error logged
+        self._recovered = False
         self.opened: list[int] = []  # dispute ids this verifier opened
         self.voted: dict[int, bool] = {}  # dispute id -> uphold
 
@@ -142,6 +145,7 @@ class DisputeDuties:
     def tick(self) -> None:
         """Do everything due now; errors are logged, never raised."""
         for step in (
+            self._recover,
             self._confirm_failures,
             self._open_pending,
             self._watch_disputes,
@@ -154,6 +158,36 @@ class DisputeDuties:
             except Exception as exc:  # never fatal: the next round tries again
                 logger.exception("duty step %s", step.__name__)
                 self.log(f"duties: {step.__name__.strip('_')}: {type(exc).__name__}: {exc}")
+
+    def _recover(self) -> None:
+        """Once, at the first round: the failures a previous run kept as evidence and did not
+        get disputed go back to be confirmed (a restart must not forget a cheater)."""
+        if self._recovered or self.evidence is None:
+            return
+        store = self.evidence
+        queued = {job.evidence_hash() for job in self._failed}
+        again = 0
+        for digest in store.hashes():
+            if digest in queued:
+                continue
+            bundle = store.get(digest)
+            if bundle is None:
+                continue
+            try:
+                job = parse_evidence(bundle, digest)
+                attestation = Attestation.from_json(job.attestation)
+            except (TypeError, ValueError) as exc:
+                self.log(f"evidence 0x{digest.hex()} is unreadable: {exc}")
+                continue
+            if self.disputes.evidence_disputed(digest) or self.disputes.request_disputed(
+                attestation.miner, attestation.request_hash
+            ):
+                continue
+            self._failed.append(job)
+            again += 1
+        self._recovered = True
+        if again:
+            self.log(f"{again} failed audit(s) kept from before are confirmed again")
 
     def _confirm_failures(self) -> None:
         from infergrid.verify.recompute import CannotAudit

@@ -70,7 +70,13 @@ class EvidenceStore:
     def __contains__(self, digest: bytes) -> bool:
         return self._path(digest).exists()
 
-    def __len__(self) -> int:
+    def hashes(self) -> list[bytes]:
+        """The hashes of every bundle kept, oldest file first."""
         if not self.directory.is_dir():
-            return 0
-        return sum(1 for p in self.directory.glob("*.json") if _HEX64.fullmatch(p.stem))
+            return []
+        paths = [p for p in self.directory.glob("*.json") if _HEX64.fullmatch(p.stem)]
+        paths.sort(key=lambda p: p.stat().st_mtime)
+        return [bytes.fromhex(p.stem) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.hashes())
