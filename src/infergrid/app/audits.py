@@ -118,6 +118,8 @@ class AuditService:
         }
         self.known: dict[str, NodeRecord] = {}  # registered miners, frozen ones too
         self._tasks: set[asyncio.Task[None]] = set()
+        # Records of audits in flight, so a dispute event meanwhile changes the same object.
+        self._live: dict[str, RequestRecord] = {}
         self._said_no_verifiers = False
         self.rng = random.SystemRandom()
 
@@ -285,6 +287,7 @@ class AuditService:
         self._save(owner)
         if selected:
             mine.pending += 1
+            self._live[record.request_id] = record
             task = asyncio.ensure_future(self._audit(record, build))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -306,14 +309,17 @@ class AuditService:
                 if signed is not None:
                     await self._judged(record, signed)
                     return
-            record.state = AuditState.NOT_SELECTED.value
-            record.note = "no verifier could audit it"
+            if record.dispute is None:
+                record.state = AuditState.NOT_SELECTED.value
+                record.note = "no verifier could audit it"
             self._finish_pending(record.miner)
             self.requests.update(record)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request %s: auditing failed", record.request_id)
+        finally:
+            self._live.pop(record.request_id, None)
 
     async def _send(
         self, verifier: NodeRecord, job: dict[str, Any], record: RequestRecord
@@ -373,7 +379,10 @@ class AuditService:
         verdict = signed.verdict
         record.verdicts.append(signed.to_json())
         mine = self._finish_pending(record.miner)
-        if verdict.passed:
+        if record.dispute is not None:
+            # The chain's word outranks one verifier's: an open or ended dispute decides.
+            log.info("request %s: a verdict after its dispute opened", record.request_id)
+        elif verdict.passed:
             record.state = AuditState.PASSED.value
             mine.passed += 1
             self._maybe_qualify(mine)
@@ -439,6 +448,7 @@ class AuditService:
     # -- disputes (app.dispute_watch calls these) --------------------------------------------
 
     def dispute_opened(self, record: RequestRecord, dispute_id: int, tx: str | None) -> None:
+        record = self._live.get(record.request_id, record)
         record.state = AuditState.DISPUTED.value
         record.dispute = {"id": dispute_id, "tx": tx, "status": "open"}
         mine = self.miners.setdefault(record.miner, MinerRecord())
@@ -451,6 +461,7 @@ class AuditService:
     def dispute_resolved(
         self, record: RequestRecord, dispute_id: int, status: str, to_payer: int, tx: str | None
     ) -> None:
+        record = self._live.get(record.request_id, record)
         record.dispute = {**(record.dispute or {"id": dispute_id}), "status": status}
         if tx:
             record.dispute["resolved_tx"] = tx

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from infergrid.app.audits import AuditService
-from infergrid.app.request_status import RequestLog
+from infergrid.app.request_status import RequestLog, RequestRecord
 from infergrid.settle.disputes import STATUS_NAMES, DisputeManager
 
 __all__ = ["DisputeWatch"]
@@ -63,10 +63,10 @@ class DisputeWatch:
         found.sort(key=lambda item: (item[0], item[1]))
         return [(name, entry) for _, _, name, entry in found]
 
-    def poll_once(self) -> int:
-        """Apply the new events (blocking: run in a worker thread); returns how many were
-        about this gateway's requests."""
-        applied = 0
+    def collect(self) -> list[tuple[str, RequestRecord, tuple[Any, ...]]]:
+        """The new events about this gateway's requests, each with its request's record
+        (blocking: run in a worker thread); `apply` them on the event loop."""
+        found: list[tuple[str, RequestRecord, tuple[Any, ...]]] = []
         for name, entry in self._read():
             args = entry["args"]
             dispute_id = int(args["dispute_id"])
@@ -74,28 +74,33 @@ class DisputeWatch:
                 if args["gateway"].lower() != self.gateway.lower():
                     continue
                 record = self.requests.by_hash(bytes(args["request_hash"]))
-                if record is None:
-                    continue
-                self.audits.dispute_opened(record, dispute_id, _tx(entry))
+                if record is not None:
+                    found.append((name, record, (dispute_id, _tx(entry))))
             else:
                 dispute = self.manager.dispute(dispute_id)
                 if dispute.gateway.lower() != self.gateway.lower():
                     continue
                 record = self.requests.by_hash(dispute.request_hash)
-                if record is None:
-                    continue
-                status = STATUS_NAMES.get(int(args["status"]), "open")
-                self.audits.dispute_resolved(
-                    record, dispute_id, status, int(args["to_payer"]), _tx(entry)
-                )
-            applied += 1
-        return applied
+                if record is not None:
+                    status = STATUS_NAMES.get(int(args["status"]), "open")
+                    found.append(
+                        (name, record, (dispute_id, status, int(args["to_payer"]), _tx(entry)))
+                    )
+        return found
+
+    def apply(self, found: list[tuple[str, RequestRecord, tuple[Any, ...]]]) -> None:
+        """Hand collected events to the audits (on the event loop, like verdicts)."""
+        for name, record, args in found:
+            if name == "DisputeOpened":
+                self.audits.dispute_opened(record, *args)
+            else:
+                self.audits.dispute_resolved(record, *args)
 
     async def run(self) -> None:
         """Poll until cancelled; a failing read is logged and retried."""
         while True:
             try:
-                await asyncio.to_thread(self.poll_once)
+                self.apply(await asyncio.to_thread(self.collect))
                 self.error = None
             except asyncio.CancelledError:
                 raise
