@@ -97,8 +97,10 @@ class _Pending:
 
 
 class DisputeDuties:
-    """One verifier's duties. `audit` runs the model pass (VerifierService.audit_now in a
-    node: the one worker thread); `log` gets one line per thing that happened."""
+    """One verifier's duties. `audit` runs the model pass (VerifierService.reaudit in a node:
+    on the one audit worker thread) and raises CannotAudit for a model it does not hold;
+    `evidence` is the store the verifier's server serves bundles from; `fetch` gets a bundle
+    from another verifier's endpoint; `log` gets one line per thing that happened."""
 
     def __init__(
         self,
@@ -151,13 +153,14 @@ class DisputeDuties:
             self._watch_disputes,
             self._claim,
         ):
+            name = step.__name__.strip("_").replace("_", " ")
             try:
                 step()
-            except (ChainError, OSError, ValueError) as exc:
-                self.log(f"duties: {step.__name__.strip('_').replace('_', ' ')}: {exc}")
+            except (ChainError, OSError, ValueError) as exc:  # chain and HTTP errors among them
+                self.log(f"duties: {name}: {exc}")
             except Exception as exc:  # never fatal: the next round tries again
-                logger.exception("duty step %s", step.__name__)
-                self.log(f"duties: {step.__name__.strip('_')}: {type(exc).__name__}: {exc}")
+                logger.exception("duty step %s", name)
+                self.log(f"duties: {name}: {type(exc).__name__}: {exc}")
 
     def _recover(self) -> None:
         """Once, at the first round: the failures a previous run kept as evidence and did not
