@@ -37,7 +37,6 @@ from typing import Any
 
 import aiohttp
 import uvicorn
-from eth_utils import is_address, to_checksum_address
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -57,11 +56,12 @@ from infergrid.app.config import GatewayConfig
 from infergrid.app.dispute_watch import DisputeWatch
 from infergrid.app.forwarding import Forwarder
 from infergrid.app.keys import KeyStore
+from infergrid.app.lookups import Lookups
 from infergrid.app.metering import Metering
 from infergrid.app.metrics import GatewayMetrics
 from infergrid.app.miners import MinerPool, PoolMaintainer
 from infergrid.app.openapi import OPENAPI_PATH, document_bytes
-from infergrid.app.request_status import RequestLog, request_status_for, requests_db_path
+from infergrid.app.request_status import RequestLog, requests_db_path
 from infergrid.app.serving import CompletionServing
 from infergrid.app.settlement import Settlement
 from infergrid.app.stream_relay import StreamRelay
@@ -158,6 +158,14 @@ class Gateway:
         )
         self.forwarder.audits = self.audits
         self.deadlines = self.forwarder.deadlines
+        self.lookups = Lookups(
+            keys=keys,
+            traces=traces,
+            pool=self.pool,
+            settlement=settlement,
+            requests=self.requests,
+            audits=self.audits,
+        )
         self.serving = CompletionServing(
             config,
             keys=keys,
@@ -295,119 +303,6 @@ class Gateway:
         except APIError as exc:
             return error_response(exc, rid)
 
-    # -- settlement endpoints ----------------------------------------------------------------
-
-    def _settlement_or_404(self) -> Settlement:
-        if self.settlement is None:
-            raise APIError(
-                404,
-                "This gateway does not meter requests: it signs no receipts or vouchers.",
-                code="settlement_disabled",
-            )
-        return self.settlement
-
-    async def vouchers(self, request: Request) -> Response:
-        """A miner's cumulative vouchers, one per payer. No API key: a voucher pays only the
-        miner named in it, so handing it to anyone gives nothing away that the miner's own
-        endpoint log does not already say."""
-        rid = request_id(request.scope)
-        try:
-            settlement = self._settlement_or_404()
-            miner = request.query_params.get("miner", "").strip()
-            if not miner or not is_address(miner):
-                raise APIError(
-                    400,
-                    "Give the miner's address: /v1/vouchers?miner=0x…",
-                    param="miner",
-                    code="invalid_value",
-                )
-            # Signing and the Merkle roots run in a worker thread, off the event loop.
-            found = await asyncio.to_thread(
-                settlement.store.vouchers_for, to_checksum_address(miner)
-            )
-        except APIError as exc:
-            return error_response(exc, rid)
-        body = {"gateway": settlement.gateway, "vouchers": [v.to_json() for v in found]}
-        return json_response(body, rid)
-
-    async def receipt(self, request: Request) -> Response:
-        """The receipt of one request, with its anchor proof once anchored; only for the key
-        that made the request (anyone else gets the same 404 as for an unknown id)."""
-        rid = request_id(request.scope)
-        wanted = request.path_params["request_id"]
-        try:
-            key = authenticate(self.keys, request)
-            settlement = self._settlement_or_404()
-            trace = self.traces.get_pending(wanted) or await asyncio.to_thread(
-                self.traces.get_flushed, wanted
-            )
-            stored = None
-            if trace is not None and trace.key_id == key.key_id:
-                stored = await asyncio.to_thread(settlement.store.get, wanted)
-            if stored is None:
-                raise APIError(
-                    404,
-                    f"No receipt for request `{wanted}` under this API key.",
-                    code="receipt_not_found",
-                )
-            proof = await asyncio.to_thread(settlement.store.anchor_proof, wanted)
-        except APIError as exc:
-            return error_response(exc, rid)
-        assert trace is not None
-        body = {
-            **stored.to_json(),
-            "anchor": proof.to_json() if proof is not None else None,
-            "trace": {
-                "model": trace.model,
-                "route": trace.route,
-                "stream": trace.stream,
-                "status": trace.status,
-                "created_at": trace.created_at,
-                "miner": trace.miner,
-                "prompt_tokens": trace.prompt_tokens,
-                "completion_tokens": trace.completion_tokens,
-                "ttft_ms": trace.ttft_ms,
-                "total_ms": trace.total_ms,
-                "attempts": trace.attempts,
-                "cost_wei": trace.cost_wei,
-            },
-        }
-        return json_response(body, rid)
-
-    async def request_status(self, request: Request) -> Response:
-        """GET /v1/requests/{id}: a request's verification status (app.request_status)."""
-        rid = request_id(request.scope)
-        try:
-            key = authenticate(self.keys, request)
-            body = await request_status_for(
-                request.path_params["request_id"], key.key_id, self.traces, self.requests
-            )
-        except APIError as exc:
-            return error_response(exc, rid)
-        return json_response(body, rid)
-
-    async def list_miners(self, request: Request) -> Response:
-        """GET /v1/miners: every registered miner, its state and its audit record."""
-        rid = request_id(request.scope)
-        try:
-            authenticate(self.keys, request)
-        except APIError as exc:
-            return error_response(exc, rid)
-        if self.audits is not None:
-            data = self.audits.miners_json()
-        else:
-            data = [
-                {
-                    "address": m.owner,
-                    "models": [o.name for o in m.record.models],
-                    "state": "active",
-                    "served": m.served,
-                    "audits": {"passed": 0, "failed": 0, "pending": 0},
-                }
-                for m in self.pool.miners()
-            ]
-        return json_response({"object": "list", "data": data}, rid)
-
     @staticmethod
     def _model_object(name: str, first_seen: int) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": first_seen, "owned_by": OWNED_BY}
@@ -471,10 +366,10 @@ def create_gateway_app(
         Route(COMPLETIONS_PATH, gateway.completions, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
-        Route("/v1/vouchers", gateway.vouchers, methods=["GET"]),
-        Route("/v1/receipts/{request_id}", gateway.receipt, methods=["GET"]),
-        Route("/v1/requests/{request_id}", gateway.request_status, methods=["GET"]),
-        Route("/v1/miners", gateway.list_miners, methods=["GET"]),
+        Route("/v1/vouchers", gateway.lookups.vouchers, methods=["GET"]),
+        Route("/v1/receipts/{request_id}", gateway.lookups.receipt, methods=["GET"]),
+        Route("/v1/requests/{request_id}", gateway.lookups.request_status, methods=["GET"]),
+        Route("/v1/miners", gateway.lookups.list_miners, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         Route(OPENAPI_PATH, gateway.openapi, methods=["GET"]),

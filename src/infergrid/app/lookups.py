@@ -1,0 +1,156 @@
+"""The gateway's lookup endpoints: vouchers, receipts, request status and miners.
+
+Everything here reads what the gateway already holds (the receipt store, the traces, the
+request log, the audits' miner records); the blocking reads run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from eth_utils import is_address, to_checksum_address
+from starlette.requests import Request
+from starlette.responses import Response
+
+from infergrid.app.api_common import authenticate, error_response, json_response, request_id
+from infergrid.app.audits import AuditService
+from infergrid.app.keys import KeyStore
+from infergrid.app.miners import MinerPool
+from infergrid.app.request_status import RequestLog, request_status_for
+from infergrid.app.settlement import Settlement
+from infergrid.app.traces import TraceStore
+from infergrid.protocol.openai_types import APIError
+
+__all__ = ["Lookups"]
+
+
+class Lookups:
+    """GET /v1/vouchers, /v1/receipts/{id}, /v1/requests/{id} and /v1/miners."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyStore,
+        traces: TraceStore,
+        pool: MinerPool,
+        settlement: Settlement | None,
+        requests: RequestLog | None,
+        audits: AuditService | None,
+    ) -> None:
+        self.keys = keys
+        self.traces = traces
+        self.pool = pool
+        self.settlement = settlement
+        self.requests = requests
+        self.audits = audits
+
+    def _settlement_or_404(self) -> Settlement:
+        if self.settlement is None:
+            raise APIError(
+                404,
+                "This gateway does not meter requests: it signs no receipts or vouchers.",
+                code="settlement_disabled",
+            )
+        return self.settlement
+
+    async def vouchers(self, request: Request) -> Response:
+        """A miner's cumulative vouchers, one per payer. No API key: a voucher pays only the
+        miner named in it, so handing it to anyone gives nothing away that the miner's own
+        endpoint log does not already say."""
+        rid = request_id(request.scope)
+        try:
+            settlement = self._settlement_or_404()
+            miner = request.query_params.get("miner", "").strip()
+            if not miner or not is_address(miner):
+                raise APIError(
+                    400,
+                    "Give the miner's address: /v1/vouchers?miner=0x…",
+                    param="miner",
+                    code="invalid_value",
+                )
+            # Signing and the Merkle roots run in a worker thread, off the event loop.
+            found = await asyncio.to_thread(
+                settlement.store.vouchers_for, to_checksum_address(miner)
+            )
+        except APIError as exc:
+            return error_response(exc, rid)
+        body = {"gateway": settlement.gateway, "vouchers": [v.to_json() for v in found]}
+        return json_response(body, rid)
+
+    async def receipt(self, request: Request) -> Response:
+        """The receipt of one request, with its anchor proof once anchored; only for the key
+        that made the request (anyone else gets the same 404 as for an unknown id)."""
+        rid = request_id(request.scope)
+        wanted = request.path_params["request_id"]
+        try:
+            key = authenticate(self.keys, request)
+            settlement = self._settlement_or_404()
+            trace = self.traces.get_pending(wanted) or await asyncio.to_thread(
+                self.traces.get_flushed, wanted
+            )
+            stored = None
+            if trace is not None and trace.key_id == key.key_id:
+                stored = await asyncio.to_thread(settlement.store.get, wanted)
+            if stored is None:
+                raise APIError(
+                    404,
+                    f"No receipt for request `{wanted}` under this API key.",
+                    code="receipt_not_found",
+                )
+            proof = await asyncio.to_thread(settlement.store.anchor_proof, wanted)
+        except APIError as exc:
+            return error_response(exc, rid)
+        assert trace is not None
+        body = {
+            **stored.to_json(),
+            "anchor": proof.to_json() if proof is not None else None,
+            "trace": {
+                "model": trace.model,
+                "route": trace.route,
+                "stream": trace.stream,
+                "status": trace.status,
+                "created_at": trace.created_at,
+                "miner": trace.miner,
+                "prompt_tokens": trace.prompt_tokens,
+                "completion_tokens": trace.completion_tokens,
+                "ttft_ms": trace.ttft_ms,
+                "total_ms": trace.total_ms,
+                "attempts": trace.attempts,
+                "cost_wei": trace.cost_wei,
+            },
+        }
+        return json_response(body, rid)
+
+    async def request_status(self, request: Request) -> Response:
+        """GET /v1/requests/{id}: a request's verification status (app.request_status)."""
+        rid = request_id(request.scope)
+        try:
+            key = authenticate(self.keys, request)
+            body = await request_status_for(
+                request.path_params["request_id"], key.key_id, self.traces, self.requests
+            )
+        except APIError as exc:
+            return error_response(exc, rid)
+        return json_response(body, rid)
+
+    async def list_miners(self, request: Request) -> Response:
+        """GET /v1/miners: every registered miner, its state and its audit record."""
+        rid = request_id(request.scope)
+        try:
+            authenticate(self.keys, request)
+        except APIError as exc:
+            return error_response(exc, rid)
+        if self.audits is not None:
+            data = self.audits.miners_json()
+        else:
+            data = [
+                {
+                    "address": m.owner,
+                    "models": [o.name for o in m.record.models],
+                    "state": "active",
+                    "served": m.served,
+                    "audits": {"passed": 0, "failed": 0, "pending": 0},
+                }
+                for m in self.pool.miners()
+            ]
+        return json_response({"object": "list", "data": data}, rid)
