@@ -153,7 +153,8 @@ class CanarySender:
     ) -> None:
         if not models:
             raise ValueError("canaries need at least one model")
-        self.gateway_url = gateway_url.rstrip("/")
+        # Either the root URL or the base URL clients use (ending in /v1) names the gateway.
+        self.gateway_url = gateway_url.rstrip("/").removesuffix("/v1")
         self.service = service
         self.models = list(models)
         self.rng = random.Random(seed)
