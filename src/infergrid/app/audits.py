@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import aiohttp
@@ -97,7 +97,12 @@ class MinerRecord:
     tokens_per_s: float = 0.0  # EWMA of its responses' completion tokens per second
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _MINER_FIELDS}
+
+
+_MINER_FIELDS = tuple(f.name for f in fields(MinerRecord))
+# Served counts are saved every this many responses (and with every state change), not on each.
+SAVE_EVERY = 256
 
 
 class AuditService:
@@ -121,6 +126,7 @@ class AuditService:
         # Records of audits in flight, so a dispute event meanwhile changes the same object.
         self._live: dict[str, RequestRecord] = {}
         self._said_no_verifiers = False
+        self._unsaved = 0  # responses counted since the miners' records were last saved
         self.rng = random.SystemRandom()
 
     # -- the registry ----------------------------------------------------------------------
@@ -284,7 +290,11 @@ class AuditService:
             return record
 
         self.requests.add(build)
-        self._save(owner)
+        self._unsaved += 1
+        if self._unsaved >= SAVE_EVERY:
+            self._unsaved = 0
+            for known in list(self.miners):
+                self._save(known)
         if selected:
             mine.pending += 1
             self._live[record.request_id] = record
@@ -490,6 +500,8 @@ class AuditService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for owner in list(self.miners):
+            self._save(owner)
 
 
 def _ints(value: Any) -> list[int]:

@@ -261,17 +261,34 @@ class RequestLog:
     # -- writing ---------------------------------------------------------------------------
 
     def _writer(self) -> None:
+        """Run what is queued, everything waiting at once in one transaction."""
         while True:
-            op = self._queue.get()
+            ops = [self._queue.get()]
+            while True:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in ops
             try:
-                if op is None:
-                    return
                 with self._lock:
-                    op(self._conn)
+                    self._conn.execute("BEGIN")
+                    try:
+                        for op in ops:
+                            if op is not None:
+                                try:
+                                    op(self._conn)
+                                except sqlite3.Error:
+                                    log.exception("request log write failed")
+                    finally:
+                        self._conn.execute("COMMIT")
             except Exception:
                 log.exception("request log write failed")
             finally:
-                self._queue.task_done()
+                for _ in ops:
+                    self._queue.task_done()
+            if stop:
+                return
 
     def submit(self, op: Callable[[sqlite3.Connection], None]) -> None:
         """Run `op(connection)` in the writer thread, after everything queued before it."""
