@@ -35,6 +35,7 @@ from settlement_harness import (
 from infergrid.app.audits import AuditService
 from infergrid.app.config import GatewayConfig
 from infergrid.app.keys import KeyStore
+from infergrid.app.receipts import ReceiptCollected
 from infergrid.app.request_status import RequestLog
 from infergrid.app.traces import TraceStore
 from infergrid.protocol.audits import AuditJob
@@ -355,3 +356,33 @@ async def test_an_upheld_dispute_shows_as_disputed_then_slashed_with_the_refund(
         assert body["audit"]["dispute"]["status"] == "upheld"
         _, miners = await get_json(gw, "/v1/miners", payer_key)
         assert [m["state"] for m in miners["data"]] == ["slashed"]
+
+
+async def test_a_failed_response_already_collected_is_not_voided(
+    net: Network, keys: KeyStore, traces: TraceStore, tmp_path: Path, canary_key: str
+) -> None:
+    """The miner collects its voucher while the audit runs: the failing verdict still makes
+    the request failed, but its receipt is paid, so it stays (refund 0, the note says why);
+    ReceiptStore.void refuses it with ReceiptCollected, and an unknown id with ValueError."""
+    async with (
+        registered_verifiers(net, mode="fail", hold=True) as (verifier,),
+        registered_miners(net, 1) as (miner,),
+        metered_gateway(net, [miner], keys, traces, tmp_path) as gw,
+    ):
+        answer = await chat(gw, canary_key)
+        await asyncio.wait_for(verifier.received.wait(), 10)
+        settlement = gw.gateway.settlement
+        assert settlement is not None
+        (signed,) = settlement.store.vouchers_for(miner.owner)
+        net.escrow.collect(KEYS[MINER_1], signed.voucher, signed.signature)
+        verifier.release()
+        body = await wait_state(gw, answer.status_path, canary_key, {"failed"})
+        assert body["audit"]["refund_wei"] == "0" and body["audit"]["refund"] is None
+        assert "not voided" in body["audit"]["note"]
+        assert not settlement.store.is_voided(answer.request_id)
+        collected = net.escrow.collected(addr(PAYER_A), settlement.gateway, miner.owner)
+        with pytest.raises(ReceiptCollected, match="the escrow collected"):
+            settlement.store.void(answer.request_id, collected)
+        with pytest.raises(ValueError, match="no receipt of request 'nope'"):
+            settlement.store.void("nope", 0)
+        assert settlement.store.payer_total(addr(PAYER_A)) == signed.voucher.value_aggregate

@@ -8,13 +8,17 @@ verifier nodes.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 from audit_harness import chat, get_json, registered_verifiers, wait_state
 from settlement_harness import PAYER_A, Network, addr, metered_gateway, registered_miners
+from typer.testing import CliRunner
 
-from infergrid.app.keys import KeyStore
+from infergrid.app.keys import KeyStore, hash_secret
 from infergrid.app.traces import TraceStore
+from infergrid.cli import app
 from infergrid.protocol.wire import MINER_HEADER
 
 
@@ -93,3 +97,36 @@ async def test_without_verifiers_every_miner_is_active(
         assert [(m["address"], m["state"], m["served"]) for m in listed["data"]] == [
             (miner.owner, "active", 1)
         ]
+
+
+def test_canary_keys_and_the_migration_of_an_old_database(tmp_path: Path) -> None:
+    """`keys create --canary` marks the key; a database made before canary keys gains the
+    column (every old key is not a canary) and keeps its keys."""
+    db = tmp_path / "gateway.db"
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_hash BLOB"
+        " NOT NULL UNIQUE, hint TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL,"
+        " payer TEXT)"
+    )
+    conn.execute(
+        "INSERT INTO api_keys VALUES ('key_old', 'old', ?, 'ig-…abcd', 1.0, NULL, NULL)",
+        (hash_secret("ig-old-secret"),),
+    )
+    conn.commit()
+    conn.close()
+    store = KeyStore(db)
+    (old,) = store.list()
+    assert (old.key_id, old.canary) == ("key_old", False)
+    store.close()
+    result = CliRunner().invoke(
+        app, ["keys", "create", "probe", "--canary", "--db", str(db), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.output[result.output.index("{") :])
+    assert created["canary"] is True
+    store = KeyStore(db)
+    record = store.verify(created["key"])
+    assert record is not None and record.canary and record.name == "probe"
+    assert store.get("key_old") is not None and not store.get("key_old").canary  # type: ignore[union-attr]
+    store.close()
