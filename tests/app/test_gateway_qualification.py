@@ -13,10 +13,20 @@ import sqlite3
 from pathlib import Path
 
 from audit_harness import chat, get_json, registered_verifiers, wait_state
-from settlement_harness import PAYER_A, Network, addr, metered_gateway, registered_miners
+from settlement_harness import (
+    MINER_1,
+    PAYER_A,
+    Network,
+    addr,
+    metered_gateway,
+    registered_miners,
+)
 from typer.testing import CliRunner
 
+from infergrid.app.audits import AuditService, MinerRecord
+from infergrid.app.config import GatewayConfig
 from infergrid.app.keys import KeyStore, hash_secret
+from infergrid.app.request_status import RequestLog, status_lines
 from infergrid.app.traces import TraceStore
 from infergrid.cli import app
 from infergrid.protocol.wire import MINER_HEADER
@@ -130,3 +140,36 @@ def test_canary_keys_and_the_migration_of_an_old_database(tmp_path: Path) -> Non
     assert record is not None and record.canary and record.name == "probe"
     assert store.get("key_old") is not None and not store.get("key_old").canary  # type: ignore[union-attr]
     store.close()
+
+
+async def test_miner_states_persist_in_the_gateway_db(tmp_path: Path) -> None:
+    """A restarted gateway remembers who qualified, who is on probation and the counts."""
+    log = RequestLog(tmp_path / "gateway.requests.db")
+    service = AuditService(GatewayConfig(), requests=log, settlement=None)  # type: ignore[arg-type]
+    miner = addr(MINER_1)
+    service.miners[miner] = MinerRecord(state="active", served=9, passed=3, failed=1)
+    await service.close()  # saves every miner's record
+    log.close()
+    log = RequestLog(tmp_path / "gateway.requests.db")
+    again = AuditService(GatewayConfig(), requests=log, settlement=None)  # type: ignore[arg-type]
+    assert again.miners[miner] == MinerRecord(state="active", served=9, passed=3, failed=1)
+    log.close()
+
+
+def test_trace_prints_the_audit_state_verdicts_dispute_and_refund() -> None:
+    body = {
+        "audit": {
+            "state": "slashed",
+            "note": "",
+            "verdicts": [{"passed": False, "verifier": "0xV", "reason": "sampler: step 3"}],
+            "dispute": {"id": 4, "status": "upheld", "tx": "0xabc"},
+            "refund_wei": "31",
+            "refund": "slash",
+        }
+    }
+    assert status_lines(body) == [
+        "audit     slashed",
+        "  verdict failed by 0xV: sampler: step 3",
+        "dispute   #4 upheld tx 0xabc",
+        "refund    31 wei (slash)",
+    ]
