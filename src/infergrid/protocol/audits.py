@@ -134,8 +134,12 @@ def _floats(data: Mapping[str, Any], name: str) -> tuple[float, ...]:
         if not isinstance(item, int | float) or isinstance(item, bool):
             raise ValueError(f"audit job: {name}[{index}] is not a number: {item!r}")
         number = float(item)
-        if math.isnan(number) or number > 0.0:
-            raise ValueError(f"audit job: {name}[{index}] is not a log-probability: {item!r}")
+        # Miners report a floor (-9999), never -inf: a non-finite number has no JSON form, so
+        # a job holding one could not be hashed as evidence.
+        if not math.isfinite(number) or number > 0.0:
+            raise ValueError(
+                f"audit job: {name}[{index}] is not a finite log-probability: {item!r}"
+            )
         out.append(number)
     return tuple(out)
 
