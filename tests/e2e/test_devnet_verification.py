@@ -6,7 +6,7 @@ cheater and three verifiers, driven as a user would (the openai client, the `inf
 the chain's JSON-RPC).
 
 The cheater is the red-team mode of the miner: `--attack substitute=tiny:1` serves another
-tiny model's tokens under tiny's model id, after `--attack-after 3` honest answers (enough to
+tiny model's tokens under tiny's model id, after `--attack-after 10` honest answers (enough to
 pass its qualification canaries, as a careful cheater would). Chain time is moved forward
 twice (the chain's dev RPC, as on any devnet): past the verifiers' minimum age, so their votes
 count, and past the voting period, so the dispute can be resolved.
@@ -14,15 +14,16 @@ count, and past the voting period, so the dispute can be resolved.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -37,7 +38,7 @@ from .devnet_process import DevnetProcess
 pytestmark = pytest.mark.slow
 
 MODEL = served_model_name("tiny")
-HONEST_FIRST = 3
+HONEST_FIRST = 10  # qualification needs 3 passed audits; canaries race, so leave room
 # Generous: every step waits on real processes sharing two cores.
 STEP_TIMEOUT_S = 240.0
 MAX_DEVELOPER_REQUESTS = 80
@@ -102,13 +103,12 @@ def cheater(devnet: DevnetProcess) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def gateway_get(devnet: DevnetProcess, path: str) -> dict[str, Any]:
-    response = httpx.get(
+    request = urllib.request.Request(
         devnet.info["base_url"] + path,
         headers={"authorization": f"Bearer {devnet.info['api_key']}"},
-        timeout=10.0,
     )
-    response.raise_for_status()
-    return response.json()
+    with urllib.request.urlopen(request, timeout=10.0) as response:
+        return json.loads(response.read())
 
 
 def miner_states(devnet: DevnetProcess) -> dict[str, str]:
@@ -128,8 +128,6 @@ def test_devnet_runs_three_staked_verifiers_shown_by_status(
         assert node.stake_wei >= registry.min_stake(Role.VERIFIER)
     shown = devnet.cli("status", "--json")
     assert shown.returncode == 0, shown.stderr
-    import json
-
     rows = {row["owner"]: row for row in json.loads(shown.stdout)}
     assert all(rows[v]["role"] == "verifier" and rows[v]["health"] == "ok" for v in verifiers)
     # The devnet reported ready only once its miner qualified on the verifiers' canaries.

@@ -142,7 +142,9 @@ class AuditService:
         for record in records:
             if not record.active:
                 continue
-            if record.role == Role.VERIFIER and record.endpoint and not record.frozen:
+            # A frozen verifier still audits: voting freezes it until its vote is settled,
+            # and audits (and qualification) must not stop whenever every verifier voted.
+            if record.role == Role.VERIFIER and record.endpoint:
                 verifiers.append(record)
             elif record.role == Role.MINER:
                 known[record.owner] = record
