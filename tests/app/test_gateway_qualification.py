@@ -173,3 +173,30 @@ def test_trace_prints_the_audit_state_verdicts_dispute_and_refund() -> None:
         "dispute   #4 upheld tx 0xabc",
         "refund    31 wei (slash)",
     ]
+
+
+async def test_a_miner_below_the_throughput_floor_stays_on_probation(
+    net: Network, keys: KeyStore, traces: TraceStore, tmp_path: Path, payer_key: str
+) -> None:
+    """Passed audits are not enough: a miner slower than --qualification-tokens-per-s stays
+    on probation (here the floor is far above what any miner reaches)."""
+    canary = _canary(keys)
+    async with (
+        registered_verifiers(net),
+        registered_miners(net, 1) as (miner,),
+        metered_gateway(
+            net,
+            [miner],
+            keys,
+            traces,
+            tmp_path,
+            qualification_audits=1,
+            qualification_tokens_per_s=1e12,
+        ) as gw,
+    ):
+        answer = await chat(gw, canary)
+        await wait_state(gw, answer.status_path, canary, {"passed"})
+        _, listed = await get_json(gw, "/v1/miners", payer_key)
+        (record,) = listed["data"]
+        assert record["state"] == "probation" and record["audits"]["passed"] == 1
+        assert (await chat(gw, payer_key)).status == 503

@@ -255,6 +255,13 @@ class Gateway:
             "models": [name for name, _ in self.pool.models()],
             "discovery_error": self.maintainer.discovery_error,
         }
+        audits = self.audits
+        if audits is not None:
+            body["audits"] = {
+                "verifiers": len(audits.verifiers),
+                "qualifying": audits.qualifying,
+                "pending": sum(m.pending for m in audits.miners.values()),
+            }
         settlement = self.settlement
         if settlement is not None:
             anchorer = settlement.anchorer
