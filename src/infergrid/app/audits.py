@@ -36,51 +36,17 @@ from infergrid.app.miners import MinerState
 from infergrid.app.request_status import RequestLog, RequestRecord
 from infergrid.app.settlement import Settlement
 from infergrid.protocol.audits import AuditJob, AuditState, audit_probability, selected_for_audit
-from infergrid.protocol.eip712 import Domain
 from infergrid.protocol.messages import signed_json
 from infergrid.protocol.nodes import NodeRecord, Role
 from infergrid.protocol.verdicts import SignedVerdict
+from infergrid.verify.verdict import check_verdict
 
-__all__ = ["AuditService", "MinerRecord", "check_verdict"]
+__all__ = ["AuditService", "MinerRecord"]
 
 log = logging.getLogger("infergrid.app.gateway")
 
 PROBATION, ACTIVE, FROZEN, SLASHED = "probation", "active", "frozen", "slashed"
 THROUGHPUT_ALPHA = 0.3
-
-
-def check_verdict(
-    domain: Domain,
-    signed: SignedVerdict,
-    *,
-    is_verifier: Callable[[str], bool],
-    request_hash: bytes | None = None,
-) -> str | None:
-    """Why a verdict must not be trusted, else None: verify.verdict.check_verdict (the one
-    rule). Until that module is on main, the contract's three checks are done here."""
-    try:
-        from infergrid.verify.verdict import check_verdict as rule
-    except ImportError:
-        rule = None
-    if rule is not None:
-        return rule(domain, signed, is_verifier=is_verifier, request_hash=request_hash)
-    # Stand-in for verify.verdict.check_verdict (engineer A's, same checks and wording) while
-    # that module is not on main; delete once it is.
-    verdict = signed.verdict
-    if request_hash is not None and verdict.request_hash != request_hash:
-        return (
-            f"the verdict is about request 0x{verdict.request_hash.hex()}, not "
-            f"0x{request_hash.hex()}"
-        )
-    try:
-        signer = signed.signer(domain)
-    except Exception as exc:
-        return f"the verdict's signature is invalid: {exc}"
-    if signer.lower() != verdict.verifier.lower():
-        return f"the verdict names verifier {verdict.verifier} but is signed by {signer}"
-    if not is_verifier(verdict.verifier):
-        return f"{verdict.verifier} is not a registered, active verifier"
-    return None
 
 
 @dataclass
