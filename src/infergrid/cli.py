@@ -215,7 +215,8 @@ def miner(
         typer.Option(
             "--devnet",
             help="Join the network `infergrid up` runs from --state-dir: its chain and"
-            " contracts, the next unused dev account (funded), a free port.",
+            " contracts, the next unused dev account (funded), a free port, one CPU thread"
+            " unless --threads says otherwise.",
         ),
     ] = False,
     attack: Annotated[
@@ -255,6 +256,8 @@ def miner(
             receipt_log = receipt_log or default_receipt_log_path(plan.address, state_dir)
         if not port_is_free(port, host):
             port = free_port(host)
+        # The devnet's other nodes share this machine: one core each unless told otherwise.
+        threads = threads or 1
         err.print(f"joining the devnet at {plan.chain_rpc} as {plan.address}")
     if chain_rpc is None or registry is None:
         raise CLIError("a miner needs --chain-rpc and --registry (or --devnet)")
@@ -355,7 +358,7 @@ def verifier(
             "--devnet",
             help="Join the network `infergrid up` runs from --state-dir: its chain, contracts"
             " and gateway, the next unused dev account (funded), a funded canary account and"
-            " canary key, a free port.",
+            " canary key, a free port, one CPU thread unless --threads says otherwise.",
         ),
     ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
@@ -385,6 +388,8 @@ def verifier(
             model = [_devnet_info(state_dir)["model"]]
         if not port_is_free(port, host):
             port = free_port(host)
+        # The devnet's other nodes share this machine: one core each unless told otherwise.
+        threads = threads or 1
         err.print(f"joining the devnet at {plan.chain_rpc} as {plan.address}")
     if private_key is None:
         private_key = _private_key()  # raises the one-line error
