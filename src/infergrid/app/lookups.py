@@ -1,4 +1,4 @@
-"""The gateway's lookup endpoints: vouchers, receipts, request status and miners.
+"""The gateway's lookup endpoints: vouchers, receipts, request status, miners and verifiers.
 
 Everything here reads what the gateway already holds (the receipt store, the traces, the
 request log, the audits' miner records); the blocking reads run in worker threads.
@@ -7,6 +7,8 @@ request log, the audits' miner records); the blocking reads run in worker thread
 from __future__ import annotations
 
 import asyncio
+import math
+from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 from starlette.requests import Request
@@ -25,7 +27,7 @@ __all__ = ["Lookups"]
 
 
 class Lookups:
-    """GET /v1/vouchers, /v1/receipts/{id}, /v1/requests/{id} and /v1/miners."""
+    """GET /v1/vouchers, /v1/receipts/{id}, /v1/requests/{id}, /v1/miners and /v1/verifiers."""
 
     def __init__(
         self,
@@ -154,3 +156,51 @@ class Lookups:
                 for m in self.pool.miners()
             ]
         return json_response({"object": "list", "data": data}, rid)
+
+    async def list_verifiers(self, request: Request) -> Response:
+        """GET /v1/verifiers[?since=<unix>&until=<unix>]: per verifier, the verdicts this
+        gateway recorded (passed, failed) for requests it received in [since, until) (default:
+        all it keeps; `since` after `until` is an empty window); every verifier the registry
+        lists is shown, with zeros if it audited nothing. What verifier pay
+        (verify.pay_epoch) counts as audits."""
+        rid = request_id(request.scope)
+        try:
+            authenticate(self.keys, request)
+            since = _unix_param(request, "since")
+            until = _unix_param(request, "until")
+            counts: dict[str, tuple[int, int]] = {}
+            if self.requests is not None:
+                counts = await asyncio.to_thread(self.requests.verdict_counts, since, until)
+        except APIError as exc:
+            return error_response(exc, rid)
+        registered = [v.owner for v in self.audits.verifiers] if self.audits is not None else []
+        data: list[dict[str, Any]] = []
+        for address in sorted({*counts, *registered}):
+            passed, failed = counts.get(address, (0, 0))
+            data.append(
+                {
+                    "address": address,
+                    "audits": {"passed": passed, "failed": failed, "total": passed + failed},
+                }
+            )
+        body = {"object": "list", "since": since, "until": until, "data": data}
+        return json_response(body, rid)
+
+
+def _unix_param(request: Request, name: str) -> float | None:
+    """A query parameter holding a unix time (seconds, may have a fraction); None if absent."""
+    raw = request.query_params.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise APIError(
+            400,
+            f"`{name}` must be a unix time in seconds, got {raw!r}.",
+            param=name,
+            code="invalid_value",
+        )
+    return int(value) if value.is_integer() else value

@@ -331,6 +331,30 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             },
         }
     }
+    paths["/v1/verifiers"] = {
+        "get": {
+            "operationId": "listVerifiers",
+            "summary": "Per verifier: the verdicts this gateway recorded (passed, failed) for"
+            " requests it received in [since, until): the audits verifier pay counts.",
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0},
+                    "description": f"Unix time in seconds; default: {default}.",
+                }
+                for name, default in (
+                    ("since", "the oldest request kept"),
+                    ("until", "no upper bound (exclusive)"),
+                )
+            ],
+            "responses": {
+                "200": _ok("The verifiers.", {"type": "object"}),
+                **_errors(400, 401, 405),
+            },
+        }
+    }
     paths["/v1/vouchers"] = {
         "get": {
             "operationId": "listVouchers",

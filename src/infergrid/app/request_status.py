@@ -385,6 +385,31 @@ class RequestLog:
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM requests").fetchone()[0])
 
+    def verdict_counts(
+        self, since: float | None = None, until: float | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """Per verifier address (as its verdicts name it): (passed, failed), over the verdicts
+        recorded for requests created in [since, until) (None: unbounded). One grouped query
+        over the `created` index; what retention pruned is no longer counted."""
+        low = float("-inf") if since is None else since
+        high = float("inf") if until is None else until
+        self.flush()
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT json_extract(v.value, '$.verifier'), json_extract(v.value, '$.passed'),"
+                " count(*) FROM requests, json_each(requests.verdicts) AS v"
+                " WHERE requests.created >= ? AND requests.created < ?"
+                " AND requests.verdicts != '[]' GROUP BY 1, 2",
+                (low, high),
+            ).fetchall()
+        counts: dict[str, tuple[int, int]] = {}
+        for verifier, passed, count in rows:
+            if not isinstance(verifier, str):
+                continue  # a verdict without a verifier is nobody's work
+            ok, failed = counts.get(verifier, (0, 0))
+            counts[verifier] = (ok + count, failed) if passed else (ok, failed + count)
+        return counts
+
     def miners(self) -> dict[str, dict[str, Any]]:
         self.flush()
         with self._lock:
