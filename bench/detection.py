@@ -87,6 +87,13 @@ GENERATING_ATTACKS = (
     "random-tokens",
     "wrong-temperature",
 )
+BF16_ATTACKS = (
+    "substitution",
+    "prefill",
+    "random-tokens",
+    "wrong-temperature",
+    "fabricated-logprobs",
+)
 DERIVED_ATTACKS = ("truncation", "fabricated-logprobs", "replay")
 
 
@@ -276,22 +283,46 @@ def honest_summary(name: str, trials: list[Trial]) -> dict[str, Any]:
     }
 
 
-def attack_summary(name: str, trials: list[Trial]) -> dict[str, Any]:
-    caught = [t for t in trials if not t.report.passed]
-    by: Counter[str] = Counter(c for t in trials for c in t.report.failed_checks)
-    signal = [max(-t.report.worst_margin, t.report.worst_logprob_error) for t in trials]
+def altered(job: AuditJob, honest: AuditJob | None) -> bool:
+    """Whether an attack's answer differs from the honest answer to the same request at all
+    (tokens or logprobs): an identical answer is not a cheat an audit could or should see."""
+    if honest is None:
+        return True
+    return (
+        job.output_token_ids != honest.output_token_ids
+        or job.output_logprobs != honest.output_logprobs
+        or job.text != honest.text
+        or job.finish_reason != honest.finish_reason
+    )
+
+
+def attack_summary(name: str, trials: list[Trial], honest: list[AuditJob | None]) -> dict[str, Any]:
+    """Detection among the answers the attack altered; `honest[i]` answers trial i's request
+    honestly (None: known to differ)."""
+    changed = [t for t, h in zip(trials, honest, strict=True) if altered(t.job, h)]
+    unchanged = len(trials) - len(changed)
+    caught = [t for t in changed if not t.report.passed]
+    by: Counter[str] = Counter(c for t in changed for c in t.report.failed_checks)
+    signal = [max(-t.report.worst_margin, t.report.worst_logprob_error) for t in changed]
     return {
         "attack": name,
         "trials": len(trials),
+        "altered": len(changed),
+        "identical_to_honest": unchanged,
+        "identical_flagged": sum(
+            1
+            for t, h in zip(trials, honest, strict=True)
+            if not altered(t.job, h) and not t.report.passed
+        ),
         "caught": len(caught),
-        "detection": len(caught) / len(trials) if trials else None,
+        "detection": len(caught) / len(changed) if changed else None,
         "caught_by": dict(by),
         "median_signal": statistics.median(signal) if signal else None,
         # The weakest evidence among the trials: how close this attack comes to the thresholds.
         "p10_signal": statistics.quantiles(signal, n=10)[0] if len(signal) >= 2 else None,
         "missed_examples": [
             {"worst_margin": t.report.worst_margin, "lp": t.report.worst_logprob_error}
-            for t in trials
+            for t in changed
             if t.report.passed
         ][:5],
     }
@@ -314,7 +345,7 @@ def table(model: str, honest: list[dict[str, Any]], attacked: list[dict[str, Any
         )
     lines += [
         "",
-        "| attack | trials | detected | caught by | signal p10 / median |",
+        "| attack | trials (altered) | detected of altered | caught by | signal p10 / median |",
         "|---|---|---|---|---|",
     ]
     for a in attacked:
@@ -322,7 +353,8 @@ def table(model: str, honest: list[dict[str, Any]], attacked: list[dict[str, Any
         p10, median = a["p10_signal"], a["median_signal"]
         signal = "n/a" if median is None or p10 is None else f"{p10:.3g} / {median:.3g}"
         lines.append(
-            f"| {a['attack']} | {a['trials']} | {_rate(a['caught'], a['trials'])} | {by} | "
+            f"| {a['attack']} | {a['trials']} ({a['altered']}) | {_rate(a['caught'], a['altered'])}"
+            f" | {by} | "
             f"{signal} |"
         )
     return "\n".join(lines)
@@ -340,6 +372,7 @@ def bench_model(
     max_tokens: int,
     concurrency: int,
     only: set[str] | None,
+    bf16_trials: int,
 ) -> dict[str, Any]:
     def wanted(name: str) -> bool:
         return only is None or name in only
@@ -361,13 +394,21 @@ def bench_model(
         )
     )
     bf16 = attacks.cast_copy(reference, torch.bfloat16)
-    honest.append(
-        honest_summary(
-            "bf16 miner, bf16 verifier",
-            run_trials(bf16, bf16, trials, max_tokens, "bf16"),
+    bf16_honest = run_trials(bf16, bf16, trials, max_tokens, "bf16")
+    honest.append(honest_summary("bf16 miner, bf16 verifier", bf16_honest))
+    # The attacks that still make sense against a bf16 claim, judged at the bf16 thresholds.
+    bf16_attacked: list[dict[str, Any]] = []
+    cheap16 = attacks.cast_copy(cheap, torch.bfloat16)
+    for name in BF16_ATTACKS:
+        if not wanted(name) or bf16_trials <= 0:
+            continue
+        engine = attacks.make_attack(name, bf16, cheap=cheap16, seed=7)
+        run = run_trials(engine, bf16, bf16_trials, max_tokens, f"bf16 {name}")
+        bf16_attacked.append(
+            attack_summary(name + " (bf16 claim)", run, [t.job for t in bf16_honest[: len(run)]])
         )
-    )
-    del bf16
+        log(f"  bf16 {name}: {bf16_attacked[-1]['caught']}/{bf16_attacked[-1]['altered']}")
+    del bf16, cheap16
     gc.collect()
 
     attacked: list[dict[str, Any]] = []
@@ -376,7 +417,11 @@ def bench_model(
             continue
         engine = attacks.make_attack(name, reference, cheap=cheap, seed=7)
         attacked.append(
-            attack_summary(name, run_trials(engine, reference, trials, max_tokens, name))
+            attack_summary(
+                name,
+                run_trials(engine, reference, trials, max_tokens, name),
+                [t.job for t in base],  # the same requests, answered honestly
+            )
         )
         log(f"  {name}: {attacked[-1]['caught']}/{attacked[-1]['trials']}")
         del engine
@@ -389,10 +434,17 @@ def bench_model(
     for name in DERIVED_ATTACKS:
         if not wanted(name):
             continue
-        made = [derived[name](t.job) for t in base]
-        attacked.append(
-            attack_summary(name, audit_all(reference, [j for j in made if j is not None]))
-        )
+        made = [job for job in (derived[name](t.job) for t in base) if job is not None]
+        if name == "replay":  # the honest answer to the replayed request, for comparison
+            counterparts: list[AuditJob | None] = [
+                attacks.serve_job(
+                    reference, job.body, chat=job.chat, request_id=job.request_id, attestor=ATTESTOR
+                )
+                for job in made
+            ]
+        else:
+            counterparts = [None] * len(made)
+        attacked.append(attack_summary(name, audit_all(reference, made), counterparts))
         log(f"  {name}: {attacked[-1]['caught']}/{attacked[-1]['trials']}")
     return {
         "model": label,
@@ -401,7 +453,7 @@ def bench_model(
         "thresholds": dataclasses.asdict(thresholds_for(reference.precision)),
         "bf16_thresholds": dataclasses.asdict(thresholds_for("bfloat16")),
         "honest": honest,
-        "attacks": attacked,
+        "attacks": attacked + bf16_attacked,
     }
 
 
@@ -446,6 +498,12 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=128, help="SmolLM2 cost run length")
     parser.add_argument("--long-answers", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--bf16-attack-fraction",
+        type=float,
+        default=0.5,
+        help="trials of the attacks on a bf16 claim, as a fraction of the trials",
+    )
     parser.add_argument("--only", help="comma-separated attacks to run (default: all)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -476,6 +534,7 @@ def main() -> None:
                 max_tokens=args.tiny_max_tokens,
                 concurrency=args.concurrency,
                 only=only,
+                bf16_trials=int(args.tiny_trials * args.bf16_attack_fraction),
             )
         )
     if args.smollm2_trials > 0:
@@ -490,6 +549,7 @@ def main() -> None:
                 max_tokens=args.smollm2_max_tokens,
                 concurrency=args.concurrency,
                 only=only,
+                bf16_trials=int(args.smollm2_trials * args.bf16_attack_fraction),
             )
         )
         if args.long_answers > 0:
