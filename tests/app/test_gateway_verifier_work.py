@@ -10,6 +10,7 @@ verifiers that audited nothing are listed with zeros, and bad windows are refuse
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from settlement_harness import PAYER_A, Network, addr, metered_gateway, register
 from infergrid.app.keys import KeyStore
 from infergrid.app.request_status import RequestLog, RequestRecord
 from infergrid.app.traces import TraceStore
+from infergrid.verify.pay_epoch import fetch_verifier_audits
 
 V1 = "0x" + "a1" * 20
 V2 = "0x" + "b2" * 20
@@ -75,7 +77,8 @@ async def test_the_endpoint_counts_what_the_request_statuses_show(
     ):
         start = int(time.time())
         expected: dict[str, int] = {v.address: 0 for v in verifiers}
-        for _ in range(4):
+        # Three: the miner is on probation (every response audited) until three passed.
+        for _ in range(3):
             answer = await chat(gw, canary_key)
             assert answer.status == 200
             body = await wait_state(gw, answer.status_path, canary_key, {"passed"})
@@ -89,6 +92,12 @@ async def test_the_endpoint_counts_what_the_request_statuses_show(
             {"address": a, "audits": {"passed": n, "failed": 0, "total": n}}
             for a, n in sorted(expected.items())
         ]
+        # What verifier pay reads (verify.pay_epoch's client), by the base URL clients use.
+        counts = await asyncio.to_thread(fetch_verifier_audits, gw.v1, canary_key)
+        assert counts == expected
+        with pytest.raises(RuntimeError) as exc:
+            await asyncio.to_thread(fetch_verifier_audits, gw.url, "ig-not-a-key")
+        assert str(exc.value).startswith("the gateway answered: Incorrect API key provided")
         # A window after every request: the registered verifiers, with nothing counted.
         later = start + 3600
         status, listed = await get_json(gw, f"/v1/verifiers?since={later}", canary_key)
@@ -98,7 +107,7 @@ async def test_the_endpoint_counts_what_the_request_statuses_show(
             gw, f"/v1/verifiers?since={start - 60}&until={later}", canary_key
         )
         assert status == 200
-        assert sum(entry["audits"]["passed"] for entry in listed["data"]) == 4
+        assert sum(entry["audits"]["passed"] for entry in listed["data"]) == 3
 
 
 @pytest.mark.parametrize(
