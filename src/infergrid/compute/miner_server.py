@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import re
-import socket
 import threading
 import time
 import uuid
@@ -41,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -58,6 +56,7 @@ from infergrid.compute.attestation import (
 from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
 from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
 from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
+from infergrid.http_serving import ServerThread, serve
 from infergrid.protocol.generation import (
     billable_prompt,
     chat_messages,
@@ -806,68 +805,18 @@ def create_miner_app(
 # -- running it ------------------------------------------------------------------------------
 
 
-def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-
-
 def run_miner_server(
     app: Starlette, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"
 ) -> None:
     """Serve until interrupted (uvicorn with uvloop and httptools)."""
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    serve(app, host, port, log_level=log_level)
 
 
-class MinerServerThread:
-    """The server on a background thread, e.g. for tests and the devnet; port 0 picks one.
+class MinerServerThread(ServerThread):
+    """The miner server on a background thread (http_serving.ServerThread), for tests and the
+    devnet."""
 
-    Use as a context manager, or call start() and stop(); `url` is the base URL.
-    """
-
-    def __init__(
-        self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
-    ) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
-        self.host = host
-        self.port: int = self._socket.getsockname()[1]
-        self.server = uvicorn.Server(_uvicorn_config(app, host, self.port, log_level))
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> MinerServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the miner server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout)
-        self._socket.close()
-
-    def __enter__(self) -> MinerServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    what = "miner server"
 
 
 def iter_sse(lines: Iterator[bytes] | Sequence[bytes]) -> Iterator[dict[str, Any]]:

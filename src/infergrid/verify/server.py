@@ -33,21 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from infergrid.http_serving import ServerThread, serve
 from infergrid.protocol.audits import AuditJob
 from infergrid.protocol.eip712 import Domain, InvalidSignature, Signer, signature_bytes
 from infergrid.protocol.json_body import decode_request_json, read_body
@@ -356,63 +354,15 @@ def create_verifier_app(
 # -- running it ------------------------------------------------------------------------------
 
 
-def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-
-
 def run_verifier_server(
     app: Starlette, host: str = "127.0.0.1", port: int = 8200, *, log_level: str = "warning"
 ) -> None:
     """Serve until interrupted (uvicorn with uvloop and httptools)."""
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    serve(app, host, port, log_level=log_level)
 
 
-class VerifierServerThread:
-    """The server on a background thread, for tests and the devnet; port 0 picks one. Use as
-    a context manager, or start() and stop(); `url` is the base URL."""
+class VerifierServerThread(ServerThread):
+    """The verifier server on a background thread (http_serving.ServerThread), for tests and the
+    devnet."""
 
-    def __init__(
-        self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
-    ) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
-        self.host = host
-        self.port: int = self._socket.getsockname()[1]
-        self.server = uvicorn.Server(_uvicorn_config(app, host, self.port, log_level))
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> VerifierServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the verifier server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout)
-        self._socket.close()
-
-    def __enter__(self) -> VerifierServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    what = "verifier server"
