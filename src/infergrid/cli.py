@@ -297,9 +297,18 @@ def _parse_attack(attack: str | None) -> str | None:
     return model
 
 
-@app.command()
+verifier_app = typer.Typer(
+    help="Run a verifier (`infergrid verifier --model …`), pay the verifiers an epoch from the"
+    " escrow's verifier pool (`pay`), or claim a verifier's pay (`claim`).",
+    invoke_without_command=True,
+)
+app.add_typer(verifier_app, name="verifier")
+
+
+@verifier_app.callback()
 @friendly_errors
 def verifier(
+    ctx: typer.Context,
     chain_rpc: Annotated[str | None, typer.Option(help="EVM JSON-RPC URL.")] = None,
     registry: Annotated[str | None, typer.Option(help="NodeRegistry contract address.")] = None,
     escrow: Annotated[
@@ -370,6 +379,8 @@ def verifier(
     The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable
     (with --devnet, a dev account is picked unless it is set).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from infergrid.verify.node import VerifierSettings, run_verifier
 
     private_key = os.environ.get(PRIVATE_KEY_ENV, "").strip() or None
@@ -415,6 +426,244 @@ def verifier(
         qualification_interval_s=qualification_interval,
     )
     run_verifier(settings, err)
+
+
+RewardsOption = Annotated[
+    str | None,
+    typer.Option("--rewards", help="RewardDistributor address (default: the devnet's)."),
+]
+RegistryOption = Annotated[
+    str | None, typer.Option("--registry", help="NodeRegistry address (default: the devnet's).")
+]
+PayStateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-file",
+        help="The epochs paid so far, their windows and allocations (JSON; default:"
+        " STATE_DIR/verifier-pay.json). Verifiers claim from it: publish it to them.",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class _PayTarget:
+    chain_rpc: str
+    registry: str
+    escrow: str
+    rewards: str
+    state_file: Path
+    info: dict[str, Any] | None  # devnet.json, when a default came from it
+
+
+def _pay_target(
+    chain_rpc: str | None,
+    registry: str | None,
+    escrow: str | None,
+    rewards: str | None,
+    state_file: Path | None,
+    state_dir: Path,
+) -> _PayTarget:
+    info = None
+    if chain_rpc is None or registry is None or escrow is None or rewards is None:
+        info = _devnet_info(state_dir)
+        contracts = info["contracts"]
+        chain_rpc = chain_rpc or info["chain_rpc"]
+        registry = registry or contracts["NodeRegistry"]
+        escrow = escrow or contracts["PaymentEscrow"]
+        rewards = rewards or contracts["RewardDistributor"]
+    return _PayTarget(
+        chain_rpc, registry, escrow, rewards, state_file or state_dir / "verifier-pay.json", info
+    )
+
+
+def _pay_contracts(target: _PayTarget) -> Any:
+    from infergrid.settle.chain import Chain
+    from infergrid.verify.pay_epoch import PayContracts
+
+    return PayContracts.connect(
+        Chain.connect(target.chain_rpc),
+        registry=target.registry,
+        escrow=target.escrow,
+        rewards=target.rewards,
+    )
+
+
+def _pay_table(result: Any) -> list[str]:
+    """The work and shares of one pay run, as `infergrid verifier pay` prints them."""
+    from infergrid.protocol.pricing import format_btt
+
+    lines = [
+        f"chain     [{result.since}, {result.until}) {_iso_time(result.since)} .."
+        f" {_iso_time(result.until)} (block times: fees and votes)",
+        f"gateway   [{result.audits_since}, {result.audits_until})"
+        f" {_iso_time(result.audits_since)} .. {_iso_time(result.audits_until)} (audits)",
+        f"pool      {format_btt(result.pool_wei)} BTT ({result.pool_wei} wei) credited by"
+        " the escrow in the window",
+        f"{'verifier':<42} {'audits':>6} {'agreed':>6} {'lost':>5} {'score':>6}  share",
+    ]
+    for work in result.work:
+        share = result.shares.get(work.verifier, 0)
+        lost = work.votes_against_upheld + work.votes_for_rejected
+        lines.append(
+            f"{work.verifier:<42} {work.audits:>6} {work.votes_agreeing:>6} {lost:>5}"
+            f" {work.score():>6}  {format_btt(share)} BTT"
+        )
+    if not result.work:
+        lines.append("(no verifier audited or voted in the window)")
+    return lines
+
+
+@verifier_app.command("pay")
+@friendly_errors
+def verifier_pay(
+    chain_rpc: ChainRpcOption = None,
+    registry: RegistryOption = None,
+    escrow: EscrowOption = None,
+    rewards: RewardsOption = None,
+    gateway_url: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway",
+            help="Gateway whose recorded verdicts count as audits (default: the devnet's).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="INFERGRID_API_KEY", help="An API key at --gateway (default: the devnet's)."
+        ),
+    ] = None,
+    since: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Window start, unix seconds (default: where the last epoch ended; 0)."
+        ),
+    ] = None,
+    until: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Window end, exclusive (default: now, or the chain's latest block)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the work and shares; send nothing.")
+    ] = False,
+    state_file: PayStateOption = None,
+    as_json: JsonOption = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Pay the verifiers one epoch from the escrow's verifier pool (run by the pool's holder:
+    INFERGRID_PRIVATE_KEY; on a devnet the deployer's dev key).
+
+    Counts each verifier's audits (the verdicts --gateway recorded in the window, GET
+    /v1/verifiers) and its votes on disputes resolved in the window (a vote against the
+    outcome earns nothing), splits the verifier fees the escrow credited in the window by
+    score = audits + 5 x agreeing votes, then claims the escrow's fees, funds the
+    RewardDistributor and proposes the epoch's root with the proposer bond. Earlier epochs
+    whose challenge window has passed are finalized first. Verifiers then run `infergrid
+    verifier claim`.
+    """
+    from infergrid.verify.pay_epoch import fetch_verifier_audits, finalize_due, pay_epoch
+
+    target = _pay_target(chain_rpc, registry, escrow, rewards, state_file, state_dir)
+    key = os.environ.get(PRIVATE_KEY_ENV, "").strip()
+    if not key and target.info is not None:
+        from infergrid.devnet import DEPLOYER_INDEX
+        from infergrid.settle.chain import dev_private_keys
+
+        key = dev_private_keys(DEPLOYER_INDEX + 1)[DEPLOYER_INDEX]  # the devnet's pool
+    if not key:
+        key = _private_key()  # raises the one-line error
+    if gateway_url is None or api_key is None:
+        info = target.info or _devnet_info(state_dir)
+        gateway_url = gateway_url or info["base_url"]
+        api_key = api_key or info["api_key"]
+    assert gateway_url is not None and api_key is not None
+    net = _pay_contracts(target)
+    finalized = [] if dry_run else finalize_due(net, key, target.state_file)
+    result = pay_epoch(
+        net,
+        key,
+        target.state_file,
+        lambda start, end: fetch_verifier_audits(gateway_url, api_key, since=start, until=end),
+        since=since,
+        until=until,
+        dry_run=dry_run,
+    )
+    if as_json:
+        out.print_json(data={**result.to_json(), "finalized": finalized})
+        return
+    for epoch in finalized:
+        out.print(f"finalized epoch {epoch}", highlight=False)
+    for line in _pay_table(result):
+        out.print(line, highlight=False, soft_wrap=True)
+    if result.epoch is None:
+        out.print(result.note, highlight=False)
+        return
+    window = net.rewards.challenge_window()
+    out.print(
+        f"proposed epoch {result.epoch} (tx {result.tx}); final after the {window} s challenge"
+        f" window, then each verifier runs `infergrid verifier claim`",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@verifier_app.command("claim")
+@friendly_errors
+def verifier_claim(
+    chain_rpc: ChainRpcOption = None,
+    registry: RegistryOption = None,
+    escrow: EscrowOption = None,
+    rewards: RewardsOption = None,
+    verifier_name: Annotated[
+        str | None,
+        typer.Option(
+            "--verifier",
+            help="Which devnet verifier (its name in devnet.json, e.g. verifier-1); default:"
+            f" the one whose key is in {PRIVATE_KEY_ENV}.",
+        ),
+    ] = None,
+    state_file: PayStateOption = None,
+    as_json: JsonOption = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Claim a verifier's share of every finalized epoch of verifier pay (finalizing those
+    whose challenge window has passed first). The verifier: its key in INFERGRID_PRIVATE_KEY,
+    or on a devnet --verifier NAME."""
+    from infergrid.protocol.pricing import format_btt
+    from infergrid.settle.chain import as_account
+    from infergrid.verify.pay_epoch import claim_rewards
+
+    target = _pay_target(chain_rpc, registry, escrow, rewards, state_file, state_dir)
+    if verifier_name is not None:
+        described = (target.info or _devnet_info(state_dir)).get("verifiers") or []
+        found = [entry for entry in described if entry["name"] == verifier_name]
+        if not found:
+            names = ", ".join(entry["name"] for entry in described) or "none"
+            raise CLIError(f"the devnet has no verifier {verifier_name!r} (it has {names})")
+        key = found[0]["key"]
+    else:
+        key = _private_key()
+    if not target.state_file.exists():
+        raise CLIError(
+            f"no verifier pay yet: {target.state_file} does not exist (the pool's holder writes"
+            " it with `infergrid verifier pay`)"
+        )
+    results = claim_rewards(_pay_contracts(target), key, target.state_file)
+    if as_json:
+        out.print_json(data=[r.to_json() for r in results])
+        return
+    if not results:
+        address = as_account(key).address
+        out.print(f"no epoch in {target.state_file} pays {address}", highlight=False)
+    for r in results:
+        tx = f" (tx {r.tx})" if r.tx else ""
+        out.print(
+            f"epoch {r.epoch}: {format_btt(r.amount_wei)} BTT to {r.account}: {r.status}{tx}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @dataclass(frozen=True)

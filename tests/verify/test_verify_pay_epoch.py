@@ -194,25 +194,28 @@ def test_an_epoch_pays_each_verifier_exactly_its_share_once(world: World, tmp_pa
         pool,
     )
 
-    # The chain's clock was moved ahead of the wall clock (voting periods): say it caught up.
-    now = chain.timestamp() + 1
-    dry = pay_epoch(net, KEYS[POOL], state, _audits(AUDITS), dry_run=True, now=now)
+    # By default the chain window ends a second past the latest block, however far the
+    # chain's clock ran ahead of the wall clock (voting periods), and the gateway's at now.
+    dry = pay_epoch(net, KEYS[POOL], state, _audits(AUDITS), dry_run=True, now=1_000)
     assert dry.epoch is None and dry.shares == expected and dry.pool_wei == pool
-    assert (dry.since, dry.until, dry.note) == (0, now, "dry run: nothing sent")
+    assert (dry.since, dry.until) == (0, chain.timestamp() + 1)
+    assert (dry.audits_since, dry.audits_until, dry.note) == (0, 1_000, "dry run: nothing sent")
     assert not state.exists() and net.rewards.next_epoch() == 1
     work = {w.verifier: w for w in dry.work}
     assert work[ADDRS[V3]].votes_against_upheld == 1 and work[ADDRS[V3]].votes_agreeing == 0
 
     owed = net.escrow.fees_owed(ADDRS[POOL])
-    until = chain.timestamp() + 1
+    # An explicit --until ends both windows; it must be past on both clocks.
+    until = now = chain.timestamp() + 1
     result = pay_epoch(net, KEYS[POOL], state, _audits(AUDITS), until=until, now=now)
     assert result.epoch == 1 and result.shares == expected
-    assert (result.since, result.until) == (0, until)
+    assert (result.since, result.until, result.audits_until) == (0, until, until)
     assert result.claimed_fees_wei == owed and net.escrow.fees_owed(ADDRS[POOL]) == 0
     epoch = net.rewards.epoch(1)
     assert epoch.status == "proposed" and epoch.total_wei == pool
     (record,) = PayState.load(state, net.deployment()).epochs
     assert (record.since, record.until, record.status) == (0, until, "proposed")
+    assert (record.audits_since, record.audits_until) == (0, until)
     assert record.allocations == expected
 
     # In the challenge window nothing can be claimed yet.
@@ -234,7 +237,8 @@ def test_an_epoch_pays_each_verifier_exactly_its_share_once(world: World, tmp_pa
         pay_epoch(net, KEYS[POOL], state, _audits(AUDITS), since=0, now=now)
     assert str(exc.value) == f"--since 0 would pay again: epoch 1 already paid up to {until}"
     again = pay_epoch(net, KEYS[POOL], state, _audits(AUDITS), now=chain.timestamp() + 1)
-    assert again.since == until and again.epoch is None and again.pool_wei == 0
+    assert (again.since, again.audits_since) == (until, until)
+    assert again.epoch is None and again.pool_wei == 0
     assert (
         again.note
         == "nothing to pay: no fee was credited to the verifier pool; the window stays open"

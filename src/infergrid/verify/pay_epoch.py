@@ -2,12 +2,14 @@
 
 Run by the holder of the escrow's verifier pool (on a devnet the deployer, also the treasury):
 
-1. the window is [since, until) in unix seconds; `since` is where the last paid epoch ended
-   (0 the first time), `until` at most now (the gateway's records) and at most one second
-   past the chain's latest block (every later block has a later timestamp), so nothing can
-   still land inside a window already paid. A chain whose clock was moved ahead (a devnet's
-   time travel) is paid up to the wall clock: what it mined "in the future" waits for a
-   later run;
+1. the window is [since, until) in unix seconds, on two clocks: block timestamps for what
+   the chain says (fees, votes), the gateway's clock for its records (audits). They differ:
+   an embedded devnet mines every transaction a second after the last and travels in time
+   for voting periods, so its blocks run ahead of the wall clock. Each clock has its own
+   cursor: a window starts where the last paid epoch's ended on that clock (0 the first
+   time) and ends by default one second past the chain's latest block (every later block
+   has a later timestamp) and at the gateway's now, so nothing can still land inside a
+   window already paid. An explicit --since/--until sets both;
 2. the work: each verifier's audits are the verdicts the gateway recorded for requests it
    received in the window (`GET /v1/verifiers`, `fetch_verifier_audits`); its votes are read
    from the DisputeManager's `Voted` events on the disputes whose `DisputeResolved` block falls
@@ -224,11 +226,13 @@ class EpochRecord:
     """One epoch of verifier pay as the state file keeps it."""
 
     epoch: int
-    since: int
+    since: int  # the chain window (block timestamps): fees and votes
     until: int
     pool_wei: int
     allocations: dict[str, int]
     work: list[dict[str, Any]]
+    audits_since: int = 0  # the gateway window (its clock): audits
+    audits_until: int = 0
     status: str = "pending"  # "pending" (money may be moving) | "proposed" | "finalized"
     root: str = ""
     tx: str | None = None
@@ -239,6 +243,8 @@ class EpochRecord:
             "epoch": self.epoch,
             "since": self.since,
             "until": self.until,
+            "audits_since": self.audits_since,
+            "audits_until": self.audits_until,
             "pool_wei": str(self.pool_wei),
             "allocations": {a: str(w) for a, w in self.allocations.items()},
             "work": self.work,
@@ -257,6 +263,8 @@ class EpochRecord:
             pool_wei=int(data["pool_wei"]),
             allocations={a: int(w) for a, w in data["allocations"].items()},
             work=list(data.get("work", [])),
+            audits_since=int(data.get("audits_since", data["since"])),
+            audits_until=int(data.get("audits_until", data["until"])),
             status=str(data.get("status", "pending")),
             root=str(data.get("root", "")),
             tx=data.get("tx"),
@@ -291,8 +299,12 @@ class PayState:
             mine = []
         return cls(path, deployment, mine, sections)
 
-    def last_until(self) -> int:
-        return max((e.until for e in self.epochs), default=0)
+    def last_until(self) -> tuple[int, int]:
+        """Where the paid epochs end: (on the chain's clock, on the gateway's)."""
+        return (
+            max((e.until for e in self.epochs), default=0),
+            max((e.audits_until for e in self.epochs), default=0),
+        )
 
     def save(self) -> None:
         sections = {**self._others, self.deployment: {"epochs": [e.to_json() for e in self.epochs]}}
@@ -311,8 +323,10 @@ class PayResult:
     """What one `pay_epoch` run found and did. `epoch` is None when nothing was proposed
     (a dry run, or nothing to pay); `note` says why in one line."""
 
-    since: int
+    since: int  # the chain window
     until: int
+    audits_since: int  # the gateway window
+    audits_until: int
     pool_wei: int
     work: list[VerifierWork]
     shares: dict[str, int]
@@ -325,6 +339,8 @@ class PayResult:
         return {
             "since": self.since,
             "until": self.until,
+            "audits_since": self.audits_since,
+            "audits_until": self.audits_until,
             "pool_wei": str(self.pool_wei),
             "work": [w.to_json() for w in self.work],
             "shares": {a: str(w) for a, w in self.shares.items()},
@@ -394,12 +410,12 @@ def pay_epoch(
     vote_weight: int = VOTE_WEIGHT,
     now: float | None = None,
 ) -> PayResult:
-    """Pay the verifiers for [since, until) (module docstring). `audits(since, until)` gives
-    the verdicts per verifier (fetch_verifier_audits against the gateway). `key` must be the
-    escrow's verifier pool; `now` is the wall clock (default time.time()). A dry run reads and
-    computes, and changes nothing (no state, no transaction). ValueError for a window that
-    would pay time already paid, reach past the chain's latest block or past now, or a key
-    that is not the pool's."""
+    """Pay the verifiers for the next window (module docstring), or [since, until) on both
+    clocks where given. `audits(since, until)` gives the verdicts per verifier in a gateway
+    window (fetch_verifier_audits). `key` must be the escrow's verifier pool; `now` is the
+    gateway's clock (default time.time()). A dry run reads and computes, and changes nothing
+    (no state, no transaction). ValueError for a window that would pay time already paid,
+    reach past the chain's latest block or past now, or a key that is not the pool's."""
     holder = as_account(key).address
     pool_address = net.escrow.verifier_pool()
     if holder != pool_address:
@@ -413,40 +429,46 @@ def pay_epoch(
         tx, claimed = _propose(net, key, state, record, resumed=True)
         work = [VerifierWork(**{k: v for k, v in w.items() if k != "score"}) for w in record.work]
         return PayResult(
-            record.since, record.until, record.pool_wei, work, record.allocations,
-            record.epoch, "completed the interrupted run for this window", tx, claimed,
+            record.since, record.until, record.audits_since, record.audits_until,
+            record.pool_wei, work, record.allocations, record.epoch,
+            "completed the interrupted run for this window", tx, claimed,
         )  # fmt: skip
-    paid_until = state.last_until()
-    start = paid_until if since is None else since
-    if start < paid_until:
+    chain_paid, audits_paid = state.last_until()
+    if since is not None and since < max(chain_paid, audits_paid):
         raise ValueError(
-            f"--since {start} would pay again: epoch {state.epochs[-1].epoch} already paid up to"
-            f" {paid_until}"
+            f"--since {since} would pay again: epoch {state.epochs[-1].epoch} already paid up to"
+            f" {max(chain_paid, audits_paid)}"
         )
     # Every later block is mined at a later second than the latest (the chain's rule), so a
     # window may end one second after it and no event can still land inside.
     latest = net.chain.timestamp() + 1
     wall = int(time.time() if now is None else now)
-    end = min(wall, latest) if until is None else until
-    if end > latest:
+    if until is not None and until > latest:
         raise ValueError(
-            f"--until {end} is after the chain's latest block ({latest - 1}): events could"
+            f"--until {until} is after the chain's latest block ({latest - 1}): events could"
             " still land before it"
         )
-    if end > wall:
-        raise ValueError(f"--until {end} is in the future: the gateway could still record audits")
-    if end <= start:
-        raise ValueError(f"empty window: --until {end} is not after --since {start}")
-    work = gather_work(audits(start, end), resolved_votes(net.disputes, start, end))
+    if until is not None and until > wall:
+        raise ValueError(f"--until {until} is in the future: the gateway could still record audits")
+    start = chain_paid if since is None else since
+    a_start = audits_paid if since is None else since
+    if until is not None and until <= start:
+        raise ValueError(f"empty window: --until {until} is not after --since {start}")
+    end = latest if until is None else until
+    # A gateway clock set back gives an empty window, not a negative one.
+    a_end = max(a_start, wall if until is None else until)
+    work = gather_work(audits(a_start, a_end), resolved_votes(net.disputes, start, end))
     pool = pool_credited(net.escrow, start, end)
     shares = verifier_shares(work, pool, vote_weight=vote_weight)
+
+    def result(shares: dict[str, int], epoch: int | None, note: str, *extra: Any) -> PayResult:
+        return PayResult(start, end, a_start, a_end, pool, work, shares, epoch, note, *extra)
+
     if not shares:
         why = "no fee was credited to the verifier pool" if pool == 0 else "no verifier scored"
-        return PayResult(
-            start, end, pool, work, {}, None, f"nothing to pay: {why}; the window stays open"
-        )
+        return result({}, None, f"nothing to pay: {why}; the window stays open")
     if dry_run:
-        return PayResult(start, end, pool, work, shares, None, "dry run: nothing sent")
+        return result(shares, None, "dry run: nothing sent")
     tree = reward_tree(shares)
     record = EpochRecord(
         epoch=net.rewards.next_epoch(),
@@ -455,13 +477,15 @@ def pay_epoch(
         pool_wei=pool,
         allocations=dict(tree.allocations),
         work=[w.to_json(vote_weight) for w in work],
+        audits_since=a_start,
+        audits_until=a_end,
         root="0x" + tree.root.hex(),
         block=net.chain.block_number(),
     )
     state.epochs.append(record)
     state.save()  # pending: a crash from here on is completed by the next run
     tx, claimed = _propose(net, key, state, record, resumed=False)
-    return PayResult(start, end, pool, work, shares, record.epoch, "proposed", tx, claimed)
+    return result(shares, record.epoch, "proposed", tx, claimed)
 
 
 def finalize_due(net: PayContracts, key: PrivateKey, state_path: Path) -> list[int]:
