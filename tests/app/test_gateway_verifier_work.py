@@ -56,6 +56,9 @@ def test_counts_verdicts_per_verifier_in_the_window(tmp_path: Path) -> None:
         assert log.verdict_counts(until=150.5) == {V1: (1, 0)}
         assert log.verdict_counts(301, None) == {}
         assert log.verdict_counts(300, 100) == {}
+        # Bounds past SQLite's 64-bit integers (a query string can hold any number).
+        assert log.verdict_counts(0, 10**30) == log.verdict_counts()
+        assert log.verdict_counts(10**30, None) == {}
     finally:
         log.close()
 

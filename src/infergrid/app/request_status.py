@@ -391,8 +391,9 @@ class RequestLog:
         """Per verifier address (as its verdicts name it): (passed, failed), over the verdicts
         recorded for requests created in [since, until) (None: unbounded). One grouped query
         over the `created` index; what retention pruned is no longer counted."""
-        low = float("-inf") if since is None else since
-        high = float("inf") if until is None else until
+        # As floats, like the column: a bound past SQLite's 64-bit integers still compares.
+        low = float("-inf") if since is None else float(since)
+        high = float("inf") if until is None else float(until)
         self.flush()
         with self._lock:
             rows = self._conn.execute(
