@@ -23,25 +23,25 @@ Run by the holder of the escrow's verifier pool (on a devnet the deployer, also 
 5. after the challenge window anyone finalizes (`finalize_due`), and each verifier claims its
    amount with its proof (`claim_rewards`).
 
-The epochs paid are kept in a small JSON **state file** (one section per deployment: chain id,
-genesis hash, RewardDistributor address), each with its window, pool, work and allocations: the
-next run starts at the last `until`, so no window is paid twice, and the allocations are what
-verifiers build their proofs from (publish the file to them). A record is written as "pending"
-before any money moves, so a run interrupted between funding and proposing is completed by the
-next run rather than paid again. A window in which nobody scored, or no fee was credited, is
-not closed: its audits and fees carry into the next run.
+The epochs paid are kept in a small JSON **state file** (verify.pay_state; one section per
+deployment: chain id, genesis hash, RewardDistributor address), each with its windows, pool,
+work and allocations: the next run starts where the last one's windows ended, so no window is
+paid twice, and the allocations are what verifiers build their proofs from (publish the file
+to them). A record is written as "pending" before any money moves, so a run interrupted
+between funding and proposing is completed by the next run rather than paid again. A window
+in which nobody scored, or no fee was credited, is not closed: its audits and fees carry into
+the next run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from infergrid.settle.escrow import PaymentEscrow
 from infergrid.settle.registry import Registry
 from infergrid.settle.rewards import RewardDistributor, reward_tree
 from infergrid.verify.pay import VOTE_WEIGHT, VerifierWork, verifier_shares
+from infergrid.verify.pay_state import EpochRecord, PayState
 
 __all__ = [
     "ClaimResult",
@@ -67,8 +68,6 @@ __all__ = [
     "pool_credited",
     "resolved_votes",
 ]
-
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -216,103 +215,6 @@ def gather_work(audits: Mapping[str, int], votes: Mapping[str, VoteTally]) -> li
             votes_for_rejected=tally.for_rejected,
         )
     return [merged[a] for a in sorted(merged)]
-
-
-# --- the state file ---------------------------------------------------------------------------
-
-
-@dataclass
-class EpochRecord:
-    """One epoch of verifier pay as the state file keeps it."""
-
-    epoch: int
-    since: int  # the chain window (block timestamps): fees and votes
-    until: int
-    pool_wei: int
-    allocations: dict[str, int]
-    work: list[dict[str, Any]]
-    audits_since: int = 0  # the gateway window (its clock): audits
-    audits_until: int = 0
-    status: str = "pending"  # "pending" (money may be moving) | "proposed" | "finalized"
-    root: str = ""
-    tx: str | None = None
-    block: int = 0  # the chain's head when the record was made: funding is looked for after
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "since": self.since,
-            "until": self.until,
-            "audits_since": self.audits_since,
-            "audits_until": self.audits_until,
-            "pool_wei": str(self.pool_wei),
-            "allocations": {a: str(w) for a, w in self.allocations.items()},
-            "work": self.work,
-            "status": self.status,
-            "root": self.root,
-            "tx": self.tx,
-            "block": self.block,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> EpochRecord:
-        return cls(
-            epoch=int(data["epoch"]),
-            since=int(data["since"]),
-            until=int(data["until"]),
-            pool_wei=int(data["pool_wei"]),
-            allocations={a: int(w) for a, w in data["allocations"].items()},
-            work=list(data.get("work", [])),
-            audits_since=int(data.get("audits_since", data["since"])),
-            audits_until=int(data.get("audits_until", data["until"])),
-            status=str(data.get("status", "pending")),
-            root=str(data.get("root", "")),
-            tx=data.get("tx"),
-            block=int(data.get("block", 0)),
-        )
-
-
-@dataclass
-class PayState:
-    """The state file: epochs paid, per deployment. Written whole, atomically."""
-
-    path: Path
-    deployment: str
-    epochs: list[EpochRecord] = field(default_factory=list)
-    _others: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path, deployment: str) -> PayState:
-        sections: dict[str, Any] = {}
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-                sections = dict(data["deployments"])
-                mine = [
-                    EpochRecord.from_json(e) for e in sections.pop(deployment, {}).get("epochs", [])
-                ]
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(
-                    f"the verifier pay state file {path} is unreadable: {exc}"
-                ) from None
-        else:
-            mine = []
-        return cls(path, deployment, mine, sections)
-
-    def last_until(self) -> tuple[int, int]:
-        """Where the paid epochs end: (on the chain's clock, on the gateway's)."""
-        return (
-            max((e.until for e in self.epochs), default=0),
-            max((e.audits_until for e in self.epochs), default=0),
-        )
-
-    def save(self) -> None:
-        sections = {**self._others, self.deployment: {"epochs": [e.to_json() for e in self.epochs]}}
-        text = json.dumps({"version": STATE_VERSION, "deployments": sections}, indent=1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
 
 
 # --- paying -----------------------------------------------------------------------------------
