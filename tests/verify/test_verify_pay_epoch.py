@@ -62,6 +62,7 @@ class World:
     net: PayContracts
     registry: Registry
     collection: Collection
+    collected_at: int  # the collection's block timestamp
     dispute_id: int
 
 
@@ -129,6 +130,7 @@ def world(chain: Chain) -> World:
     )  # fmt: skip
     owed_before = escrow.fees_owed(ADDRS[POOL])
     collection = escrow.collect(KEYS[MINER], voucher, sign_message(domain, voucher, GATEWAY_SIGNER))
+    collected_at = chain.timestamp()  # the latest block is the collection's
     # The collection credits the verifier pool (here also the treasury) its fees.
     assert collection.verifier_fee_wei == VALUE * P.verifier_pool_ppm // 1_000_000
     assert escrow.fees_owed(ADDRS[POOL]) - owed_before == (
@@ -155,7 +157,7 @@ def world(chain: Chain) -> World:
         escrow=contracts.PaymentEscrow,
         rewards=contracts.RewardDistributor,
     )
-    return World(chain, net, registry, collection, dispute_id)
+    return World(chain, net, registry, collection, collected_at, dispute_id)
 
 
 def _received(chain: Chain, address: str, before: int) -> int:
@@ -170,9 +172,12 @@ def test_the_window_reads_the_pool_and_the_votes(world: World) -> None:
     assert (votes[ADDRS[V2]].agreeing, votes[ADDRS[V2]].against_upheld) == (1, 0)
     assert (votes[ADDRS[V3]].agreeing, votes[ADDRS[V3]].against_upheld) == (0, 1)
     # A window that ends before the collection and the resolution holds neither.
-    start = world.chain.timestamp() - P.voting_period_s - P.min_verifier_age_s - 10
-    assert pool_credited(world.net.escrow, 0, start) == 0
-    assert resolved_votes(world.net.disputes, 0, start) == {}
+    assert pool_credited(world.net.escrow, 0, world.collected_at) == 0
+    assert resolved_votes(world.net.disputes, 0, world.collected_at) == {}
+    # One that starts after the collection holds the resolution but not the fee.
+    after = world.collected_at + 1
+    assert pool_credited(world.net.escrow, after, until) == 0
+    assert set(resolved_votes(world.net.disputes, after, until)) == {ADDRS[V2], ADDRS[V3]}
 
 
 def test_an_epoch_pays_each_verifier_exactly_its_share_once(world: World, tmp_path: Path) -> None:
