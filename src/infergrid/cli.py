@@ -659,6 +659,8 @@ def verifier_claim(
         out.print(f"no epoch in {target.state_file} pays {address}", highlight=False)
     for r in results:
         tx = f" (tx {r.tx})" if r.tx else ""
+        if r.final_at is not None:
+            tx = f" (its challenge window ends at block time {_iso_time(r.final_at)})"
         out.print(
             f"epoch {r.epoch}: {format_btt(r.amount_wei)} BTT to {r.account}: {r.status}{tx}",
             highlight=False,

@@ -226,6 +226,7 @@ def test_an_epoch_pays_each_verifier_exactly_its_share_once(world: World, tmp_pa
     # In the challenge window nothing can be claimed yet.
     early = claim_rewards(net, KEYS[OTHER], state, ADDRS[V1])
     assert [(c.epoch, c.status) for c in early] == [(1, "not final yet")]
+    assert early[0].final_at == epoch.proposed_at + net.rewards.challenge_window()
     chain.increase_time(net.rewards.challenge_window())
     for verifier in (V1, V2, V3):
         before = chain.balance(ADDRS[verifier])

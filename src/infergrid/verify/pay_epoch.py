@@ -418,6 +418,7 @@ class ClaimResult:
     amount_wei: int
     status: str  # "claimed" | "already claimed" | "not final yet"
     tx: str | None = None
+    final_at: int | None = None  # not final yet: the block time its window ends (None: challenged)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -426,6 +427,7 @@ class ClaimResult:
             "amount_wei": str(self.amount_wei),
             "status": self.status,
             "tx": self.tx,
+            "final_at": self.final_at,
         }
 
 
@@ -444,7 +446,15 @@ def claim_rewards(
             continue
         amount = record.allocations[holder]
         if record.status != "finalized":
-            results.append(ClaimResult(record.epoch, holder, amount, "not final yet"))
+            info = net.rewards.epoch(record.epoch)
+            final_at = (
+                info.proposed_at + net.rewards.challenge_window()
+                if info.status == "proposed"
+                else None
+            )
+            results.append(
+                ClaimResult(record.epoch, holder, amount, "not final yet", final_at=final_at)
+            )
         elif net.rewards.is_claimed(record.epoch, holder):
             results.append(ClaimResult(record.epoch, holder, amount, "already claimed"))
         else:
