@@ -63,7 +63,16 @@ def test_devnet_json_describes_the_network(devnet: DevnetProcess) -> None:
     assert isinstance(info["chain_id"], int)
     assert info["contracts"]["NodeRegistry"].startswith("0x")
     names = sorted(node["name"] for node in info["nodes"])
-    assert names == ["chain", "gateway", "miner-1", "miner-2"]
+    # The README's network: three verifiers by default, each staked and with canary funds.
+    assert names == [
+        "chain",
+        "gateway",
+        "miner-1",
+        "miner-2",
+        *(f"verifier-{i}" for i in (1, 2, 3)),
+    ]
+    assert [v["name"] for v in info["verifiers"]] == ["verifier-1", "verifier-2", "verifier-3"]
+    assert all(v["canary_api_key"].startswith("ig-") for v in info["verifiers"])
 
 
 def test_openai_client_gets_a_correct_answer(client: openai.OpenAI) -> None:
