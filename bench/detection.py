@@ -288,11 +288,15 @@ def altered(job: AuditJob, honest: AuditJob | None) -> bool:
     (tokens or logprobs): an identical answer is not a cheat an audit could or should see."""
     if honest is None:
         return True
+    # Logprobs to 1e-6: two runs of one engine may differ in the last bits (kernel choice).
     return (
         job.output_token_ids != honest.output_token_ids
-        or job.output_logprobs != honest.output_logprobs
         or job.text != honest.text
         or job.finish_reason != honest.finish_reason
+        or any(
+            abs(a - b) > 1e-6
+            for a, b in zip(job.output_logprobs, honest.output_logprobs, strict=True)
+        )
     )
 
 
@@ -373,6 +377,7 @@ def bench_model(
     concurrency: int,
     only: set[str] | None,
     bf16_trials: int,
+    attacks_only: bool = False,
 ) -> dict[str, Any]:
     def wanted(name: str) -> bool:
         return only is None or name in only
@@ -382,17 +387,18 @@ def bench_model(
     set_torch_threads(1)
     base = run_trials(reference, reference, trials, max_tokens, "fp32 1 thread")
     honest.append(honest_summary("fp32, 1 thread", base))
-    two = run_trials(
-        reference, reference, trials, max_tokens, "fp32 2 threads", start=50_000, threads=2
-    )
-    honest.append(honest_summary("fp32, generated on 2 threads, audited on 1", two))
-    log(f"  fp32 2 threads done; concurrent miner ({concurrency} in flight)")
-    honest.append(
-        honest_summary(
-            f"fp32, HTTP miner, {concurrency} concurrent",
-            concurrent_trials(reference, trials, max_tokens, concurrency),
+    if not attacks_only:
+        two = run_trials(
+            reference, reference, trials, max_tokens, "fp32 2 threads", start=50_000, threads=2
         )
-    )
+        honest.append(honest_summary("fp32, generated on 2 threads, audited on 1", two))
+        log(f"  fp32 2 threads done; concurrent miner ({concurrency} in flight)")
+        honest.append(
+            honest_summary(
+                f"fp32, HTTP miner, {concurrency} concurrent",
+                concurrent_trials(reference, trials, max_tokens, concurrency),
+            )
+        )
     bf16 = attacks.cast_copy(reference, torch.bfloat16)
     bf16_honest = run_trials(bf16, bf16, trials, max_tokens, "bf16")
     honest.append(honest_summary("bf16 miner, bf16 verifier", bf16_honest))
@@ -505,6 +511,11 @@ def main() -> None:
         help="trials of the attacks on a bf16 claim, as a fraction of the trials",
     )
     parser.add_argument("--only", help="comma-separated attacks to run (default: all)")
+    parser.add_argument(
+        "--attacks-only",
+        action="store_true",
+        help="of the honest matrix, only the runs the attacks are compared with",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
@@ -535,6 +546,7 @@ def main() -> None:
                 concurrency=args.concurrency,
                 only=only,
                 bf16_trials=int(args.tiny_trials * args.bf16_attack_fraction),
+                attacks_only=args.attacks_only,
             )
         )
     if args.smollm2_trials > 0:
@@ -550,6 +562,7 @@ def main() -> None:
                 concurrency=args.concurrency,
                 only=only,
                 bf16_trials=int(args.smollm2_trials * args.bf16_attack_fraction),
+                attacks_only=args.attacks_only,
             )
         )
         if args.long_answers > 0:

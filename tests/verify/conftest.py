@@ -4,12 +4,11 @@ the miner does (compute.attacks.serve_job) and returns the audit job a gateway w
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_helpers import DOMAIN, MINER, MINER_KEY, Serve, request_body
 
 from infergrid.compute.attacks import serve_job
 from infergrid.compute.attestation import Attestor
@@ -17,13 +16,7 @@ from infergrid.compute.engine import Engine
 from infergrid.compute.model_store import build_tiny_model
 from infergrid.compute.transformers_engine import TransformersEngine
 from infergrid.protocol.audits import AuditJob
-from infergrid.protocol.eip712 import Domain, Signer
-
-DOMAIN = Domain(1337, "0x" + "e5" * 20)  # any escrow address: nothing here touches a chain
-MINER_KEY = "0x" + "11" * 32
-MINER = "0x00000000000000000000000000000000000000aA"
-
-Serve = Callable[..., AuditJob]
+from infergrid.protocol.eip712 import Signer
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +34,6 @@ def tiny_other(tmp_path_factory: pytest.TempPathFactory) -> TransformersEngine:
 @pytest.fixture(scope="session")
 def attestor() -> Attestor:
     return Attestor(DOMAIN, Signer(MINER_KEY), MINER)
-
-
-def request_body(model: str, content: str, *, chat: bool = True, **params: Any) -> bytes:
-    """A request body as a gateway forwards it."""
-    payload: dict[str, Any] = {"model": model, **params}
-    if chat:
-        payload["messages"] = [{"role": "user", "content": content}]
-    else:
-        payload["prompt"] = content
-    return json.dumps(payload).encode()
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-from eth_utils import to_checksum_address
+from audit_helpers import BODY, MINER, OTHER_MINER, make_job
 
 import infergrid.verify
-from infergrid.compute.attestation import Attestor
 from infergrid.protocol import sampling
-from infergrid.protocol.audits import AuditJob
-from infergrid.protocol.eip712 import Domain, Signer
-from infergrid.protocol.messages import Attestation, request_hash, response_hash
+from infergrid.protocol.messages import Attestation, response_hash
 from infergrid.verify.audit import (
     BF16_THRESHOLDS,
     CHECKS,
@@ -49,32 +46,6 @@ from infergrid.verify.audit import (
     sampler_margins,
     thresholds_for,
 )
-
-MINER = to_checksum_address("0x" + "00" * 19 + "aa")
-OTHER_MINER = to_checksum_address("0x" + "bb" * 20)
-ATTESTOR = Attestor(Domain(1337, "0x" + "e5" * 20), Signer("0x" + "11" * 32), MINER)
-MODEL_ID = "0x" + "ab" * 32
-BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
-PROMPT = (3, 4, 5)
-OUTPUT = (10, 11, 12)
-
-
-def make_job(**change: Any) -> AuditJob:
-    job = AuditJob(
-        request_id="rid",
-        endpoint="chat",
-        body=BODY,
-        miner=MINER,
-        model="m",
-        prompt_token_ids=PROMPT,
-        output_token_ids=OUTPUT,
-        output_logprobs=(-0.1, -0.2, -0.3),
-        text="abc",
-        finish_reason="length",
-        usage={"prompt_tokens": 3, "completion_tokens": 3},
-        attestation=ATTESTOR.attestation_json(request_hash("rid", BODY), OUTPUT, MODEL_ID, 3),
-    )
-    return dataclasses.replace(job, **change)
 
 
 def attestation(**change: Any) -> Attestation:

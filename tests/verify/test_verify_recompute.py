@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from audit_helpers import MINER, Serve, request_body
 
-from conftest import MINER, Serve, request_body
 from infergrid.compute.attestation import Attestor
 from infergrid.compute.engine import SamplingParams
 from infergrid.compute.miner_server import MinerServerThread, create_miner_app

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from audit_helpers import MINER, make_job
 from eth_utils import keccak
-from test_verify_audit import MINER, make_job
 
 from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.messages import Attestation

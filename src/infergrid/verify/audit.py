@@ -30,18 +30,20 @@ first, each named as in `AuditReport.failed_checks`:
 
 **Thresholds** (`AuditThresholds`: `margin_tolerance` in logits, `logprob_tolerance` in
 nats) depend on the precision the reference runs at, since an audit recomputes in one pass
-what the miner computed token by token with a KV cache: the two agree to ~1e-5 in float32
-and only to ~0.1 in bfloat16. They come from bench/detection.py (docs/verification.md has the
-table): the worst honest error seen, times a headroom factor, kept below the smallest error an
-attack produces.
+what the miner computed token by token with a KV cache: the two agree to ~1e-4 in float32 and
+only to ~0.5 in bfloat16. They come from bench/detection.py (docs/verification.md has the
+table), with headroom over the worst honest error of its honest matrix (4,000 tiny answers,
+48 SmolLM2 answers; 1 and 2 threads, a miner serving 4 concurrent requests, bf16 miner and
+verifier) and below the weakest signal of the attacks:
 
-- float32 (`DEFAULT_THRESHOLDS`): margin 0.01, logprob 0.01. Worst honest errors seen across
-  the honest matrix (tiny models and SmolLM2, 1 and 2 threads, concurrent requests): margin
-  deficit and logprob error below 1e-4, so 100x headroom; bfloat16 served for float32 already
-  errs by ~0.1-3 logits, int8 weights by more than 0.01 on every response seen.
-- bfloat16 (`BF16_THRESHOLDS`): margin 1.0, logprob 1.0; the worst honest bfloat16 errors seen
-  were ~0.2-0.3 (so 3x+ headroom); substitution, prefill, random tokens, wrong temperature,
-  replay and fabricated logprobs still exceed it, while small quantization noise does not.
+- float32 (`DEFAULT_THRESHOLDS`): margin 0.01, logprob 0.01. Honest: every emitted token won
+  its step, worst logprob error 1.75e-4 (57x headroom). Weakest attack signal (10th
+  percentile): 0.029 (bf16 served for fp32 on SmolLM2), 0.064 (1 % weight noise), 0.1-0.4
+  (int8); substitution, prefill, random tokens lose steps by 7-17 logits.
+- bfloat16 (`BF16_THRESHOLDS`): margin 1.0, logprob 1.5. Honest: worst margin deficit 0.125
+  (8x headroom), worst logprob error 0.552 (2.7x). Substitution, prefill and random tokens are
+  still caught every time (signals 10-20); a wrong temperature (70 %) and fabricated logprobs
+  (83 %) partly hide in bf16's noise, a documented limit.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class AuditThresholds:
 
 
 DEFAULT_THRESHOLDS = AuditThresholds(margin_tolerance=0.01, logprob_tolerance=0.01)
-BF16_THRESHOLDS = AuditThresholds(margin_tolerance=1.0, logprob_tolerance=1.0)
+BF16_THRESHOLDS = AuditThresholds(margin_tolerance=1.0, logprob_tolerance=1.5)
 _BY_PRECISION = {"float32": DEFAULT_THRESHOLDS, "bfloat16": BF16_THRESHOLDS}
 
 
@@ -466,7 +468,9 @@ def logprob_errors(
     given = torch.tensor(list(reported), dtype=torch.float64)
     errors = (given - recomputed).abs()
     agree = (given == recomputed) | (torch.isinf(given) & torch.isinf(recomputed))
-    return torch.where(agree, torch.zeros_like(errors), errors.nan_to_num(nan=math.inf, posinf=math.inf))
+    return torch.where(
+        agree, torch.zeros_like(errors), errors.nan_to_num(nan=math.inf, posinf=math.inf)
+    )
 
 
 def check_logprobs(errors: torch.Tensor, tolerance: float) -> tuple[float, Finding | None]:
