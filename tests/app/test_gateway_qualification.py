@@ -8,6 +8,7 @@ verifier nodes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -107,6 +108,32 @@ async def test_without_verifiers_every_miner_is_active(
         assert [(m["address"], m["state"], m["served"]) for m in listed["data"]] == [
             (miner.owner, "active", 1)
         ]
+
+
+async def test_a_verifier_joining_later_does_not_take_serving_miners_off_the_network(
+    net: Network, keys: KeyStore, traces: TraceStore, tmp_path: Path, payer_key: str
+) -> None:
+    """A miner first seen while no verifier could qualify it stays active when a verifier
+    registers (its answers are audited from then on); only miners that join afterwards start on
+    probation. Otherwise one verifier registering would cut every developer off with 503s until
+    canaries re-qualified each miner, and forever if that verifier is unreachable."""
+    async with (
+        registered_miners(net, 1) as (miner,),
+        metered_gateway(net, [miner], keys, traces, tmp_path) as gw,
+    ):
+        assert (await chat(gw, payer_key)).status == 200
+        async with registered_verifiers(net):
+            for _ in range(500):
+                _, health = await get_json(gw, "/health", payer_key)
+                if health["audits"]["qualifying"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert health["audits"]["qualifying"]
+            answer = await chat(gw, payer_key)
+            assert answer.status == 200
+            assert answer.headers[MINER_HEADER.lower()] == miner.owner
+            _, listed = await get_json(gw, "/v1/miners", payer_key)
+            assert [(m["address"], m["state"]) for m in listed["data"]] == [(miner.owner, "active")]
 
 
 def test_canary_keys_and_the_migration_of_an_old_database(tmp_path: Path) -> None:

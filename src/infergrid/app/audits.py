@@ -15,7 +15,8 @@ Miners: a miner first seen is on probation until `qualification_audits` passed a
 throughput of `qualification_tokens_per_s`; a failed audit puts it back until its disputes end
 (app.dispute_watch), unless they slash it. Probation miners get only canary traffic (requests
 made with a canary key) and canary requests prefer them (`route`). With no active verifier in
-the registry nobody can qualify miners, so every miner counts as active and nothing is sent.
+the registry nobody can qualify miners, so every miner counts as active and nothing is sent;
+a miner first seen then stays active when verifiers come (it is audited from then on).
 """
 
 from __future__ import annotations
@@ -104,21 +105,22 @@ class AuditService:
 
     def observe_nodes(self, records: Iterable[NodeRecord]) -> None:
         """Take the registry's records (discovery calls this with every read)."""
-        verifiers, known = [], {}
-        for record in records:
-            if not record.active:
-                continue
-            # A frozen verifier still audits: voting freezes it until its vote is settled,
-            # and audits (and qualification) must not stop whenever every verifier voted.
-            if record.role == Role.VERIFIER and record.endpoint:
-                verifiers.append(record)
-            elif record.role == Role.MINER:
+        active = [record for record in records if record.active]
+        # A frozen verifier still audits: voting freezes it until its vote is settled, and
+        # audits (and qualification) must not stop whenever every verifier voted.
+        verifiers = [r for r in active if r.role == Role.VERIFIER and r.endpoint]
+        self.verifiers = verifiers
+        known = {}
+        for record in active:
+            if record.role == Role.MINER:
                 known[record.owner] = record
                 if record.owner not in self.miners:
+                    # Seen while no verifier could qualify it, a miner starts active (and is
+                    # still audited once verifiers come): a verifier joining later must not
+                    # take every serving miner off the network until canaries re-qualify it.
                     self.miners[record.owner] = self._new_miner()
                     self._save(record.owner)
         self.known = known
-        self.verifiers = verifiers
         self._verifier_addresses = frozenset(a for v in verifiers for a in (v.owner, v.signer) if a)
         if not verifiers and not self._said_no_verifiers:
             self._said_no_verifiers = True
@@ -158,6 +160,8 @@ class AuditService:
 
     def _new_miner(self) -> MinerRecord:
         mine = MinerRecord()
+        if not self.qualifying:
+            mine.state = ACTIVE
         self._maybe_qualify(mine)  # nothing to pass when qualification asks for no audits
         return mine
 
