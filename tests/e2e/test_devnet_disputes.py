@@ -5,12 +5,15 @@ gateway serves (GET /v1/receipts/{id}), two verifiers registered long enough bef
 it, and every party is paid exactly what the DisputeManager promises: the payer its refund
 (bounded by the receipt and by what the escrow collected), the challenger its share and its
 deposit, and miner and verifiers are unfrozen. Then an epoch of rewards is funded, proposed,
-finalized and claimed; and the gateway still serves. Everything talks to the devnet as a user
+finalized and claimed; and the gateway, having seen the dispute upheld, stops routing to the
+slashed miner. Everything talks to the devnet as a user
 would: the openai client, the `infergrid` CLI, and the chain's JSON-RPC."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import openai
@@ -246,13 +249,25 @@ def test_an_epoch_of_rewards_is_funded_proposed_finalized_and_claimed(
     assert received(chain, DEPLOYER, lambda: rewards.withdraw_credit(DEPLOYER_KEY)) == bond
 
 
-def test_the_gateway_still_serves_after_the_dispute_and_the_epoch(
+def test_the_gateway_stops_routing_to_a_miner_slashed_for_its_receipt(
     devnet: DevnetProcess, client: openai.OpenAI, registry: Registry
 ) -> None:
-    """Runs last in this module, after the dispute slashed and unfroze the devnet's miner."""
-    # The slashed miner keeps more than the minimum stake, and was unfrozen: it gets traffic.
+    """Runs last in this module, after the dispute about one of this gateway's receipts
+    slashed and unfroze the devnet's miner. The miner keeps its remaining stake (it may
+    withdraw it), but the gateway that saw the dispute upheld shows it `slashed` and sends it
+    no more requests: refused with 503 and a readable error, not served by a proven cheat."""
     assert registry.total_stake_of(MINER) >= registry.min_stake(Role.MINER)
-    wait_until(lambda: served_models(client) == [MODEL], "the unfrozen miner is not routed to")
-    completion = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
-    assert completion.choices[0].message.content is not None
-    assert completion.usage is not None and int(completion.usage.model_extra["cost_wei"]) > 0
+    assert not registry.is_frozen(MINER)
+
+    def state() -> str | None:
+        request = urllib.request.Request(
+            devnet.info["base_url"] + "/miners",
+            headers={"authorization": f"Bearer {devnet.info['api_key']}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            listed = json.loads(response.read())["data"]
+        return next((m["state"] for m in listed if m["address"] == MINER), None)
+
+    wait_until(lambda: state() == "slashed", "the gateway does not show the miner slashed")
+    with pytest.raises(openai.InternalServerError, match="No miner serving"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
