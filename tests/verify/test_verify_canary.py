@@ -141,11 +141,12 @@ def network(chain: Chain, tiny: TransformersEngine, engine: Any, tmp_path: Path)
     with (
         attesting_miner(engine, net.domain) as miner,
         VerifierServerThread(create_verifier_app(service)) as verifier,
-        VerifierServerThread(app) as gateway,
     ):
         net.registry.update(KEYS[MINER], miner.url, MINER_SIGNER.address, [offer(tiny)])
+        # The verifier first: a miner the gateway sees while no verifier exists starts active.
         add_verifier(net, V1, verifier.url, [tiny])
-        yield Setup(net, gateway.url, canary_key, service, duties, lines)
+        with VerifierServerThread(app) as gateway:
+            yield Setup(net, gateway.url, canary_key, service, duties, lines)
     service.close()
     settlement.close()
     traces.close()
