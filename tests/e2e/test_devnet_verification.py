@@ -184,7 +184,8 @@ def test_a_cheating_miner_is_audited_disputed_slashed_and_its_payer_refunded(
         if status["audit"]["state"] in ("failed", "disputed", "slashed"):
             failed = (request_id, status)
             break
-        assert status["audit"]["state"] == "not_selected", status["audit"]
+        # Not picked, or one of its first honest answers (it cheats after HONEST_FIRST).
+        assert status["audit"]["state"] in ("not_selected", "passed"), status["audit"]
     assert failed is not None, "no audited request reached the cheater"
     request_id, status = failed
 
@@ -203,6 +204,13 @@ def test_a_cheating_miner_is_audited_disputed_slashed_and_its_payer_refunded(
         "the dispute opened on-chain",
     )
     assert disputed["tx"].startswith("0x")
+    # The other verifiers fetch the evidence, re-audit and vote; only then is the clock moved
+    # past the voting period (a devnet's 300 s are plenty in real time).
+    dispute_id = int(disputed["id"])
+    wait_for(
+        lambda: disputes.dispute(dispute_id).votes_for_wei >= disputes.min_quorum_stake(),
+        "a quorum of verifiers voted to uphold",
+    )
     chain.increase_time(disputes.voting_period() + 1)
     slashed = wait_for(
         lambda: (
