@@ -442,7 +442,7 @@ class Devnet:
         return info
 
     def _miners_qualified(self, base_url: str, api_key: str, expected: int) -> bool:
-        listed = _get_json(base_url + "/miners", api_key)
+        listed = _get_json(base_url, "/miners", api_key)
         if listed is None:
             return False
         states = [entry.get("state") for entry in listed.get("data", [])]
@@ -457,7 +457,7 @@ class Devnet:
         self._done(f"model      {model} cached")
 
     def _gateway_sees_miners(self, base_url: str, api_key: str) -> bool:
-        listed = _get_json(base_url + "/models", api_key)
+        listed = _get_json(base_url, "/models", api_key)
         return listed is not None and bool(listed.get("data"))
 
     def _spawn(
@@ -555,14 +555,13 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
         console.print("stopped")
 
 
-def _get_json(url: str, api_key: str) -> dict[str, Any] | None:
-    import urllib.request
+def _get_json(base_url: str, path: str, api_key: str) -> dict[str, Any] | None:
+    """The gateway's answer while polling it, None while it cannot give one."""
+    from infergrid.gateway_client import get_gateway_json
 
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
     try:
-        with urllib.request.urlopen(request, timeout=2.0) as response:
-            data = json.loads(response.read())
-    except (OSError, ValueError):
+        data = get_gateway_json(base_url, path, api_key, timeout_s=2.0)
+    except (RuntimeError, ConnectionError):
         return None
     return data if isinstance(data, dict) else None
 

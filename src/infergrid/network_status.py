@@ -9,7 +9,6 @@ that is neither frozen nor inactive shows `registered`.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,15 +30,11 @@ def node_health(node: NodeRecord) -> str:
 
 def gateway_miners(base_url: str, api_key: str) -> dict[str, dict[str, Any]]:
     """The gateway's view of its miners by address (GET /v1/miners); empty if it cannot say."""
-    import urllib.request
+    from infergrid.gateway_client import get_gateway_json
 
-    request = urllib.request.Request(
-        base_url.rstrip("/") + "/miners", headers={"authorization": f"Bearer {api_key}"}
-    )
     try:
-        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as response:
-            data = json.loads(response.read())
-    except (OSError, ValueError):
+        data = get_gateway_json(base_url, "/miners", api_key, timeout_s=HEALTH_TIMEOUT_S)
+    except (RuntimeError, ConnectionError):
         return {}
     entries = data.get("data") if isinstance(data, dict) else None
     if not isinstance(entries, list):

@@ -8,13 +8,10 @@ against the one the gateway committed on-chain.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from infergrid.gateway_client import get_gateway_json, quoted
 from infergrid.protocol.eip712 import Domain, InvalidSignature, to_bytes32
 from infergrid.protocol.merkle import verify_proof
 from infergrid.protocol.messages import SIGNATURE_KEY, Attestation, Receipt, recover_signer
@@ -33,19 +30,9 @@ class Check:
 
 def fetch_receipt(base_url: str, api_key: str, request_id: str, timeout_s: float = 10.0) -> Any:
     """GET {base_url}/receipts/{request_id}; raises RuntimeError with the gateway's message."""
-    url = f"{base_url.rstrip('/')}/receipts/{urllib.parse.quote(request_id, safe='')}"
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise RuntimeError(f"the gateway answered: {message}") from None
-    except (OSError, ValueError) as exc:
-        raise ConnectionError(f"cannot reach the gateway at {base_url}: {exc}") from None
+    return get_gateway_json(
+        base_url, f"/receipts/{quoted(request_id)}", api_key, timeout_s=timeout_s
+    )
 
 
 def _signed(data: Any, what: str) -> tuple[dict[str, Any], str]:

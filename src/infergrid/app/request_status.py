@@ -426,23 +426,11 @@ def fetch_request_status(
 ) -> dict[str, Any]:
     """GET {base_url}/requests/{id} (base_url ends in /v1); RuntimeError with the gateway's
     message, ConnectionError when it cannot be reached."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    from infergrid.gateway_client import get_gateway_json, quoted
 
-    url = f"{base_url.rstrip('/')}/requests/{urllib.parse.quote(request_id, safe='')}"
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise RuntimeError(f"the gateway answered: {message}") from None
-    except (OSError, ValueError) as exc:
-        raise ConnectionError(f"cannot reach the gateway at {base_url}: {exc}") from None
+    body = get_gateway_json(
+        base_url, f"/requests/{quoted(request_id)}", api_key, timeout_s=timeout_s
+    )
     if not isinstance(body, dict) or not isinstance(body.get("audit"), dict):
         raise RuntimeError("the gateway's request status has no audit")
     return body

@@ -35,11 +35,7 @@ the next run.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +43,7 @@ from typing import Any
 
 from eth_utils import to_checksum_address
 
+from infergrid.gateway_client import get_gateway_json
 from infergrid.settle.chain import Chain, PrivateKey, as_account
 from infergrid.settle.disputes import STATUS_NAMES, DisputeManager
 from infergrid.settle.escrow import PaymentEscrow
@@ -178,21 +175,9 @@ def fetch_verifier_audits(
     """Per verifier, the verdicts `GET /v1/verifiers` says the gateway recorded in
     [since, until) (passed and failed alike). `gateway_url`: its root or its base URL ending
     in /v1. RuntimeError with the gateway's message; ConnectionError when unreachable."""
-    root = gateway_url.rstrip("/").removesuffix("/v1")
+    base_url = gateway_url.rstrip("/").removesuffix("/v1") + "/v1"
     query = {k: str(v) for k, v in (("since", since), ("until", until)) if v is not None}
-    url = f"{root}/v1/verifiers" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise RuntimeError(f"the gateway answered: {message}") from None
-    except (OSError, ValueError) as exc:
-        raise ConnectionError(f"cannot reach the gateway at {root}: {exc}") from None
+    body = get_gateway_json(base_url, "/verifiers", api_key, query=query, timeout_s=timeout_s)
     try:
         return {
             to_checksum_address(entry["address"]): int(entry["audits"]["total"])
