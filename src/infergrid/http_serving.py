@@ -10,6 +10,30 @@ from typing import Self
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from infergrid.protocol.openai_types import error_body
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (unknown path, wrong method) in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(error_body(message, type=kind), status_code=exc.status_code)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug, as a 500 in OpenAI's error shape that names only the exception's type."""
+    return JSONResponse(
+        error_body(f"Internal error: {type(exc).__name__}", type="server_error"), status_code=500
+    )
+
+
+# A node's app passes these to Starlette(exception_handlers=...).
+ERROR_HANDLERS = {HTTPException: http_error, Exception: server_error}
 
 
 def uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvicorn.Config:

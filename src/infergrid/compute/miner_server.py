@@ -42,7 +42,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -56,7 +55,7 @@ from infergrid.compute.attestation import (
 from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
 from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
 from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
-from infergrid.http_serving import ServerThread, serve
+from infergrid.http_serving import ERROR_HANDLERS, ServerThread, serve
 from infergrid.protocol.generation import (
     billable_prompt,
     chat_messages,
@@ -715,19 +714,6 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [model]})
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(error_body(message, type=kind), status_code=exc.status_code)
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    return JSONResponse(
-        error_body(f"Internal error: {type(exc).__name__}", type="server_error"), status_code=500
-    )
-
-
 def create_miner_app(
     engine: Engine,
     *,
@@ -795,7 +781,7 @@ def create_miner_app(
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers=ERROR_HANDLERS,
         lifespan=lifespan,
     )
     app.state.miner = state

@@ -31,27 +31,25 @@ hash; 404 `evidence_not_found` if this verifier has none, 400 `invalid_hash` for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from infergrid.http_serving import ServerThread, serve
+from infergrid.http_serving import ERROR_HANDLERS, ServerThread, serve
 from infergrid.protocol.audits import AuditJob
 from infergrid.protocol.eip712 import Domain, InvalidSignature, Signer, signature_bytes
 from infergrid.protocol.json_body import decode_request_json, read_body
 from infergrid.protocol.messages import SIGNATURE_KEY, Attestation, Receipt, recover_signer
 from infergrid.protocol.nodes import ModelOffer
-from infergrid.protocol.openai_types import APIError, error_body
+from infergrid.protocol.openai_types import APIError
 from infergrid.protocol.verdicts import SignedVerdict, sign_verdict
 from infergrid.verify.evidence_store import EvidenceStore, parse_hash
 from infergrid.verify.receipt import CONTRACT_FIELDS, receipt_mismatches
@@ -309,19 +307,6 @@ async def health(request: Request) -> Response:
     return JSONResponse(state.service.health(state.queued, state.max_queue))
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(error_body(message, type=kind), status_code=exc.status_code)
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    return JSONResponse(
-        error_body(f"Internal error: {type(exc).__name__}", type="server_error"), status_code=500
-    )
-
-
 def create_verifier_app(
     service: VerifierService,
     *,
@@ -334,18 +319,13 @@ def create_verifier_app(
         raise ValueError("max_queue must be >= 1")
     state = _ServerState(service, max_queue, max_body_bytes, body_timeout_s)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/v1/audits", post_audit, methods=["POST"]),
             Route("/v1/evidence/{digest}", get_evidence, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
-        lifespan=lifespan,
+        exception_handlers=ERROR_HANDLERS,
     )
     app.state.verifier = state
     return app
