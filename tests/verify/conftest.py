@@ -1,5 +1,6 @@
 """Fixtures for the audit tests: two tiny random models sharing a vocabulary (tiny:0, the
-reference, and tiny:1, the substitute), an attestor, and `serve`, which answers a request as
+reference, and tiny:1, the substitute; built fresh as `tiny_ref`/`tiny_other`, or from the model
+store as `tiny`/`tiny1`), an attestor, and `serve`, which answers a request as
 the miner does (compute.attacks.serve_job) and returns the audit job a gateway would build."""
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def tiny_ref(tmp_path_factory: pytest.TempPathFactory) -> TransformersEngine:
 def tiny_other(tmp_path_factory: pytest.TempPathFactory) -> TransformersEngine:
     path: Path = build_tiny_model(tmp_path_factory.mktemp("tiny1") / "model", seed=1)
     return TransformersEngine.from_dir(path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TransformersEngine:
+    """The devnet's "tiny" from the model store (the verifier node tests serve it over HTTP)."""
+    return TransformersEngine.load("tiny", num_threads=1, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny1() -> TransformersEngine:
+    """tiny:1, its substitute: same vocabulary, other weights."""
+    return TransformersEngine.load("tiny:1", num_threads=1, quiet=True)
 
 
 @pytest.fixture(scope="session")

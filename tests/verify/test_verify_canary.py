@@ -62,16 +62,6 @@ from infergrid.verify.server import VerifierServerThread, VerifierService, creat
 
 
 @pytest.fixture(scope="module")
-def tiny() -> TransformersEngine:
-    return TransformersEngine.load("tiny", num_threads=1, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def tiny1() -> TransformersEngine:
-    return TransformersEngine.load("tiny:1", num_threads=1, quiet=True)
-
-
-@pytest.fixture(scope="module")
 def chain() -> Chain:
     return Chain.embedded(EmbeddedEVM(accounts=10))
 

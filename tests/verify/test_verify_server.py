@@ -51,16 +51,6 @@ from infergrid.verify.server import (
 
 
 @pytest.fixture(scope="module")
-def tiny() -> TransformersEngine:
-    return TransformersEngine.load("tiny", num_threads=1, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def tiny1() -> TransformersEngine:
-    return TransformersEngine.load("tiny:1", num_threads=1, quiet=True)
-
-
-@pytest.fixture(scope="module")
 def net(tiny: TransformersEngine) -> Net:
     return deploy(Chain.embedded(EmbeddedEVM(accounts=10)), tiny)
 
