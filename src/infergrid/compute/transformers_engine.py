@@ -187,6 +187,27 @@ class TransformersEngine:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output embedding: the length of every logits vector."""
+        return int(self.model.config.vocab_size)
+
+    def teacher_forced_logits(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int]
+    ) -> torch.Tensor:
+        """The raw logits the model gives before each output token: [len(output), vocab],
+        float64 on the CPU, from ONE forward pass over prompt + output[:-1] (the audit's pass)."""
+        if not prompt_ids or not output_ids:
+            raise ValueError("teacher forcing needs a prompt and at least one output token")
+        ids = list(prompt_ids) + list(output_ids[:-1])
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                use_cache=False,
+                logits_to_keep=len(output_ids),
+            )
+        return out.logits[0].detach().to(device="cpu", dtype=torch.float64)
+
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         conversation = [
             {"role": _ROLE_ALIASES.get(m["role"], m["role"]), "content": m["content"]}
