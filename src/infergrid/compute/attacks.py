@@ -189,10 +189,8 @@ def layer_dropped_copy(engine: TransformersEngine, keep: int) -> TransformersEng
 
 def _logprobs_of(engine: Engine, prompt_ids: Sequence[int], ids: Sequence[int]) -> list[float]:
     """The real model's logprobs of `ids` (one teacher-forced pass), as a prover would fake."""
-    from infergrid.verify.recompute import teacher_forced_logits
-
     assert isinstance(engine, TransformersEngine), "real logprobs need a TransformersEngine"
-    logits = teacher_forced_logits(engine, prompt_ids, ids)
+    logits = engine.teacher_forced_logits(prompt_ids, ids)
     lp = torch.log_softmax(logits, dim=-1)
     return [float(lp[i, t]) for i, t in enumerate(ids)]
 

@@ -57,6 +57,234 @@ def _byte_decoder() -> dict[str, int]:
     return {ch: b for b, ch in model_store.byte_to_unicode().items()}
 
 
+class _Parked:
+    """One sequence's KV cache outside the batch (a batch-1 DynamicCache, no padding) and
+    the number of tokens in it."""
+
+    __slots__ = ("cache", "length")
+
+    def __init__(self, cache: Any, length: int) -> None:
+        self.cache = cache
+        self.length = length
+
+
+class TransformersBatchBackend:
+    """A HF causal LM as a compute.batching.BatchBackend: many sequences ('slots') decoded by
+    one forward pass over a left-padded batch.
+
+    A slot's first entry (its prompt) is prefilled alone, in one forward of its own, into a
+    private KV cache. Decoding runs every slot of the step in ONE forward over a batched
+    DynamicCache whose rows are left-padded to a common length, with an explicit attention
+    mask (padding masked out) and per-row position ids (a row's positions are its own token
+    count, as if it ran alone). The batch is rebuilt only when its membership changes: rows
+    that leave are dropped by index (and leading columns that became padding in every row are
+    cut), rows that join are padded on the left and concatenated. Logits therefore equal a
+    single-row decode's up to floating-point reassociation (measured in
+    tests/compute/test_compute_batching.py).
+
+    Models whose cache is not plain full attention in every layer (sliding windows, linear
+    attention) cannot be left-padded this way; for them `max_slots` is 1 and each slot keeps
+    its private cache. Not thread-safe: one worker thread (the batcher's) calls it.
+    """
+
+    def __init__(self, model: Any, *, max_slots: int = 8) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be at least 1, got {max_slots}")
+        self.model = model
+        self.device: torch.device = next(model.parameters()).device
+        probe = DynamicCache(config=model.config)
+        self.batchable = all(type(layer) is DynamicLayer for layer in probe.layers)
+        self._max_slots = max_slots if self.batchable else 1
+        self._parked: dict[int, _Parked] = {}
+        # The batch: slot of each row, in row order; its cache; its attention mask [B, L];
+        # each row's real token count (the position id of its next token).
+        self._rows: list[int] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._lengths: dict[int, int] = {}
+
+    @property
+    def max_slots(self) -> int:
+        return self._max_slots
+
+    @property
+    def active_slots(self) -> frozenset[int]:
+        """Slots holding a KV cache (in the batch or parked)."""
+        return frozenset(self._rows) | frozenset(self._parked)
+
+    def forward(self, work: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+        """Logits after the last token of each entry, [len(work), vocab], in `work`'s order.
+
+        An entry for a slot without a cache is a prompt (any length >= 1) and is prefilled;
+        an entry for a slot with one carries exactly one token and is decoded with the others
+        in one forward. A slot may appear once per call.
+        """
+        slots = [slot for slot, _ in work]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot may appear once per forward, got {slots}")
+        out: list[torch.Tensor | None] = [None] * len(work)
+        decode: list[tuple[int, int, int]] = []  # (index in work, slot, token)
+        for index, (slot, ids) in enumerate(work):
+            if not 0 <= slot < self._max_slots:
+                raise ValueError(f"slot {slot} is outside 0..{self._max_slots - 1}")
+            if not ids:
+                raise ValueError(f"slot {slot}: an entry needs at least one token")
+            if slot in self._lengths or slot in self._parked:
+                if len(ids) != 1:
+                    raise ValueError(
+                        f"slot {slot} is decoding: it takes one token per step, got {len(ids)}"
+                    )
+                decode.append((index, slot, int(ids[0])))
+        for index, (slot, ids) in enumerate(work):
+            if slot not in self._lengths and slot not in self._parked:
+                out[index] = self._prefill(slot, [int(t) for t in ids])
+        if decode:
+            logits = self._decode([slot for _, slot, _ in decode], [t for _, _, t in decode])
+            for (index, _, _), row in zip(decode, logits, strict=True):
+                out[index] = row
+        return torch.stack([row for row in out if row is not None])
+
+    def release(self, slot: int) -> None:
+        """Forget the slot's KV cache (a no-op for a slot without one); it may be reused."""
+        self._parked.pop(slot, None)
+        if slot in self._lengths:
+            self._drop_rows([slot])
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1
+            )
+        self._parked[slot] = _Parked(out.past_key_values, len(ids))
+        return out.logits[0, -1]
+
+    def _decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        if not self.batchable:  # one slot, its own cache: the model's cache rules apply
+            (slot,), (token,) = slots, tokens
+            parked = self._parked[slot]
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([[token]], device=self.device),
+                    past_key_values=parked.cache,
+                    use_cache=True,
+                )
+            parked.cache = out.past_key_values
+            parked.length += 1
+            return out.logits[:, -1]
+        wanted = set(slots)
+        leaving = [slot for slot in self._rows if slot not in wanted]
+        if leaving:  # in the batch but not stepped now: park them, so their cache waits
+            self._park(leaving)
+        joining = [slot for slot in slots if slot not in self._lengths]
+        if joining:
+            self._join(joining)
+        assert self._mask is not None
+        row_of = {slot: row for row, slot in enumerate(self._rows)}
+        order = torch.tensor([row_of[slot] for slot in slots], device=self.device)
+        input_ids = torch.zeros((len(self._rows), 1), dtype=torch.long, device=self.device)
+        input_ids[order, 0] = torch.tensor(tokens, device=self.device)
+        positions = torch.tensor(
+            [[self._lengths[slot]] for slot in self._rows], dtype=torch.long, device=self.device
+        )
+        ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=self.device)
+        mask = torch.cat([self._mask, ones], dim=1)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        self._cache = out.past_key_values
+        self._mask = mask
+        for slot in self._rows:
+            self._lengths[slot] += 1
+        return out.logits[order, -1]
+
+    def _park(self, slots: list[int]) -> None:
+        """Move rows out of the batch into private caches (padding stripped)."""
+        from transformers import DynamicCache
+
+        assert self._mask is not None
+        width = self._mask.shape[1]
+        for slot in slots:
+            row = self._rows.index(slot)
+            length = self._lengths[slot]
+            layers = [
+                (
+                    layer.keys[row : row + 1, :, width - length :],
+                    layer.values[row : row + 1, :, width - length :],
+                )
+                for layer in self._cache.layers
+            ]
+            self._parked[slot] = _Parked(DynamicCache(ddp_cache_data=layers), length)
+        self._drop_rows(slots)
+
+    def _drop_rows(self, slots: list[int]) -> None:
+        keep = [row for row, slot in enumerate(self._rows) if slot not in slots]
+        for slot in slots:
+            del self._lengths[slot]
+        self._rows = [self._rows[row] for row in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        assert self._mask is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask[index]
+        # Columns that are padding in every remaining row would only cost attention work.
+        start = int(mask.shape[1] - max(self._lengths[slot] for slot in self._rows))
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def _join(self, slots: list[int]) -> None:
+        """Add parked rows to the batch, everything left-padded to the longest row."""
+        from transformers import DynamicCache
+
+        parked = [self._parked.pop(slot) for slot in slots]
+        width = max(
+            [p.length for p in parked] + ([self._mask.shape[1]] if self._mask is not None else [])
+        )
+        masks: list[torch.Tensor] = []
+        if self._mask is not None:
+            masks.append(_pad_left(self._mask, width, dim=1))
+        for p in parked:
+            row = torch.ones((1, p.length), dtype=torch.long, device=self.device)
+            masks.append(_pad_left(row, width, dim=1))
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i in range(len(parked[0].cache.layers)):
+            ks = [_pad_left(p.cache.layers[i].keys, width, dim=2) for p in parked]
+            vs = [_pad_left(p.cache.layers[i].values, width, dim=2) for p in parked]
+            if self._cache is not None:
+                layer = self._cache.layers[i]
+                ks.insert(0, _pad_left(layer.keys, width, dim=2))
+                vs.insert(0, _pad_left(layer.values, width, dim=2))
+            layers.append((torch.cat(ks, dim=0), torch.cat(vs, dim=0)))
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat(masks, dim=0)
+        for slot, p in zip(slots, parked, strict=True):
+            self._rows.append(slot)
+            self._lengths[slot] = p.length
+
+
+def _pad_left(x: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    """`x` with zeros prepended along `dim` up to `width` (zero keys and values are masked
+    out; a zero in the mask marks padding)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 class TransformersEngine:
     """One causal LM and its tokenizer. Thread-safe for concurrent `generate` calls."""
 
