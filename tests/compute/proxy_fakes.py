@@ -64,6 +64,8 @@ class FakeVLLMServer(ServerThread):
         self.served_model = served_model
         self.plugin = InferGridSampler(None, torch.device("cpu"), False)
         self.stats = FakeVLLMStats()
+        # When set, answers break off after this many tokens, with no finish_reason.
+        self.cut_after: int | None = None
         # One model, one persistent batch of one row: requests take turns.
         self._lock = threading.Lock()
         app = Starlette(
@@ -113,6 +115,8 @@ class FakeVLLMServer(ServerThread):
                 with torch.inference_mode():
                     out = model(input_ids=torch.tensor([prompt]), use_cache=True)
                 for _ in range(max_tokens):
+                    if self.cut_after is not None and len(output) >= self.cut_after:
+                        break
                     logits = out.logits[0, -1].float()
                     raw = torch.log_softmax(logits, dim=-1)  # --logprobs-mode raw_logprobs
                     self.plugin.update_state(None)

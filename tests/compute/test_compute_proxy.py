@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 import torch
-from compute_helpers import MINER_ADDRESS
+from compute_helpers import MINER_ADDRESS, post
 from proxy_fakes import FakeBatchUpdate, FakeSamplingParams, FakeVLLMServer
 
 from infergrid.compute.attacks import serve_job
 from infergrid.compute.attestation import Attestor
 from infergrid.compute.engine import SamplingParams
-from infergrid.compute.miner_server import MinerServerThread
+from infergrid.compute.miner_server import MinerServerThread, create_miner_app
 from infergrid.compute.plugins import (
     ARG_SAMPLER,
     ARG_SEED,
@@ -350,6 +350,27 @@ def test_proxy_reports_an_upstream_refusal(
     )
     with pytest.raises(UpstreamError, match=r"404.*no-such-model"):
         list(wrong.generate(tiny_engine.encode("hi"), SamplingParams(max_tokens=2)))
+
+
+def test_a_broken_off_upstream_answer_is_never_attested(
+    fake_vllm: FakeVLLMServer, vllm_proxy: ProxyEngine, tiny_engine: TransformersEngine
+) -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    fake_vllm.cut_after = 3
+    try:
+        tokens = vllm_proxy.generate(tiny_engine.encode("Once"), params)
+        with pytest.raises(UpstreamError, match="without its end"):
+            list(tokens)
+        # Through the miner: an error, and no signed answer.
+        app = create_miner_app(vllm_proxy, node_address=MINER_ADDRESS, attestor=ATTESTOR)
+        with MinerServerThread(app) as miner:
+            body = _body(tiny_engine.name, "Once", max_tokens=8, temperature=0)
+            status, _, answer = post(miner.host, miner.port, "/v1/chat/completions", body)
+    finally:
+        fake_vllm.cut_after = None
+    assert status == 500
+    assert b"without its end" in answer
+    assert b"attestation" not in answer
 
 
 def test_proxy_refuses_bad_configuration(tiny_dir: Path) -> None:

@@ -66,6 +66,9 @@ TEXT_PROMPT_FLAVORS = frozenset({"ollama", "openai"})
 # Seconds the upstream may stay silent (connecting, or between two streamed events).
 DEFAULT_TIMEOUT_S = 300.0
 _VLLM_TOKEN_PREFIX = "token_id:"
+_LEGACY_MAX_LOGPROBS = 5
+# float32 log_softmax can round the likeliest token's logprob a hair above 0.
+_LOGPROB_SLACK = 1e-3
 
 
 class UpstreamError(RuntimeError):
@@ -225,8 +228,9 @@ class ProxyEngine:
             api_key=api_key,
             context_length=context_length,
         )
-        if engine.upstream_model is None and flavor != "sglang":
-            engine.upstream_model = engine._first_model()
+        served = engine._first_model()  # also: does the upstream answer at all?
+        if engine.upstream_model is None:
+            engine.upstream_model = served
         return engine
 
     def _first_model(self) -> str:
@@ -430,8 +434,13 @@ class ProxyEngine:
             "temperature": 0.0,
             "stream": True,
             "logprobs": params.top_logprobs,
+            # Neutral values, sent because servers may default otherwise (a model's
+            # generation_config in vLLM, older llama.cpp builds): a penalty moves the argmax.
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
         }
         if self.flavor == "vllm":
+            body["repetition_penalty"] = 1.0
             body["return_tokens_as_token_ids"] = True
             body["stop_token_ids"] = sorted(self.eos_token_ids)
             body["vllm_xargs"] = sampling_args(
@@ -439,6 +448,11 @@ class ProxyEngine:
             )
         elif self.flavor == "llamacpp":
             body["n_probs"] = params.top_logprobs
+            body["repeat_penalty"] = 1.0
+            body["dry_multiplier"] = 0.0
+        else:
+            # OpenAI's legacy completions list at most 5 alternatives per token.
+            body["logprobs"] = min(params.top_logprobs, _LEGACY_MAX_LOGPROBS)
         for event in self._events("/v1/completions", body, sse=True):
             if isinstance(event, dict) and "error" in event:
                 raise UpstreamError(f"the upstream failed mid-answer: {_error_detail(event)}")
@@ -551,7 +565,14 @@ class ProxyEngine:
             "prompt": text,
             "raw": True,
             "stream": True,
-            "options": {"temperature": 0, "num_predict": limit},
+            "options": {
+                "temperature": 0,
+                "num_predict": limit,
+                # Ollama's default repeat_penalty is 1.1: it would move the argmax.
+                "repeat_penalty": 1.0,
+                "presence_penalty": 0.0,
+                "frequency_penalty": 0.0,
+            },
             "logprobs": True,
             "top_logprobs": params.top_logprobs,
         }
@@ -663,7 +684,7 @@ def _as_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UpstreamError(f"the upstream sent {value!r} where a logprob belongs")
     result = float(value)
-    if math.isnan(result) or result > 0:
+    if math.isnan(result) or result > _LOGPROB_SLACK:
         raise UpstreamError(f"the upstream sent an impossible logprob {value!r}")
     return result
 
