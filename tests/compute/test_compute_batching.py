@@ -114,3 +114,32 @@ def test_bad_work_is_refused(tiny_engine: TransformersEngine) -> None:
         backend.forward([(0, [7, 8])])
     with pytest.raises(ValueError, match="max_slots"):
         TransformersBatchBackend(tiny_engine.model, max_slots=0)
+
+
+def test_a_sliding_window_model_runs_one_slot_with_its_own_cache() -> None:
+    """Left padding would shift a sliding window, so such a model is not batched: one slot,
+    the model's own cache, logits equal to a full forward's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=0,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    backend = TransformersBatchBackend(model, max_slots=8)
+    assert backend.max_slots == 1 and not backend.batchable
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    stepped = [backend.forward([(0, ids[:2])])[0]]
+    stepped += [backend.forward([(0, [token])])[0] for token in ids[2:]]
+    with torch.inference_mode():
+        full = model(input_ids=torch.tensor([ids])).logits[0]
+    for position, logits in enumerate(stepped, start=1):
+        assert float((logits - full[position]).abs().max()) <= LOGIT_TOLERANCE
