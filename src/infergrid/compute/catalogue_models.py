@@ -307,7 +307,7 @@ DEEPSEEK_R1_CHAT_TEMPLATE = (
 )
 
 # R1-Distill-Qwen renames the first seven Qwen added tokens; the rest keep their Qwen names.
-# (id, content, special) as in that repository's tokenizer.json.
+# (id, content, special), after that repository's tokenizer.json.
 DEEPSEEK_R1_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
     (151643, DEEPSEEK_EOS, True),
     (151644, DEEPSEEK_USER, False),
@@ -360,6 +360,9 @@ class Architecture:
     tokenizer: TokenizerRecipe
     qk_norm: bool = False
     notes: str = ""
+    # True where the tiny model is a neighbour of the real architecture, not the architecture
+    # itself: then `family` differs from the catalogue entry's and `notes` says how.
+    stand_in: bool = False
     generation_bos: int | None = None
     tiny_overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -511,6 +514,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             ),
             generation_eos=(151645, 151643),
             qk_norm=True,
+            stand_in=True,
             tokenizer=TokenizerRecipe(
                 **_QWEN_TOKENIZER,
                 bos_token=None,
