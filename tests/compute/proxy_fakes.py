@@ -14,8 +14,9 @@ vLLM's persistent batch drives it (one shared plugin, one row per request).
 from __future__ import annotations
 
 import json
+import pickle
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,3 +181,241 @@ def _chunk(
 def _error(status: int, message: str) -> Response:
     body = {"error": {"message": message, "type": "BadRequestError", "code": status}}
     return JSONResponse(body, status_code=status)
+
+
+# -- the other upstreams: SGLang, llama.cpp's llama-server, Ollama ------------------------
+
+
+def _steps(
+    engine: TransformersEngine,
+    prompt: list[int],
+    max_tokens: int,
+    stop_ids: set[int],
+    choose: Callable[[torch.Tensor, list[int]], int],
+) -> Iterator[tuple[int, torch.Tensor, str | None]]:
+    """(token, float32 raw logprobs, finish) per step of a KV-cached decode of `engine`'s
+    model; `choose(logits, output so far)` picks each token."""
+    model = engine.model
+    output: list[int] = []
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    while True:
+        logits = out.logits[0, -1].float()
+        token = choose(logits.clone(), output)
+        output.append(token)
+        finish = "stop" if token in stop_ids else "length" if len(output) == max_tokens else None
+        yield token, torch.log_softmax(logits, dim=-1), finish
+        if finish is not None:
+            return
+        with torch.inference_mode():
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+
+
+def _greedy(logits: torch.Tensor, output: list[int]) -> int:
+    return int(torch.argmax(logits))
+
+
+def _alternatives(
+    engine: TransformersEngine, raw: torch.Tensor, k: int, *, ids: bool
+) -> list[dict[str, Any]]:
+    values, indices = torch.topk(raw, k) if k else (torch.empty(0), torch.empty(0, dtype=int))
+    return [_entry(engine, int(i), float(v), ids=ids) for i, v in zip(indices, values, strict=True)]
+
+
+def _entry(engine: TransformersEngine, token: int, logprob: float, *, ids: bool) -> dict[str, Any]:
+    raw = engine.token_bytes(token)
+    entry: dict[str, Any] = {
+        "token": raw.decode(errors="replace"),
+        "logprob": logprob,
+        "bytes": list(raw),
+    }
+    if ids:
+        entry["id"] = token
+    return entry
+
+
+class FakeSGLangServer(ServerThread):
+    """SGLang's native /generate as the proxy uses it: `input_ids`, the REAL custom logit
+    processor (named in `custom_logit_processor`, as SGLang loads it) called with one
+    parameter dict per row carrying `__req__`, cumulative `output_ids` in each streamed
+    event, and a scoring request (`max_new_tokens: 0`) answered with teacher-forced
+    `input_token_logprobs` / `input_top_logprobs` from `logprob_start_len` on."""
+
+    what = "fake SGLang server"
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.engine = engine
+        self.requests_seen: list[dict[str, Any]] = []
+        app = Starlette(
+            routes=[
+                Route("/v1/models", self._models),
+                Route("/generate", self._generate_route, methods=["POST"]),
+            ]
+        )
+        super().__init__(app)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-sglang-model"}]})
+
+    async def _generate_route(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        self.requests_seen.append(body)
+        sampling_params = body.get("sampling_params") or {}
+        if sampling_params.get("max_new_tokens") == 0:
+            return JSONResponse(await run_in_threadpool(self._score, body))
+        spec = json.loads(body["custom_logit_processor"])
+        processor = pickle.loads(bytes.fromhex(spec["callable"]))()
+        events = await run_in_threadpool(self._generate, body, processor)
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    def _generate(self, body: dict[str, Any], processor: Any) -> list[bytes]:
+        sampling_params = body["sampling_params"]
+        params = dict(sampling_params["custom_params"])
+        request = _FakeSGLangReq()
+
+        def choose(logits: torch.Tensor, output: list[int]) -> int:
+            request.output_ids = list(output)
+            rows = processor(logits.unsqueeze(0), [{**params, "__req__": request}])
+            return int(torch.argmax(rows[0]))
+
+        stop_ids = set(sampling_params.get("stop_token_ids") or ()) | set(self.engine.eos_token_ids)
+        output: list[int] = []
+        events = []
+        for token, _, finish in _steps(
+            self.engine, body["input_ids"], sampling_params["max_new_tokens"], stop_ids, choose
+        ):
+            output.append(token)
+            meta = {"completion_tokens": len(output), "finish_reason": finish and {"type": finish}}
+            event = {
+                "text": self.engine.decode(output),
+                "output_ids": list(output),
+                "meta_info": meta,
+            }
+            events.append(b"data: " + json.dumps(event).encode() + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+    def _score(self, body: dict[str, Any]) -> dict[str, Any]:
+        ids = body["input_ids"]
+        start = body["logprob_start_len"]
+        k = body.get("top_logprobs_num") or 0
+        with torch.inference_mode():
+            logits = self.engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        entries, tops = [], []
+        for position in range(start, len(ids)):
+            row = logprobs[position - 1]
+            entries.append([float(row[ids[position]]), ids[position], None])
+            values, indices = torch.topk(row, k) if k else (torch.empty(0), torch.empty(0))
+            tops.append([[float(v), int(i), None] for v, i in zip(values, indices, strict=True)])
+        meta = {"input_token_logprobs": entries, "input_top_logprobs": tops}
+        return {"text": "", "meta_info": meta}
+
+
+@dataclass
+class _FakeSGLangReq:
+    output_ids: list[int] = field(default_factory=list)
+
+
+class FakeLlamaServer(ServerThread):
+    """llama.cpp's llama-server /v1/completions as the proxy uses it: token-id prompts, greedy
+    at temperature 0 (it refuses nothing else, like the real one, which would sample), and
+    `logprobs.content[]` entries with `id`, `token`, `logprob`, `bytes` and `top_logprobs`.
+    Like the real server's OpenAI mode it streams one token per chunk; this fake reports the
+    end-of-generation token too (what the proxy needs to attest an answer ending on it)."""
+
+    what = "fake llama-server"
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.engine = engine
+        self.requests_seen: list[dict[str, Any]] = []
+        app = Starlette(
+            routes=[
+                Route("/v1/models", self._models),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+            ]
+        )
+        super().__init__(app)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "model.gguf"}]})
+
+    async def _completions(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        self.requests_seen.append(body)
+        events = await run_in_threadpool(self._generate, body)
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    def _generate(self, body: dict[str, Any]) -> list[bytes]:
+        k = int(body.get("n_probs") or 0)
+        events = []
+        steps = _steps(
+            self.engine, body["prompt"], body["max_tokens"], set(self.engine.eos_token_ids), _greedy
+        )
+        for token, raw, finish in steps:
+            entry = _entry(self.engine, token, float(raw[token]), ids=True)
+            entry["top_logprobs"] = _alternatives(self.engine, raw, k, ids=True)
+            choice = {
+                "index": 0,
+                "text": self.engine.decode([token]),
+                "logprobs": {"content": [entry]},
+                "finish_reason": finish,
+            }
+            chunk = {"object": "text_completion", "choices": [choice]}
+            events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+
+class FakeOllamaServer(ServerThread):
+    """Ollama's /api/generate as the proxy uses it: a raw text prompt (tokenized by the
+    server itself), greedy at temperature 0, NDJSON events whose `logprobs` entries carry
+    the token's text and bytes but no id, `done` with `done_reason` last. Like
+    FakeLlamaServer it reports the end token too."""
+
+    what = "fake Ollama"
+
+    def __init__(self, engine: TransformersEngine, served_model: str = "tiny-q") -> None:
+        self.engine = engine
+        self.served_model = served_model
+        self.requests_seen: list[dict[str, Any]] = []
+        app = Starlette(
+            routes=[
+                Route("/v1/models", self._models),
+                Route("/api/generate", self._generate_route, methods=["POST"]),
+            ]
+        )
+        super().__init__(app)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.served_model}]})
+
+    async def _generate_route(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        self.requests_seen.append(body)
+        if body.get("model") != self.served_model or not body.get("raw"):
+            return JSONResponse({"error": "model not found or not raw"}, status_code=404)
+        events = await run_in_threadpool(self._generate, body)
+        return StreamingResponse(iter(events), media_type="application/x-ndjson")
+
+    def _generate(self, body: dict[str, Any]) -> list[bytes]:
+        prompt = self.engine.encode(body["prompt"])
+        options = body["options"]
+        k = int(body.get("top_logprobs") or 0)
+        events = []
+        reason = "length"
+        steps = _steps(
+            self.engine, prompt, options["num_predict"], set(self.engine.eos_token_ids), _greedy
+        )
+        for token, raw, finish in steps:
+            entry = _entry(self.engine, token, float(raw[token]), ids=False)
+            entry["top_logprobs"] = _alternatives(self.engine, raw, k, ids=False)
+            event = {"response": self.engine.decode([token]), "done": False, "logprobs": [entry]}
+            events.append(json.dumps(event).encode() + b"\n")
+            reason = finish or reason
+        events.append(json.dumps({"response": "", "done": True, "done_reason": reason}).encode())
+        return events

@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 import torch
 from compute_helpers import MINER_ADDRESS, post
-from proxy_fakes import FakeBatchUpdate, FakeSamplingParams, FakeVLLMServer
+from proxy_fakes import (
+    FakeBatchUpdate,
+    FakeLlamaServer,
+    FakeOllamaServer,
+    FakeSamplingParams,
+    FakeSGLangServer,
+    FakeVLLMServer,
+)
 
 from infergrid.compute.attacks import serve_job
 from infergrid.compute.attestation import Attestor
@@ -286,6 +293,50 @@ def test_proxy_top_logprobs_are_the_upstreams_most_likely_first(
         assert [lp for _, lp in mine.top_logprobs] == pytest.approx(
             [lp for _, lp in theirs.top_logprobs], abs=1e-4
         )
+
+
+def test_proxy_over_sglang_answers_as_the_built_in_engine_with_raw_logprobs(
+    tiny_engine: TransformersEngine, tiny_dir: Path
+) -> None:
+    with FakeSGLangServer(tiny_engine) as server:
+        proxy = ProxyEngine.connect(server.url, model=str(tiny_dir), flavor="sglang", timeout=60)
+        for params in ({"max_tokens": 20, **SAMPLED}, {"max_tokens": 6, "temperature": 0}):
+            body = _body(
+                tiny_engine.name, "Tell me a story.", logprobs=True, top_logprobs=2, **params
+            )
+            proxied, built_in = _serve(proxy, body), _serve(tiny_engine, body)
+            assert proxied.output_token_ids == built_in.output_token_ids
+            assert proxied.text == built_in.text
+            assert proxied.output_logprobs == pytest.approx(built_in.output_logprobs, abs=1e-4)
+            assert audit_job(tiny_engine, proxied).passed
+        generated, scored = server.requests_seen[-2:]
+        assert generated["input_ids"] == list(built_in.prompt_token_ids)
+        assert generated["sampling_params"]["temperature"] == 0.0
+        assert scored["input_ids"] == list(built_in.prompt_token_ids + built_in.output_token_ids)
+
+
+@pytest.mark.parametrize("flavor", ["llamacpp", "ollama"])
+def test_greedy_proxy_over_llama_server_and_ollama_answers_as_the_built_in_engine(
+    tiny_engine: TransformersEngine, tiny_dir: Path, flavor: str
+) -> None:
+    fake = FakeLlamaServer(tiny_engine) if flavor == "llamacpp" else FakeOllamaServer(tiny_engine)
+    with fake as server:
+        proxy = ProxyEngine.connect(server.url, model=str(tiny_dir), flavor=flavor, timeout=60)
+        body = _body(
+            tiny_engine.name, "Sea?", max_tokens=40, temperature=0, logprobs=True, top_logprobs=2
+        )
+        proxied, built_in = _serve(proxy, body), _serve(tiny_engine, body)
+        sent = server.requests_seen[-1]
+    assert proxied.output_token_ids == built_in.output_token_ids
+    assert proxied.text == built_in.text
+    assert proxied.output_logprobs == pytest.approx(built_in.output_logprobs, abs=1e-4)
+    assert audit_job(tiny_engine, proxied).passed
+    if flavor == "llamacpp":  # ids in; Ollama takes the templated prompt as raw text
+        assert sent["prompt"] == list(built_in.prompt_token_ids)
+    else:
+        assert sent["raw"] is True
+        assert tiny_engine.encode(sent["prompt"]) == list(built_in.prompt_token_ids)
+        assert sent["options"]["repeat_penalty"] == 1.0
 
 
 # -- greedy-only upstreams and failures -----------------------------------------------------
