@@ -94,9 +94,12 @@ def test_answers_ending_on_eos_or_the_budget_pass(
     cut = serve("Prompt 0", temperature=1.0, max_tokens=3)
     assert cut.finish_reason == "length" and len(cut.output_token_ids) == 3
     _passes(tiny_ref, cut)
-    # Found by trying seeds: this prompt and seed end on EOS after 29 tokens.
-    ended = serve("Prompt 11", temperature=2.0, seed=11, max_tokens=64)
-    assert ended.finish_reason == "stop"
+    # The first seed of a fixed list whose answer ends on EOS (deterministic).
+    for seed in range(100):
+        ended = serve("Prompt 11", temperature=2.0, seed=seed, max_tokens=64)
+        if ended.finish_reason == "stop":
+            break
+    assert ended.finish_reason == "stop", "no seed ended on EOS"
     assert ended.output_token_ids[-1] in tiny_ref.eos_token_ids
     _passes(tiny_ref, ended)
 
@@ -239,7 +242,7 @@ def test_an_unparseable_body_cannot_be_audited(
             {"prompt_token_ids": (999,)},
             "malformed job: prompt_token_ids[0] = 999 is outside the model's vocabulary of 259",
         ),
-        ({"output_logprobs": (-1.0,)}, "malformed job: 1 output logprobs for 16 output tokens"),
+        ({"output_logprobs": ()}, "malformed job: 0 output logprobs for "),
         ({"output_token_ids": (), "output_logprobs": ()}, "malformed job: no output token ids"),
         ({"attestation": {"requestHash": "0x12"}}, "malformed job: attestation:"),
     ],

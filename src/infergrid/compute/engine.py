@@ -189,6 +189,95 @@ class StopMatcher:
         return 0
 
 
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
+def step_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int]
+) -> list[tuple[float, TopLogprobs]]:
+    """Per row of a step's raw logits [N, V]: ln p(tokens[n]) under log_softmax (float64) and
+    the top_n[n] most likely alternatives (empty when 0). One device-to-host copy of N
+    numbers (plus the alternatives asked for), whatever the vocabulary size."""
+    x = logits.detach().to(dtype=torch.float64)
+    lse = torch.logsumexp(x, dim=-1)
+    index = torch.tensor(list(tokens), dtype=torch.int64, device=x.device).unsqueeze(1)
+    chosen = (x.gather(1, index).squeeze(1) - lse).tolist()
+    out: list[tuple[float, TopLogprobs]] = []
+    for n, k in enumerate(top_n):
+        top: TopLogprobs = ()
+        if k:
+            values, indices = torch.topk(x[n], min(k, x.shape[1]))
+            top = tuple(zip(indices.tolist(), (values - lse[n]).tolist(), strict=True))
+        out.append((float(chosen[n]), top))
+    return out
+
+
+class RowDecoder:
+    """The per-request half of the protocol decode loop: the step counter, the detokenizer,
+    stop sequences and the finish reason. `decode_loop` (one sequence) and the continuous
+    batcher (many) both drive it, so every engine releases text by the same rule.
+
+    `sampling` says how to sample the step about to be taken; `emit(token, logprob, top)`
+    records the sampled token and returns what to send; `finished` is then True after the
+    EOS token, a completed stop sequence or the `limit`-th token.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        eos_token_ids: frozenset[int],
+        decode: Callable[[Sequence[int]], str],
+        limit: int,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("a generation needs room for at least one token")
+        self.params = params
+        self.limit = limit
+        self._eos = eos_token_ids
+        self._detok = IncrementalDetokenizer(decode)
+        self._stops = StopMatcher(params.stop)
+        self._step = 0
+        self._finished = False
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def sampling(self) -> sampling.RowSampling:
+        p = self.params
+        return sampling.RowSampling(p.seed, self._step, p.temperature, p.top_p, p.top_k)
+
+    def emit(self, token: int, logprob: float, top: TopLogprobs = ()) -> GeneratedToken:
+        if self._finished:
+            raise RuntimeError("the generation has already finished")
+        stops, detok = self._stops, self._detok
+        finish: FinishReason | None = None
+        if token in self._eos:
+            text = stops.feed(detok.flush())[0] + stops.flush()
+            finish = "stop"
+        else:
+            text, stopped = stops.feed(detok.push(token))
+            if stopped:
+                finish = "stop"
+            elif self._step == self.limit - 1:
+                tail, stopped = stops.feed(detok.flush())
+                text += tail
+                if stopped:
+                    finish = "stop"
+                else:
+                    text += stops.flush()
+                    finish = "length"
+        self._step += 1
+        self._finished = finish is not None
+        return GeneratedToken(token, logprob, text, finish, top)
+
+
 def decode_loop(
     first_logits: torch.Tensor,
     advance: Callable[[int], torch.Tensor],
@@ -198,7 +287,7 @@ def decode_loop(
     decode: Callable[[Sequence[int]], str],
     max_new_tokens: int | None = None,
 ) -> Iterator[GeneratedToken]:
-    """The protocol decode loop over any model: sample, score, detokenize, stop.
+    """The protocol decode loop over one sequence: sample, score, detokenize, stop.
 
     `first_logits` are the last-position logits after the prompt; `advance(token)` feeds one
     token and returns the next logits. The loop never calls `advance` after the last token,
@@ -207,43 +296,14 @@ def decode_loop(
     limit = params.max_tokens if max_new_tokens is None else min(params.max_tokens, max_new_tokens)
     if limit < 1:
         return
-    detok = IncrementalDetokenizer(decode)
-    stops = StopMatcher(params.stop)
-    greedy = sampling.is_greedy(params.temperature)
+    row = RowDecoder(params, eos_token_ids=eos_token_ids, decode=decode, limit=limit)
     logits = first_logits
-    for step in range(limit):
-        # One device-to-host copy a step; sampling and scoring then work on the CPU copy.
-        x = logits.detach().to(device="cpu", dtype=torch.float64)
-        if greedy:
-            token = int(torch.argmax(x))
-        else:
-            token = sampling.sample_token(
-                x, params.seed, step, params.temperature, params.top_p, params.top_k
-            )
-        logprobs = torch.log_softmax(x, dim=-1)
-        logprob = float(logprobs[token])
-        top: tuple[tuple[int, float], ...] = ()
-        if params.top_logprobs:
-            values, indices = torch.topk(logprobs, min(params.top_logprobs, logprobs.numel()))
-            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
-
-        finish: FinishReason | None = None
-        if token in eos_token_ids:
-            text = stops.feed(detok.flush())[0] + stops.flush()
-            finish = "stop"
-        else:
-            text, stopped = stops.feed(detok.push(token))
-            if stopped:
-                finish = "stop"
-            elif step == limit - 1:
-                tail, stopped = stops.feed(detok.flush())
-                text += tail
-                if stopped:
-                    finish = "stop"
-                else:
-                    text += stops.flush()
-                    finish = "length"
-        yield GeneratedToken(token, logprob, text, finish, top)
-        if finish is not None:
+    while True:
+        x = logits.detach().unsqueeze(0)
+        token = sampling.sample_rows(x, [row.sampling])[0]
+        ((logprob, top),) = step_logprobs(x, [token], [params.top_logprobs])
+        generated = row.emit(token, logprob, top)
+        yield generated
+        if row.finished:
             return
         logits = advance(token)

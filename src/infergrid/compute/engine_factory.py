@@ -1,0 +1,60 @@
+"""Load an engine by kind: the one place the CLI, the devnet and benchmarks choose a backend.
+
+Kinds:
+- "transformers": the reference engine (compute.transformers_engine), CPU or CUDA;
+- "llamacpp": GGUF files natively through llama-cpp-python (compute.llamacpp_engine);
+- "openai": a proxy in front of an OpenAI-compatible server the operator runs
+  (compute.proxy_engine), `upstream` is its base URL and `upstream_flavor` says which server.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infergrid.compute.engine import Engine
+
+ENGINE_KINDS = ("transformers", "llamacpp", "openai")
+
+
+def load_engine(
+    kind: str,
+    model: str,
+    *,
+    num_threads: int | None = None,
+    device: str = "auto",
+    upstream: str | None = None,
+    upstream_flavor: str | None = None,
+    max_batch: int | None = None,
+    quiet: bool = False,
+) -> Engine:
+    """The engine of `kind` serving `model` (a spec such as "smollm2", a .gguf file or a dir).
+
+    Raises ValueError, naming what to change, for an unknown kind, a missing package or an
+    option the kind does not take.
+    """
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"unknown engine {kind!r} (available: {', '.join(ENGINE_KINDS)})")
+    if kind != "openai" and (upstream is not None or upstream_flavor is not None):
+        raise ValueError(f"--upstream is for the openai engine, not {kind}")
+    if kind == "transformers":
+        from infergrid.compute.transformers_engine import TransformersEngine
+
+        extra = {} if max_batch is None else {"max_batch": max_batch}
+        return TransformersEngine.load(
+            model, device=device, num_threads=num_threads, quiet=quiet, **extra
+        )
+    if kind == "llamacpp":
+        try:
+            from infergrid.compute.llamacpp_engine import LlamaCppEngine
+        except ImportError as exc:  # llama_cpp itself is missing
+            raise ValueError(
+                f"the llamacpp engine needs llama-cpp-python ({exc}); `./dev setup` installs it"
+            ) from exc
+        extra = {} if max_batch is None else {"max_batch": max_batch}
+        return LlamaCppEngine.load(model, num_threads=num_threads, quiet=quiet, **extra)
+    if upstream is None:
+        raise ValueError("the openai engine needs --upstream URL (the server it fronts)")
+    from infergrid.compute.proxy_engine import ProxyEngine
+
+    return ProxyEngine.connect(upstream, model=model, flavor=upstream_flavor or "vllm")
