@@ -11,6 +11,7 @@ ones by name.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import socket
@@ -31,6 +32,7 @@ from proxy_fakes import (
     FakeVLLMServer,
 )
 
+from infergrid.compute import model_store
 from infergrid.compute.attacks import serve_job
 from infergrid.compute.attestation import Attestor
 from infergrid.compute.engine import SamplingParams
@@ -52,6 +54,8 @@ from infergrid.compute.proxy_engine import (
 from infergrid.compute.transformers_engine import TransformersEngine
 from infergrid.protocol.audits import AuditJob
 from infergrid.protocol.eip712 import Domain, Signer
+from infergrid.protocol.models import DEFAULT_MODEL
+from infergrid.protocol.models import model_id as protocol_model_id
 from infergrid.protocol.sampling import RowSampling, sample_rows
 from infergrid.verify.recompute import audit_job
 
@@ -337,6 +341,28 @@ def test_greedy_proxy_over_llama_server_and_ollama_answers_as_the_built_in_engin
         assert sent["raw"] is True
         assert tiny_engine.encode(sent["prompt"]) == list(built_in.prompt_token_ids)
         assert sent["options"]["repeat_penalty"] == 1.0
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer and GGUF header
+def test_proxy_in_front_of_llama_cpp_has_the_llama_cpp_engines_model_id(
+    tiny_engine: TransformersEngine, smollm2_tokenizer_dir: str
+) -> None:
+    """A GGUF served by llama.cpp is audited by llama.cpp verifiers: the id's precision is the
+    file's quantization, as compute.llamacpp_engine names it."""
+    gguf_path = model_store.smollm2_gguf_path()
+    with FakeLlamaServer(tiny_engine) as server:  # only its /v1/models is asked here
+        proxy = ProxyEngine.connect(server.url, model="smollm2", flavor="llamacpp")
+        vllm = ProxyEngine.connect(server.url, model="smollm2", flavor="vllm")
+    digest = model_store.cached_sha256(gguf_path)
+    assert proxy.precision == "gguf-q4_1"
+    assert proxy.model_id == protocol_model_id(DEFAULT_MODEL, digest, "main", "gguf-q4_1")
+    assert vllm.model_id == protocol_model_id(DEFAULT_MODEL, digest, "main", "float32")
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        from infergrid.compute.llamacpp_engine import gguf_precision
+
+        assert proxy.precision == gguf_precision(int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1))
 
 
 # -- greedy-only upstreams and failures -----------------------------------------------------
