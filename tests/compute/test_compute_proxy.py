@@ -36,6 +36,7 @@ from infergrid.compute import model_store
 from infergrid.compute.attacks import serve_job
 from infergrid.compute.attestation import Attestor
 from infergrid.compute.engine import SamplingParams
+from infergrid.compute.engine_factory import load_engine
 from infergrid.compute.miner_server import MinerServerThread, create_miner_app
 from infergrid.compute.plugins import (
     ARG_SAMPLER,
@@ -448,6 +449,21 @@ def test_a_broken_off_upstream_answer_is_never_attested(
     assert status == 500
     assert b"without its end" in answer
     assert b"attestation" not in answer
+
+
+def test_engine_factory_builds_the_proxy_for_the_openai_kind(
+    fake_vllm: FakeVLLMServer, tiny_engine: TransformersEngine, tiny_dir: Path
+) -> None:
+    engine = load_engine("openai", str(tiny_dir), upstream=fake_vllm.url, upstream_flavor="vllm")
+    assert isinstance(engine, ProxyEngine)
+    assert engine.model_id == tiny_engine.model_id
+    assert load_engine("openai", str(tiny_dir), upstream=fake_vllm.url).flavor == "vllm"
+    with pytest.raises(ValueError, match="needs --upstream"):
+        load_engine("openai", str(tiny_dir))
+    with pytest.raises(ValueError, match=r"unknown --upstream-flavor 'tgi'.*ollama"):
+        load_engine("openai", str(tiny_dir), upstream=fake_vllm.url, upstream_flavor="tgi")
+    with pytest.raises(ValueError, match="--max-batch"):
+        load_engine("openai", str(tiny_dir), upstream=fake_vllm.url, max_batch=4)
 
 
 def test_proxy_refuses_bad_configuration(tiny_dir: Path) -> None:

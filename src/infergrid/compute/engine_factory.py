@@ -53,8 +53,15 @@ def load_engine(
             ) from exc
         extra = {} if max_batch is None else {"max_batch": max_batch}
         return LlamaCppEngine.load(model, num_threads=num_threads, quiet=quiet, **extra)
+    # openai: the upstream computes, batches and picks the device; the miner only templates,
+    # tokenizes and detokenizes. Raises proxy_engine.UpstreamError when it does not answer.
     if upstream is None:
         raise ValueError("the openai engine needs --upstream URL (the server it fronts)")
-    from infergrid.compute.proxy_engine import ProxyEngine
+    from infergrid.compute.proxy_engine import FLAVORS, ProxyEngine
 
-    return ProxyEngine.connect(upstream, model=model, flavor=upstream_flavor or "vllm")
+    flavor = upstream_flavor or "vllm"
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown --upstream-flavor {flavor!r} (available: {', '.join(FLAVORS)})")
+    if max_batch is not None:
+        raise ValueError("--max-batch is for the built-in engines: the upstream batches itself")
+    return ProxyEngine.connect(upstream, model=model, flavor=flavor, quiet=quiet)
