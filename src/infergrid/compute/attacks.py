@@ -129,6 +129,7 @@ def _copy_with(engine: TransformersEngine, model: Any) -> TransformersEngine:
         weights_digest=engine.weights_digest,
         revision=engine.revision,
         context_length=engine.context_length,
+        max_batch=engine.max_batch,
     )
 
 

@@ -1,13 +1,18 @@
-"""The built-in engine: HuggingFace transformers, a manual KV-cache decode loop, CPU or CUDA.
+"""The built-in engine: HuggingFace transformers, continuously batched, CPU or CUDA.
 
-The loop is ours rather than `model.generate` because every token must come from the
-protocol sampler (infergrid.protocol.sampling) for verifiers to replay it.
+Concurrent generations share one forward pass per decode step: a
+compute.batching.ContinuousBatcher steps them over a `TransformersBatchBackend`, and every
+token comes from the protocol sampler (infergrid.protocol.sampling) for verifiers to replay
+it. The loop is ours rather than `model.generate` or transformers' own continuous batching
+(`generate_batch`, `init_continuous_batching`): those sample inside the model runner (argmax
+or multinomial after their own logits processors) and never hand back a step's raw logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,8 @@ from typing import Any
 import torch
 
 from infergrid.compute import model_store
-from infergrid.compute.engine import GeneratedToken, SamplingParams, decode_loop
+from infergrid.compute.batching import BatcherStats, ContinuousBatcher
+from infergrid.compute.engine import GeneratedToken, SamplingParams
 from infergrid.protocol.models import model_id as protocol_model_id
 
 # Chat templates written before the "developer" role treat it as unknown.
@@ -286,7 +292,9 @@ def _pad_left(x: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
 
 
 class TransformersEngine:
-    """One causal LM and its tokenizer. Thread-safe for concurrent `generate` calls."""
+    """One causal LM and its tokenizer. Thread-safe for concurrent `generate` calls: up to
+    `max_batch` generations decode together in one batch (more wait for a free row); the
+    batch's worker thread starts with the first generation."""
 
     def __init__(
         self,
@@ -297,6 +305,7 @@ class TransformersEngine:
         weights_digest: str,
         revision: str = model_store.DEFAULT_REVISION,
         context_length: int | None = None,
+        max_batch: int = 8,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -316,6 +325,11 @@ class TransformersEngine:
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._byte_decoder = _byte_decoder()
         self._token_bytes: dict[int, bytes] = {}
+        self._batch_backend = TransformersBatchBackend(self.model, max_slots=max_batch)
+        # Started on first use: verifiers, proxies and attack copies hold engines that never
+        # generate, and each batcher is a thread.
+        self._batcher: ContinuousBatcher | None = None
+        self._batcher_lock = threading.Lock()
 
     # -- construction ------------------------------------------------------------------
 
@@ -330,13 +344,14 @@ class TransformersEngine:
         context_length: int | None = None,
         cache_dir: Path | None = None,
         num_threads: int | None = None,
+        max_batch: int = 8,
     ) -> TransformersEngine:
         """Load a safetensors directory (its infergrid.json names it, if present).
 
         `num_threads` sizes torch's CPU thread pools, process-wide (set_torch_threads); None
         leaves them as they are. On a small CPU one thread is as fast for small models (they
         are bound by memory or by Python, not by arithmetic) and leaves a core to the HTTP
-        server.
+        server. `max_batch` bounds how many generations decode together.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -355,6 +370,7 @@ class TransformersEngine:
             weights_digest=meta.weights_digest,
             revision=meta.revision,
             context_length=context_length,
+            max_batch=max_batch,
         )
 
     @classmethod
@@ -369,6 +385,7 @@ class TransformersEngine:
         cache_dir: Path | None = None,
         quiet: bool = False,
         num_threads: int | None = None,
+        max_batch: int = 8,
     ) -> TransformersEngine:
         """Load 'smollm2' (the default model), a .gguf file (cached as safetensors) or a dir."""
         model_dir = model_store.resolve_model_dir(spec, cache_dir=cache_dir, quiet=quiet)
@@ -380,6 +397,7 @@ class TransformersEngine:
             context_length=context_length,
             cache_dir=cache_dir,
             num_threads=num_threads,
+            max_batch=max_batch,
         )
 
     def _collect_eos_ids(self) -> set[int]:
@@ -472,52 +490,57 @@ class TransformersEngine:
         self._token_bytes[token_id] = raw
         return raw
 
+    @property
+    def max_batch(self) -> int:
+        """How many generations decode together (1 for models that cannot be batched)."""
+        return self._batch_backend.max_slots
+
+    @property
+    def batch_stats(self) -> BatcherStats:
+        """The batcher's counters (steps, rows served, the widest batch so far)."""
+        return self._started_batcher().stats
+
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams
     ) -> Iterator[GeneratedToken]:
+        """Queue one generation into the running batch and yield its tokens (see
+        compute.batching.ContinuousBatcher.generate: closing the iterator cancels it).
+
+        Refused up front with ValueError, before it can touch the batch: an empty prompt, a
+        token id outside the vocabulary, a prompt that leaves no room in the context.
+        """
         if not prompt_ids:
             raise ValueError("the prompt must have at least one token")
+        vocab = self.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         room = self._context_length - len(prompt_ids)
         if room < 1:
             raise ValueError(
                 f"prompt of {len(prompt_ids)} tokens leaves no room in a context of "
                 f"{self._context_length}"
             )
-        return self._generate(list(prompt_ids), params, room)
+        return self._started_batcher().generate(list(prompt_ids), params, max_new_tokens=room)
 
-    def _generate(
-        self, prompt_ids: list[int], params: SamplingParams, room: int
-    ) -> Iterator[GeneratedToken]:
-        model, device = self.model, self.device
-        # inference_mode is entered per forward pass, not around the loop: grad mode is
-        # thread-local state, and a suspended generator must not leave it switched on for
-        # whoever consumes it.
-        with torch.inference_mode():
-            out = model(
-                input_ids=torch.tensor([prompt_ids], device=device),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        cache = out.past_key_values
-        first_logits = out.logits[0, -1]
-        del out
+    def close(self) -> None:
+        """Stop the batch's worker thread; running generations end with GenerationError.
+        A later `generate` starts a new one."""
+        with self._batcher_lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+            # Rows the closed batcher still held keep no cache into the next one's slots.
+            for slot in self._batch_backend.active_slots:
+                self._batch_backend.release(slot)
 
-        def advance(token: int) -> torch.Tensor:
-            nonlocal cache
-            with torch.inference_mode():
-                step = model(
-                    input_ids=torch.tensor([[token]], device=device),
-                    past_key_values=cache,
-                    use_cache=True,
+    def _started_batcher(self) -> ContinuousBatcher:
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = ContinuousBatcher(
+                    self._batch_backend,
+                    eos_token_ids=self._eos,
+                    decode=self.decode,
+                    name=self._name,
                 )
-            cache = step.past_key_values
-            return step.logits[0, -1]
-
-        yield from decode_loop(
-            first_logits,
-            advance,
-            params,
-            eos_token_ids=self._eos,
-            decode=self.decode,
-            max_new_tokens=room,
-        )
+            return self._batcher
