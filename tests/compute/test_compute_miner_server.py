@@ -30,6 +30,7 @@ from infergrid.compute.transformers_engine import TransformersEngine
 from infergrid.protocol.eip712 import Domain, Signer
 from infergrid.protocol.openai_types import APIError
 from infergrid.protocol.pricing import TEMPLATE_TOKEN_ALLOWANCE, max_prompt_tokens
+from infergrid.protocol.sampling import SAMPLER_VERSION
 from infergrid.protocol.wire import EXTENSION_KEY, MINER_HEADER, REQUEST_ID_HEADER
 
 
@@ -76,6 +77,7 @@ def test_health(miner: MinerServerThread, tiny_engine: TransformersEngine) -> No
                 "name": tiny_engine.name,
                 "model_id": tiny_engine.model_id,
                 "context_length": tiny_engine.context_length,
+                "sampler": SAMPLER_VERSION,
             }
         ],
         "in_flight": 0,
@@ -152,6 +154,7 @@ def test_chat_stream_shape_matches_the_non_streamed_answer(
     assert usage["usage"] == expected["usage"]
     assert usage[EXTENSION_KEY] == {
         "model_id": tiny_engine.model_id,
+        "sampler": SAMPLER_VERSION,
         "seed": 5,
         "prompt_token_ids": expected[EXTENSION_KEY]["prompt_token_ids"],
     }

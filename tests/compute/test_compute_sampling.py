@@ -152,3 +152,73 @@ def test_gpu_logits_sample_like_cpu_logits() -> None:
         assert sampling.sample_token(on_gpu, 11, step, 1.0, 0.9, 100) == sampling.sample_token(
             logits, 11, step, 1.0, 0.9, 100
         )
+
+
+# The published test vectors of docs/protocol.md: (seed, step, key, index, g).
+VECTORS = [
+    (0, 0, 0x374708FFF7719DD5, 0, -0.22466112183669018),
+    (0, 0, 0x374708FFF7719DD5, 1, -0.30501836382932462),
+    (0, 0, 0x374708FFF7719DD5, 151935, 1.4323833298495217),
+    (42, 3, 0x32D63C6C7B3DA14C, 0, 4.4695287417144112),
+    (42, 3, 0x32D63C6C7B3DA14C, 1, 1.6539925636151525),
+    (42, 3, 0x32D63C6C7B3DA14C, 151935, 0.51867086051789979),
+    (-1, 7, 0x48707E32672B4BFC, 0, 0.93959340458533813),
+    (2**64 + 5, 1000, 0x1320141665C6F146, 0, 0.57600628605163795),
+]
+
+
+@pytest.mark.parametrize(("seed", "step", "key", "index", "g"), VECTORS)
+def test_noise_matches_the_published_vectors(
+    seed: int, step: int, key: int, index: int, g: float
+) -> None:
+    assert sampling.step_seed(seed, step) == key
+    assert float(sampling.gumbel_noise(seed, step, 151936)[index]) == pytest.approx(g, abs=1e-14)
+    assert float(sampling.gumbel_noise_numpy(seed, step, 151936)[index]) == pytest.approx(
+        g, abs=1e-14
+    )
+    at = sampling.gumbel_noise_at(key, torch.tensor([index]))
+    assert float(at[0]) == pytest.approx(g, abs=1e-14)
+
+
+def test_numpy_and_torch_noise_agree_on_every_token() -> None:
+    torch_noise = sampling.gumbel_noise(123, 45, 50_000).numpy()
+    numpy_noise = sampling.gumbel_noise_numpy(123, 45, 50_000)
+    assert abs(torch_noise - numpy_noise).max() < 1e-13
+
+
+def test_noise_of_a_subset_is_the_full_noise_at_those_tokens() -> None:
+    full = sampling.gumbel_noise(9, 2, 10_000)
+    picked = torch.tensor([0, 17, 4242, 9999])
+    subset = sampling.gumbel_noise_at(sampling.step_seed(9, 2), picked)
+    assert torch.equal(subset, full[picked])
+
+
+def test_batched_rows_are_each_rows_noise_whatever_the_batch() -> None:
+    keys = [sampling.step_seed(s, t) for s, t in [(1, 0), (2, 5), (1, 1)]]
+    batch = sampling.gumbel_noise_rows(keys, 3000)
+    for b, (s, t) in enumerate([(1, 0), (2, 5), (1, 1)]):
+        assert torch.equal(batch[b], sampling.gumbel_noise(s, t, 3000))
+    assert torch.equal(sampling.gumbel_noise_rows(keys[1:2], 3000)[0], batch[1])
+
+
+def test_sample_rows_is_sample_token_per_row() -> None:
+    logits = torch.randn(5, 700, generator=torch.Generator().manual_seed(3)) * 2
+    rows = [
+        sampling.RowSampling(1, 0, 0.0),
+        sampling.RowSampling(2, 4, 0.7, top_p=0.9, top_k=50),
+        sampling.RowSampling(3, 1, None),
+        sampling.RowSampling(4, 2, 1.3, top_k=10),
+        sampling.RowSampling(5, 9, 0.5, top_p=0.5),
+    ]
+    expected = [
+        sampling.sample_token(logits[b], r.seed, r.step, r.temperature, r.top_p, r.top_k)
+        for b, r in enumerate(rows)
+    ]
+    assert sampling.sample_rows(logits, rows) == expected
+    perturbed = sampling.perturbed_rows(logits, rows)
+    assert torch.equal(perturbed[0], logits[0].double())  # greedy rows are the raw logits
+    assert torch.equal(perturbed[1], sampling.perturbed_scores(logits[1], 2, 4, 0.7, 0.9, 50))
+    with pytest.raises(ValueError, match="expected"):
+        sampling.perturbed_rows(logits[0], rows[:1])
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.perturbed_rows(logits[:1], [sampling.RowSampling(1, 0, -1.0)])

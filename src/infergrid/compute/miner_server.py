@@ -74,6 +74,7 @@ from infergrid.protocol.openai_types import (
     parse_request,
 )
 from infergrid.protocol.pricing import DEFAULT_MAX_TOKENS, request_value
+from infergrid.protocol.sampling import SAMPLER_VERSION
 from infergrid.protocol.wire import (
     GATEWAY_HEADER,
     MINER_HEADER,
@@ -371,6 +372,7 @@ class MinerState:
                     "name": engine.name,
                     "model_id": engine.model_id,
                     "context_length": engine.context_length,
+                    "sampler": SAMPLER_VERSION,
                 }
             ],
             "in_flight": self.stats.in_flight,

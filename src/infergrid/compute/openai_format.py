@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infergrid.compute.engine import GeneratedToken
+from infergrid.protocol.sampling import SAMPLER_VERSION
 from infergrid.protocol.wire import ATTESTATION_KEY, EXTENSION_KEY, SSE_DONE
 
 # OpenAI reports impossible tokens as -9999.0 rather than -Infinity, which JSON cannot carry.
@@ -177,6 +178,7 @@ def completion_body(ctx: ResponseContext, tokens: Sequence[GeneratedToken]) -> d
     output_ids = [t.token_id for t in tokens]
     extension: dict[str, Any] = {
         "model_id": ctx.model_id,
+        "sampler": SAMPLER_VERSION,
         "seed": ctx.seed,
         "prompt_token_ids": list(ctx.prompt_token_ids),
         "output_token_ids": output_ids,
@@ -309,6 +311,7 @@ class StreamWriter:
         finish = self._chunk(self._choice(tokens, "", reason), tokens)
         extension: dict[str, Any] = {
             "model_id": self.ctx.model_id,
+            "sampler": SAMPLER_VERSION,
             "seed": self.ctx.seed,
             "prompt_token_ids": list(self.ctx.prompt_token_ids),
         }

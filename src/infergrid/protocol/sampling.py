@@ -61,6 +61,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _TWO_POW_MINUS_53 = 2.0**-53
+_CPU_BLOCK = 8192
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -105,8 +106,19 @@ def gumbel_noise_rows(
 ) -> torch.Tensor:
     """Noise for several rows at once: [len(keys), vocab_size] float64, row b keyed keys[b]."""
     dev = _CPU if device is None else torch.device(device)
-    key_column = torch.tensor([_signed(k) for k in keys], dtype=torch.int64, device=dev)
-    return _mix(_counters(vocab_size, dev).unsqueeze(0) + key_column.unsqueeze(1))
+    counters = _counters(vocab_size, dev)
+    if dev.type != "cpu":
+        column = torch.tensor([_signed(k) for k in keys], dtype=torch.int64, device=dev)
+        return _mix(counters.unsqueeze(0) + column.unsqueeze(1))
+    # On a CPU, blocks that stay in cache are several times faster than whole rows: every
+    # step of the mix makes a temporary as large as its input.
+    out = torch.empty((len(keys), vocab_size), dtype=torch.float64)
+    for b, key in enumerate(keys):
+        signed_key = _signed(key)
+        for start in range(0, vocab_size, _CPU_BLOCK):
+            block = counters[start : start + _CPU_BLOCK]
+            out[b, start : start + block.numel()] = _mix(block + signed_key)
+    return out
 
 
 def gumbel_noise_at(key: int, indices: torch.Tensor) -> torch.Tensor:

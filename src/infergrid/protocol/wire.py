@@ -6,8 +6,11 @@ strips it before a response reaches a client.
 
 Non-streamed response, `body[EXTENSION_KEY]`::
 
-    {"model_id": "0x…", "seed": 123, "prompt_token_ids": [...],
-     "output_token_ids": [...], "output_logprobs": [...]}
+    {"model_id": "0x…", "sampler": "gumbel-splitmix64-v1", "seed": 123,
+     "prompt_token_ids": [...], "output_token_ids": [...], "output_logprobs": [...]}
+
+`sampler` names the protocol sampler's version (protocol.sampling.SAMPLER_VERSION) the tokens
+were drawn with; the miner's /health names it per model too.
 
 Streamed response: every chunk that carries content also carries
 `{"token_ids": [...], "logprobs": [...]}` for the tokens in that chunk (a token whose text is
@@ -15,7 +18,7 @@ not complete yet, such as half of a multi-byte character, rides in the next chun
 finish_reason chunk carries whatever is left, typically the EOS token); the miner always ends
 with a usage chunk (`choices: []`, `usage`), whether or not the client asked for
 `stream_options.include_usage`, whose extension is
-`{"model_id": "0x…", "seed": 123, "prompt_token_ids": [...]}`. Then `data: [DONE]`.
+`{"model_id": "0x…", "sampler": "…", "seed": 123, "prompt_token_ids": [...]}`. Then `data: [DONE]`.
 
 With settlement on, the non-streamed extension and the usage chunk's extension also carry
 `"attestation": {<protocol.messages.Attestation JSON>, "signature": "0x…"}`, signed by the
