@@ -169,6 +169,7 @@ class ProxyEngine:
         # A path prefix such as /v1 is part of the routes below; strip it from the base.
         self._base = parsed.path.rstrip("/").removesuffix("/v1")
         self._vocab_size = int(local.vocab_size)
+        self._eos: frozenset[int] = frozenset(local.eos_token_ids)
         self._ids_by_bytes: dict[bytes, list[int]] | None = None
 
     # -- construction ------------------------------------------------------------------
@@ -264,7 +265,7 @@ class ProxyEngine:
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self._local.eos_token_ids)
+        return self._eos
 
     @property
     def vocab_size(self) -> int:
