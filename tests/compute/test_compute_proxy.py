@@ -397,6 +397,25 @@ def test_greedy_proxy_refuses_a_sampled_request_by_name(
         assert refused.value.param == "temperature"
 
 
+def test_a_miner_over_a_greedy_proxy_answers_400_naming_temperature(
+    openai_proxy: ProxyEngine, tiny_engine: TransformersEngine
+) -> None:
+    """A sampled request to a greedy-only upstream is refused before anything is sent or
+    signed, in OpenAI's error shape, and a greedy one is served."""
+    app = create_miner_app(openai_proxy, node_address=MINER_ADDRESS, attestor=ATTESTOR)
+    with MinerServerThread(app) as miner:
+        body = _body(tiny_engine.name, "hi", max_tokens=4, temperature=0.7)
+        status, _, answer = post(miner.host, miner.port, "/v1/chat/completions", body)
+        greedy = _body(tiny_engine.name, "hi", max_tokens=4, temperature=0)
+        ok, _, _ = post(miner.host, miner.port, "/v1/chat/completions", greedy)
+    assert status == 400
+    error = json.loads(answer)["error"]
+    assert error["param"] == "temperature"
+    assert error["code"] == "unsupported_parameter"
+    assert "only greedy" in error["message"]
+    assert ok == 200
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

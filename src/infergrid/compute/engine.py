@@ -25,6 +25,18 @@ FinishReason = Literal["stop", "length"]
 _REPLACEMENT = "\ufffd"
 
 
+class UnsupportedRequest(ValueError):
+    """A request this engine cannot serve exactly as asked; `param` names the request
+    parameter, and the miner answers 400 naming it (never a silently different answer).
+
+    An engine that serves only some requests has `check_params(params)`, which raises this.
+    """
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to sample one generation. temperature 0 is greedy; None means 1.0 (OpenAI)."""

@@ -52,7 +52,12 @@ from infergrid.compute.attestation import (
     AttestedRequests,
     Attestor,
 )
-from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams
+from infergrid.compute.engine import (
+    Engine,
+    GeneratedToken,
+    SamplingParams,
+    UnsupportedRequest,
+)
 from infergrid.compute.openai_format import ResponseContext, StreamWriter, completion_body, dumps
 from infergrid.compute.receipt_log import LoggedResponse, ReceiptLog, normalize_address
 from infergrid.http_serving import ERROR_HANDLERS, ServerThread, serve
@@ -499,6 +504,12 @@ async def _prepare(state: MinerState, request: Request, chat: bool) -> _Prepared
         stop=plan.stop,
         top_logprobs=plan.top_logprobs,
     )
+    check_params = getattr(engine, "check_params", None)
+    if check_params is not None:
+        try:
+            check_params(params)
+        except UnsupportedRequest as exc:
+            raise APIError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
     ctx = ResponseContext(
         completion_id=completion_id(request_id, chat=chat),
         created=int(time.time()),

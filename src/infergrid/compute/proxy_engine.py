@@ -50,7 +50,13 @@ from typing import Any
 import torch
 
 from infergrid.compute import model_store
-from infergrid.compute.engine import GeneratedToken, RowDecoder, SamplingParams, TopLogprobs
+from infergrid.compute.engine import (
+    GeneratedToken,
+    RowDecoder,
+    SamplingParams,
+    TopLogprobs,
+    UnsupportedRequest,
+)
 from infergrid.compute.plugins import sampling_args
 from infergrid.compute.plugins.sglang_sampler import processor_spec
 from infergrid.compute.transformers_engine import TransformersEngine
@@ -76,13 +82,9 @@ class UpstreamError(RuntimeError):
     cannot attest."""
 
 
-class UnsupportedSampling(ValueError):
+class UnsupportedSampling(UnsupportedRequest):
     """This upstream cannot serve the request's sampling; `param` names the request
     parameter (the miner answers 400 naming it)."""
-
-    def __init__(self, message: str, *, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
