@@ -200,12 +200,8 @@ def _worker_setup(threads: int, lifetime_s: float) -> None:
 
 def load_bench_engine(kind: str, model: str, threads: int, max_batch: int | None) -> Any:
     """The engine as the miner CLI loads it (engine_factory.load_engine), on CPU."""
-    try:
-        from infergrid.compute.engine_factory import load_engine
-    except ImportError:  # TEMPORARY until the factory lands
-        from infergrid.compute.transformers_engine import TransformersEngine
+    from infergrid.compute.engine_factory import load_engine
 
-        return TransformersEngine.load(model, num_threads=threads, device="cpu", quiet=True)
     return load_engine(
         kind, model, num_threads=threads, device="cpu", max_batch=max_batch, quiet=True
     )
@@ -682,10 +678,11 @@ def _levels(text: str) -> list[int]:
 
 def _engines(text: str) -> list[str]:
     engines = [part.strip() for part in text.split(",") if part.strip()]
-    known = ("transformers", "llamacpp", "openai")
-    unknown = [e for e in engines if e not in known]
+    from infergrid.compute.engine_factory import ENGINE_KINDS
+
+    unknown = [e for e in engines if e not in ENGINE_KINDS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}: choose from {known}")
+        raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}: choose from {ENGINE_KINDS}")
     if "openai" in engines:
         raise argparse.ArgumentTypeError(
             "the openai proxy engine needs an upstream: not benchmarked here"
