@@ -384,6 +384,7 @@ def test_max_batch_bounds_the_batch_and_a_closed_engine_restarts(
     assert engine.batch_stats.max_rows_seen <= 2
     assert engine.batch_stats.rows_served == 4
     engine.close()
+    assert engine.batch_stats.rows_served == 0  # the next batcher counts afresh
     again = list(engine.generate(prompts[0], PARAMS[6]))
     engine.close()
     _same(again, answers[0])

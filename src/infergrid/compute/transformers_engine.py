@@ -497,8 +497,10 @@ class TransformersEngine:
 
     @property
     def batch_stats(self) -> BatcherStats:
-        """The batcher's counters (steps, rows served, the widest batch so far)."""
-        return self._started_batcher().stats
+        """The running batcher's counters (steps, rows served, the widest batch so far);
+        all zero before the first generation and after `close`."""
+        with self._batcher_lock:
+            return self._batcher.stats if self._batcher is not None else BatcherStats()
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams
