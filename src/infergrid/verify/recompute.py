@@ -1,7 +1,8 @@
 """The audit's model side: one teacher-forced pass of the reference model, then the checks.
 
 `audit_job(engine, job)` recomputes a miner's response with the verifier's own copy of the
-model (a compute.transformers_engine.TransformersEngine, the reference engine) and judges it
+model (any compute.engine.Engine with `teacher_forced_logits`, `vocab_size` and
+`precision`: the transformers engine, the llama.cpp engine) and judges it
 with the pure checks of verify.audit, cheapest first: malformed, identity, prompt,
 consistency, then — after ONE forward pass over prompt + output (`teacher_forced_logits`) —
 sampler replay and logprobs. The sampling it replays is protocol.generation's plan of the
@@ -20,8 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from infergrid.compute.engine import SamplingParams, decode_loop
-from infergrid.compute.transformers_engine import TransformersEngine
+from infergrid.compute.engine import Engine, SamplingParams, decode_loop
 from infergrid.protocol.audits import AuditJob
 from infergrid.protocol.eip712 import hex32
 from infergrid.protocol.generation import chat_messages, plan_generation
@@ -58,25 +58,28 @@ class CannotAudit(ValueError):
     request); the job must go to another verifier, and the miner is not at fault."""
 
 
-def vocab_size(engine: TransformersEngine) -> int:
-    return int(engine.model.config.vocab_size)
+def vocab_size(engine: Engine) -> int:
+    """The size of the engine's vocabulary (its logits' last dimension)."""
+    size = getattr(engine, "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    # An engine from before the Engine protocol's vocab_size: a transformers model.
+    return int(engine.model.config.vocab_size)  # type: ignore[attr-defined]
 
 
 def teacher_forced_logits(
-    engine: TransformersEngine, prompt_ids: Sequence[int], output_ids: Sequence[int]
+    engine: Engine, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
     """The raw logits the model gives before each output token: [len(output), vocab], float64
-    on the CPU, from ONE forward pass over prompt + output[:-1]."""
+    on the CPU, from ONE forward pass over prompt + output[:-1] (the engine's own
+    `teacher_forced_logits`: a transformers model, llama.cpp, ...)."""
     if not prompt_ids or not output_ids:
         raise ValueError("teacher forcing needs a prompt and at least one output token")
-    ids = list(prompt_ids) + list(output_ids[:-1])
-    with torch.inference_mode():
-        out = engine.model(
-            input_ids=torch.tensor([ids], device=engine.device),
-            use_cache=False,
-            logits_to_keep=len(output_ids),
-        )
-    return out.logits[0].detach().to(device="cpu", dtype=torch.float64)
+    forward = getattr(engine, "teacher_forced_logits", None)
+    if forward is None:
+        raise CannotAudit(f"engine {engine.name} cannot recompute logits (no teacher forcing)")
+    logits = forward(prompt_ids, output_ids)
+    return logits.detach().to(device="cpu", dtype=torch.float64)
 
 
 class _OutOfTokens(Exception):
@@ -134,9 +137,7 @@ def parse_body(job: AuditJob) -> ChatCompletionRequest | CompletionRequest:
         raise CannotAudit(f"the job's request body does not parse: {message}") from None
 
 
-def prompt_ids_of(
-    engine: TransformersEngine, req: ChatCompletionRequest | CompletionRequest
-) -> list[int]:
+def prompt_ids_of(engine: Engine, req: ChatCompletionRequest | CompletionRequest) -> list[int]:
     """The prompt the miner had to build: the chat template over the messages, or the
     encoded legacy prompt; CannotAudit if the tokenizer refuses it (the miner would have)."""
     try:
@@ -148,7 +149,7 @@ def prompt_ids_of(
 
 
 def audit_job(
-    engine: TransformersEngine,
+    engine: Engine,
     job: AuditJob,
     *,
     thresholds: AuditThresholds | None = None,
@@ -160,7 +161,8 @@ def audit_job(
     CannotAudit; every fault of the miner's is a failed report.
     """
     started = time.perf_counter()
-    limits = thresholds if thresholds is not None else thresholds_for(engine.precision)
+    precision = str(getattr(engine, "precision", "float32"))
+    limits = thresholds if thresholds is not None else thresholds_for(precision)
 
     def done(
         findings: list[Finding],
