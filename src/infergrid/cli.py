@@ -121,6 +121,13 @@ def up(
     model: Annotated[
         str, typer.Option(help="Model every miner serves: smollm2, tiny, or a model path.")
     ] = "smollm2",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Engine of every miner and verifier: transformers, or llamacpp (the GGUF"
+            " natively; its model id differs, so verifiers run it too)."
+        ),
+    ] = "transformers",
     chain_rpc: Annotated[
         str | None,
         typer.Option(help="Use this EVM JSON-RPC node (e.g. anvil) instead of the embedded one."),
@@ -141,6 +148,7 @@ def up(
         miners=miners,
         verifiers=verifiers,
         model=model,
+        engine=_engine_kind(engine, built_in=True),
         chain_rpc=chain_rpc,
         gateway_port=port,
         chain_port=chain_port,
@@ -182,7 +190,13 @@ def miner(
     model: Annotated[str, typer.Option(help="smollm2, tiny, or a model directory/GGUF file.")] = (
         "smollm2"
     ),
-    engine: Annotated[str, typer.Option(help="Inference engine.")] = "transformers",
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="Inference engine: transformers or llamacpp (default: the devnet's with"
+            " --devnet, else transformers)."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8100,
     endpoint: Annotated[
@@ -251,6 +265,7 @@ def miner(
 
         plan = join_devnet(state_dir, Role.MINER)
         chain_rpc, registry, escrow = plan.chain_rpc, plan.registry, plan.escrow
+        engine = engine or plan.engine
         if private_key is None:
             private_key = plan.private_key
             receipt_log = receipt_log or default_receipt_log_path(plan.address, state_dir)
@@ -261,8 +276,7 @@ def miner(
         err.print(f"joining the devnet at {plan.chain_rpc} as {plan.address}")
     if chain_rpc is None or registry is None:
         raise CLIError("a miner needs --chain-rpc and --registry (or --devnet)")
-    if engine != "transformers":
-        raise CLIError(f"unknown engine {engine!r} (available: transformers)")
+    engine = _engine_kind(engine or "transformers")
     if private_key is None:
         private_key = _private_key()  # raises the one-line error
     settings = MinerSettings(
@@ -283,8 +297,20 @@ def miner(
         threads=threads,
         substitute_model=substitute,
         honest_first=attack_after,
+        engine=engine,
     )
     run_miner(settings, err)
+
+
+def _engine_kind(engine: str, *, built_in: bool = False) -> str:
+    """`engine` if it names an engine of compute.engine_factory (with `built_in`, one that
+    computes itself rather than fronting an upstream), else the one-line error."""
+    from infergrid.compute.engine_factory import ENGINE_KINDS
+
+    kinds = [k for k in ENGINE_KINDS if not built_in or k != "openai"]
+    if engine not in kinds:
+        raise CLIError(f"unknown engine {engine!r} (available: {', '.join(kinds)})")
+    return engine
 
 
 def _parse_attack(attack: str | None) -> str | None:
@@ -361,6 +387,14 @@ def verifier(
         int | None,
         typer.Option(min=1, help="CPU threads for audits (default: every core)."),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="Engine that recomputes answers, the miners' (their model id depends on it):"
+            " transformers or llamacpp (default: the devnet's with --devnet, else"
+            " transformers)."
+        ),
+    ] = None,
     devnet: Annotated[
         bool,
         typer.Option(
@@ -391,6 +425,7 @@ def verifier(
 
         plan = join_devnet(state_dir, Role.VERIFIER)
         chain_rpc, registry, escrow = plan.chain_rpc, plan.registry, plan.escrow
+        engine = engine or plan.engine
         if private_key is None:
             private_key = plan.private_key
         gateway_url = gateway_url or plan.base_url
@@ -424,6 +459,7 @@ def verifier(
         canary_key=canary_key,
         canary_interval_s=canary_interval,
         qualification_interval_s=qualification_interval,
+        engine=_engine_kind(engine or "transformers"),
     )
     run_verifier(settings, err)
 

@@ -77,6 +77,8 @@ class DevnetOptions:
     miners: int = 2
     verifiers: int = DEFAULT_VERIFIERS
     model: str = "smollm2"
+    # Every miner's and verifier's engine: one kind for all, so that they hold one model id.
+    engine: str = "transformers"
     chain_rpc: str | None = None
     host: str = "127.0.0.1"
     gateway_port: int = 8000
@@ -216,7 +218,7 @@ class Devnet:
             f" gateway signer {gateway_signer} authorized"
         )
 
-        self._prepare_model(opts.model)
+        self._prepare_model(opts.model, opts.engine)
 
         gateway_port, gateway_note = _pick_port(opts.gateway_port, opts.host)
         base_url = f"http://{opts.host}:{gateway_port}/v1"
@@ -255,6 +257,8 @@ class Devnet:
                     "miner",
                     "--model",
                     opts.model,
+                    "--engine",
+                    opts.engine,
                     "--host",
                     opts.host,
                     "--port",
@@ -285,7 +289,8 @@ class Devnet:
                 }
             )
         with step(
-            f"starting {opts.miners} miner(s) with {opts.model}, {threads} CPU thread(s) each:"
+            f"starting {opts.miners} miner(s) with {opts.model} on {opts.engine},"
+            f" {threads} CPU thread(s) each:"
             " loading, registering"
         ):
             for proc in miners:
@@ -348,6 +353,7 @@ class Devnet:
             # A dev-mnemonic key, public by design: `infergrid account …` uses it by default.
             "developer_key": developer_key,
             "model": opts.model,
+            "engine": opts.engine,
             "gateway_db": str(db_path),
             "miners": miner_info,
             "verifiers": verifier_info,
@@ -397,6 +403,7 @@ class Devnet:
                 argv = [
                     "verifier",
                     "--model", opts.model,
+                    "--engine", opts.engine,
                     "--host", opts.host,
                     "--port", str(port),
                     "--stake", str(DEVNET_VERIFIER_STAKE_WEI // WEI_PER_BTT),
@@ -430,7 +437,8 @@ class Devnet:
                     }
                 )
         with self.console.status(
-            f"starting {len(procs)} verifier(s) with {opts.model}: loading, registering"
+            f"starting {len(procs)} verifier(s) with {opts.model} on {opts.engine}: loading,"
+            " registering"
         ):
             for proc in procs:
                 proc.wait_until(lambda e=proc.endpoint: health_ok(e + "/health"), 300, "health")
@@ -448,10 +456,16 @@ class Devnet:
         states = [entry.get("state") for entry in listed.get("data", [])]
         return len(states) >= expected and all(state == "active" for state in states)
 
-    def _prepare_model(self, model: str) -> None:
+    def _prepare_model(self, model: str, engine: str) -> None:
         # Done once here so that N miners starting together don't each dequantize the weights.
         from infergrid.compute.model_store import prepare_model
 
+        if engine == "llamacpp":
+            # llama.cpp maps the GGUF itself: nothing to convert, only check it is there.
+            from infergrid.compute.llamacpp_engine import resolve_gguf
+
+            self._done(f"model      {model} ({resolve_gguf(model)})")
+            return
         with self.console.status(f"preparing {model} (first run dequantizes GGUF, ~20 s)"):
             prepare_model(model, quiet=True)
         self._done(f"model      {model} cached")

@@ -54,6 +54,7 @@ class JoinPlan:
     address: str
     state_dir: Path
     canary_api_key: str | None = None  # verifiers only
+    engine: str = "transformers"  # the devnet's nodes' engine (their model ids depend on it)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -139,6 +140,7 @@ def join_devnet(state_dir: Path, role: Role) -> JoinPlan:
             address=address,
             state_dir=state_dir,
             canary_api_key=canary_api_key,
+            engine=str(info.get("engine", "transformers")),
         )
     raise DevnetFull(
         f"every devnet {role.name.lower()} account ({count}) is registered or claimed;"

@@ -62,6 +62,9 @@ class MinerSettings:
     # `honest_first` honest requests. Verifiers catch and slash such a miner.
     substitute_model: str | None = None
     honest_first: int = 0
+    # Which engine serves the model (compute.engine_factory.ENGINE_KINDS): the model id
+    # depends on it (llama.cpp serves a GGUF at its quantization, transformers dequantized).
+    engine: str = "transformers"
 
 
 def make_attestor(escrow: PaymentEscrow, private_key: str) -> Attestor:
@@ -149,21 +152,24 @@ def miner_settlement(
 
 
 def run_miner(settings: MinerSettings, console: Console) -> None:
+    from infergrid.compute.engine_factory import load_engine
     from infergrid.compute.miner_server import create_miner_app, run_miner_server
     from infergrid.compute.receipt_log import ReceiptLog
-    from infergrid.compute.transformers_engine import TransformersEngine, available_cores
+    from infergrid.compute.transformers_engine import available_cores
     from infergrid.settle.binding import miner_binding
     from infergrid.settle.chain import Chain
     from infergrid.settle.registry import Registry
 
     owner = Account.from_key(settings.private_key).address
     threads = settings.threads or available_cores()
-    console.print(f"miner {owner}: loading {settings.model} ({threads} CPU threads)")
-    engine: Engine = TransformersEngine.load(settings.model, num_threads=threads)
+    console.print(
+        f"miner {owner}: loading {settings.model} on {settings.engine} ({threads} CPU threads)"
+    )
+    engine: Engine = load_engine(settings.engine, settings.model, num_threads=threads)
     if settings.substitute_model is not None:
         from infergrid.compute.attacks import SubstitutedEngine
 
-        actual = TransformersEngine.load(settings.substitute_model, num_threads=threads)
+        actual = load_engine(settings.engine, settings.substitute_model, num_threads=threads)
         console.print(
             f"[bold red]RED TEAM: serving {actual.name}'s tokens under {engine.name}'s id after"
             f" {settings.honest_first} honest request(s); verifiers will slash this miner[/]"

@@ -72,6 +72,9 @@ class VerifierSettings:
     qualification_interval_s: float = DEFAULT_QUALIFICATION_INTERVAL_S
     max_queue: int = DEFAULT_MAX_QUEUE
     canary_seed: int | None = None  # None: a random one
+    # The engine that recomputes answers (compute.engine_factory.ENGINE_KINDS); it must be
+    # the miners' kind, whose model id it holds (llama.cpp: the GGUF at its quantization).
+    engine: str = "transformers"
 
     def public_endpoint(self) -> str:
         return self.endpoint or f"http://{self.host}:{self.port}"
@@ -177,7 +180,8 @@ def register_verifier(
 
 def run_verifier(settings: VerifierSettings, console: Console) -> None:
     """Start everything and serve until interrupted."""
-    from infergrid.compute.transformers_engine import TransformersEngine, available_cores
+    from infergrid.compute.engine_factory import load_engine
+    from infergrid.compute.transformers_engine import available_cores
     from infergrid.protocol.eip712 import Signer
     from infergrid.settle.chain import Chain
     from infergrid.settle.disputes import DisputeManager
@@ -198,8 +202,11 @@ def run_verifier(settings: VerifierSettings, console: Console) -> None:
     threads = settings.threads or available_cores()
     engines = []
     for spec in settings.models:
-        console.print(f"verifier {owner}: loading {spec} ({threads} CPU threads)")
-        engines.append(TransformersEngine.load(spec, num_threads=threads))
+        console.print(
+            f"verifier {owner}: loading {spec} on {settings.engine} ({threads} CPU threads)"
+        )
+        # Audits are single teacher-forced passes; a batch of one is all they need.
+        engines.append(load_engine(settings.engine, spec, num_threads=threads, max_batch=1))
     offers = zero_price_offers(engines)
     for offer in offers:
         console.print(f"auditing {offer.name} id {offer.model_id}")
