@@ -190,10 +190,10 @@ class TransformersBatchBackend:
         if joining:
             self._join(joining)
         assert self._mask is not None
-        row_of = {slot: row for row, slot in enumerate(self._rows)}
-        order = torch.tensor([row_of[slot] for slot in slots], device=self.device)
-        input_ids = torch.zeros((len(self._rows), 1), dtype=torch.long, device=self.device)
-        input_ids[order, 0] = torch.tensor(tokens, device=self.device)
+        token_of = dict(zip(slots, tokens, strict=True))
+        input_ids = torch.tensor(
+            [[token_of[slot]] for slot in self._rows], dtype=torch.long, device=self.device
+        )
         positions = torch.tensor(
             [[self._lengths[slot]] for slot in self._rows], dtype=torch.long, device=self.device
         )
@@ -211,6 +211,10 @@ class TransformersBatchBackend:
         self._mask = mask
         for slot in self._rows:
             self._lengths[slot] += 1
+        if slots == self._rows:  # the usual case: no gather, no copy
+            return out.logits[:, -1]
+        row_of = {slot: row for row, slot in enumerate(self._rows)}
+        order = torch.tensor([row_of[slot] for slot in slots], device=self.device)
         return out.logits[order, -1]
 
     def _park(self, slots: list[int]) -> None:
