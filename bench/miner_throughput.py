@@ -241,7 +241,11 @@ def bare_engine_worker(
 
         return one
 
-    conn.send({level: run_threads(plan, level, make(level)) for level in plan.levels})
+    results = {level: run_threads(plan, level, make(level)) for level in plan.levels}
+    close = getattr(engine, "close", None)
+    if close is not None:  # stop a batcher's worker thread before the interpreter exits
+        close()
+    conn.send(results)
 
 
 def llama_cpp_worker(conn: Connection, gguf: str, plan: Plan, lifetime_s: float) -> None:
@@ -510,6 +514,10 @@ def llama_server(python: Path, gguf: str, port: int, plan: Plan, log_dir: Path) 
             str(plan.threads),
             "--n_ctx",
             "2048",
+            # Its default lets each new request cut off the one being served: concurrent
+            # clients would get truncated answers. Queued, as a Llama serves them, instead.
+            "--interrupt_requests",
+            "False",
         ],
         log_dir / "llama_server.log",
         env={name: str(plan.threads) for name in THREAD_ENV},
