@@ -20,12 +20,19 @@ logprobs (all -0.5), and replay (the answer re-attested for another request id, 
 seed; sampled requests without an explicit seed only, since a greedy or same-seed replay is an
 honest answer).
 
+llama.cpp (--llamacpp-trials N): SmolLM2's GGUF served natively by compute.llamacpp_engine
+at batch sizes 1, 4 and 16 (as many requests in flight, prompts of mixed lengths), audited by a
+llama.cpp verifier (teacher forcing in its own context) at thresholds_for("gguf-q4_1"); then
+the attacks that apply to a llama.cpp claim: substitution (SmolLM2 with half its layers),
+the dequantized float32 model under the GGUF's id (an engine swap, reported as such), prefill,
+random tokens, wrong temperature and the three derived attacks.
+
 Output: a markdown table per model (trials, detection or false-positive rate, the rule-of-three
 95 % upper bound when nothing was seen, which checks fired, the worst honest margin deficit and
 logprob error, audit seconds / generation seconds) and, with --out, JSON.
 
     nice -n 10 .venv/bin/python bench/detection.py [--tiny-trials 1000] [--smollm2-trials 12]
-        [--out detection.json]
+        [--llamacpp-trials 0] [--llamacpp-batches 1,4,16] [--out detection.json]
 """
 
 from __future__ import annotations
@@ -123,7 +130,7 @@ class Trial:
 
 def run_trials(
     engine: Engine,
-    reference: TransformersEngine,
+    reference: Engine,
     trials: int,
     max_tokens: int,
     label: str,
@@ -149,7 +156,7 @@ def run_trials(
     return out
 
 
-def audit_all(reference: TransformersEngine, jobs: Iterable[AuditJob]) -> list[Trial]:
+def audit_all(reference: Engine, jobs: Iterable[AuditJob]) -> list[Trial]:
     return [Trial(job, audit_job(reference, job), 0.0) for job in jobs]
 
 
@@ -216,7 +223,7 @@ def reattest(job: AuditJob, **change: Any) -> AuditJob:
     return dataclasses.replace(new, attestation=attestation)
 
 
-def truncated(job: AuditJob, reference: TransformersEngine) -> AuditJob | None:
+def truncated(job: AuditJob, reference: Engine) -> AuditJob | None:
     keep = len(job.output_token_ids) // 2
     if keep < 1:
         return None
@@ -463,6 +470,153 @@ def bench_model(
     }
 
 
+# -- llama.cpp ---------------------------------------------------------------------------------
+
+LLAMACPP_ATTACKS = (
+    "substitution",
+    "dequantized-fp32",
+    "prefill",
+    "random-tokens",
+    "wrong-temperature",
+)
+FILLER = " Please answer carefully, step by step, and mention every detail that matters."
+
+
+def mixed_request(engine: Engine, i: int, max_tokens: int) -> tuple[bytes, bool, str]:
+    """request(), with a prompt of mixed length: up to 12 filler sentences appended, so the
+    sequences of one batch prefill different lengths."""
+    body, chat, rid = request(engine, i, max_tokens)
+    payload = json.loads(body)
+    extra = FILLER * ((i * 7) % 13)
+    if chat:
+        payload["messages"][0]["content"] += extra
+    else:
+        payload["prompt"] += extra
+    return json.dumps(payload).encode(), chat, rid
+
+
+def batched_trials(
+    engine: Engine, verifier: Engine, trials: int, max_tokens: int, batch: int, *, start: int
+) -> list[Trial]:
+    """`trials` requests served `batch` at a time (the engine's batcher decodes them in one
+    batch), each audited by `verifier`."""
+    requests = [mixed_request(engine, start + i, max_tokens) for i in range(trials)]
+
+    def serve(r: tuple[bytes, bool, str]) -> AuditJob:
+        return attacks.serve_job(engine, r[0], chat=r[1], request_id=r[2], attestor=ATTESTOR)
+
+    with ThreadPoolExecutor(batch) as pool:
+        t0 = time.perf_counter()
+        jobs = list(pool.map(serve, requests))
+        wall = time.perf_counter() - t0
+    out = audit_all(verifier, jobs)
+    for trial in out:
+        trial.generation_s = wall / max(1, len(jobs))  # wall per answer, `batch` in flight
+    return out
+
+
+def bench_llamacpp(
+    *,
+    trials: int,
+    attack_trials: int,
+    max_tokens: int,
+    batches: list[int],
+    threads: int,
+    only: set[str] | None,
+) -> dict[str, Any]:
+    """The honest matrix at each batch size, then the attacks on a llama.cpp claim."""
+    from infergrid.compute.llamacpp_engine import LlamaCppEngine
+
+    log(f"llama.cpp: {trials} trials per batch size {batches}, max_tokens {max_tokens}")
+    verifier = LlamaCppEngine.load("smollm2", num_threads=threads, max_batch=1)
+    honest: list[dict[str, Any]] = []
+    base: list[Trial] = []
+    for batch in batches:
+        miner = LlamaCppEngine.load("smollm2", num_threads=threads, max_batch=batch)
+        run = batched_trials(miner, verifier, trials, max_tokens, batch, start=200_000)
+        honest.append(honest_summary(f"llama.cpp Q4_1, batch {batch}", run))
+        log(
+            f"  batch {batch}: {honest[-1]['false_positives']} false positives, worst margin"
+            f" {honest[-1]['worst_margin']:.3g}, logprob error"
+            f" {honest[-1]['worst_logprob_error']:.3g}"
+        )
+        if not base:
+            base = run
+        miner.close()
+    # An honest llama.cpp that takes other kernel paths (llama.cpp's default F16 KV cache,
+    # as llama-server runs): what the audit must tolerate from llama.cpp builds that differ.
+    other = LlamaCppEngine.load("smollm2", num_threads=threads, max_batch=4, kv_cache_type="f16")
+    run = batched_trials(other, verifier, trials, max_tokens, 4, start=200_000)
+    honest.append(honest_summary("llama.cpp Q4_1, F16 KV cache (other kernels), batch 4", run))
+    log(
+        f"  f16 cache: {honest[-1]['false_positives']} false positives, worst margin"
+        f" {honest[-1]['worst_margin']:.3g}, logprob error"
+        f" {honest[-1]['worst_logprob_error']:.3g}"
+    )
+    other.close()
+
+    claimed = LlamaCppEngine.load("smollm2", num_threads=threads, max_batch=4)
+    fp32 = TransformersEngine.load("smollm2", quiet=True, device="cpu", num_threads=threads)
+    cheap = attacks.layer_dropped_copy(fp32, fp32.model.config.num_hidden_layers // 2)
+    makers: dict[str, Callable[[], Engine]] = {
+        "substitution": lambda: attacks.SubstitutedEngine(claimed, cheap),
+        "dequantized-fp32": lambda: attacks.SubstitutedEngine(claimed, fp32),
+        "prefill": lambda: attacks.PrefillEngine(claimed, cheap),  # type: ignore[arg-type]
+        "random-tokens": lambda: attacks.RandomTokensEngine(
+            claimed,  # type: ignore[arg-type]
+            claimed.vocab_size,
+            7,
+        ),
+        "wrong-temperature": lambda: attacks.WrongTemperatureEngine(claimed, 1.5),
+    }
+    attacked: list[dict[str, Any]] = []
+    for name in LLAMACPP_ATTACKS:
+        if only is not None and name not in only:
+            continue
+        try:
+            run = batched_trials(
+                makers[name](), verifier, attack_trials, max_tokens, 1, start=200_000
+            )
+        except AssertionError as exc:  # an attack that needs a transformers claim
+            log(f"  {name}: skipped ({exc})")
+            continue
+        attacked.append(attack_summary(name, run, [t.job for t in base[: len(run)]]))
+        log(f"  {name}: {attacked[-1]['caught']}/{attacked[-1]['altered']}")
+    derived: dict[str, Callable[[AuditJob], AuditJob | None]] = {
+        "truncation": lambda job: truncated(job, claimed),
+        "fabricated-logprobs": fabricated,
+        "replay": replayed,
+    }
+    for name in DERIVED_ATTACKS:
+        if only is not None and name not in only:
+            continue
+        made = [
+            job for job in (derived[name](t.job) for t in base[:attack_trials]) if job is not None
+        ]
+        counterparts: list[AuditJob | None] = (
+            [
+                attacks.serve_job(
+                    claimed, job.body, chat=job.chat, request_id=job.request_id, attestor=ATTESTOR
+                )
+                for job in made
+            ]
+            if name == "replay"
+            else [None] * len(made)
+        )
+        attacked.append(attack_summary(name, audit_all(verifier, made), counterparts))
+        log(f"  {name}: {attacked[-1]['caught']}/{attacked[-1]['altered']}")
+    claimed.close()
+    verifier.close()
+    return {
+        "model": f"SmolLM2-135M-Instruct on llama.cpp ({verifier.precision})",
+        "model_id": verifier.model_id,
+        "max_tokens": max_tokens,
+        "thresholds": dataclasses.asdict(thresholds_for(verifier.precision)),
+        "honest": honest,
+        "attacks": attacked,
+    }
+
+
 def long_answer_cost(reference: TransformersEngine, max_tokens: int, count: int) -> dict[str, Any]:
     """Audit cost on answers of `max_tokens` tokens (greedy, so they run to the budget)."""
     set_torch_threads(1)
@@ -504,6 +658,15 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=128, help="SmolLM2 cost run length")
     parser.add_argument("--long-answers", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--llamacpp-trials", type=int, default=0, help="per batch size; 0 skips llama.cpp"
+    )
+    parser.add_argument(
+        "--llamacpp-attack-trials", type=int, default=50, help="per llama.cpp attack"
+    )
+    parser.add_argument("--llamacpp-max-tokens", type=int, default=32)
+    parser.add_argument("--llamacpp-batches", default="1,4,16")
+    parser.add_argument("--llamacpp-threads", type=int, default=1)
     parser.add_argument(
         "--bf16-attack-fraction",
         type=float,
@@ -569,6 +732,17 @@ def main() -> None:
             results["smollm2_long_answer_cost"] = long_answer_cost(
                 reference, args.long_tokens, args.long_answers
             )
+    if args.llamacpp_trials > 0:
+        results["models"].append(
+            bench_llamacpp(
+                trials=args.llamacpp_trials,
+                attack_trials=min(args.llamacpp_attack_trials, args.llamacpp_trials),
+                max_tokens=args.llamacpp_max_tokens,
+                batches=[int(b) for b in args.llamacpp_batches.split(",")],
+                threads=args.llamacpp_threads,
+                only=only,
+            )
+        )
     results["seconds"] = time.perf_counter() - started
     for model in results["models"]:
         print(table(model["model"], model["honest"], model["attacks"]))
