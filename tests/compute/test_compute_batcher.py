@@ -8,13 +8,13 @@ exactly; the real models' batching is tested in test_compute_batching.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
 
 from infergrid.compute.batching import ContinuousBatcher, GenerationError
-from infergrid.compute.engine import SamplingParams, decode_loop
+from infergrid.compute.engine import GeneratedToken, SamplingParams, decode_loop
 
 VOCAB = 64
 EOS = 0
@@ -172,3 +172,45 @@ def test_an_empty_prompt_and_a_closed_engine_are_refused() -> None:
     batcher.close()
     with pytest.raises(GenerationError, match="shut down"):
         batcher.generate([1], PARAMS[0], max_new_tokens=5)
+
+
+def test_a_row_whose_text_cannot_be_decoded_fails_alone() -> None:
+    """A detokenizer error in one row ends that row with GenerationError; the worker lives on
+    and the other row of the same batch is served."""
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=3)
+    poison = _alone([1], params)[0]  # the broken row's first token cannot be decoded
+    fine_prompt = next(p for p in ([2], [3], [4], [6], [7]) if poison not in _alone(p, PARAMS[0]))
+
+    def fragile_decode(ids: Sequence[int]) -> str:
+        if poison in ids:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "broken token")
+        return _decode(ids)
+
+    backend = HistoryBackend(max_slots=4)
+    batcher = ContinuousBatcher(
+        backend, eos_token_ids=frozenset({EOS}), decode=fragile_decode, name="toy"
+    )
+    with batcher._wake:  # the worker cannot admit either row before both are queued
+        broken = batcher.generate([1], params, max_new_tokens=99)
+        fine = batcher.generate(fine_prompt, PARAMS[0], max_new_tokens=99)
+    results: dict[str, object] = {}
+
+    def consume(name: str, tokens: Iterator[GeneratedToken]) -> None:
+        try:
+            results[name] = [t.token_id for t in tokens]
+        except GenerationError as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=consume, args=("broken", broken)),
+        threading.Thread(target=consume, args=("fine", fine)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    batcher.close()
+    assert isinstance(results["broken"], GenerationError)
+    assert "could not be decoded" in str(results["broken"])
+    assert results["fine"] == _alone(fine_prompt, PARAMS[0])
+    assert max(backend.batch_sizes) == 2  # they shared a batch, so the worker outlived the error

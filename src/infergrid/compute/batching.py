@@ -225,7 +225,14 @@ class ContinuousBatcher:
             if row.cancelled:
                 self._leave(row)
                 continue
-            row.out.put(row.decoder.emit(token, logprob, top))
+            try:
+                generated = row.decoder.emit(token, logprob, top)
+            except Exception as exc:  # a detokenizer failure fails its own row only
+                logger.exception("emitting a token failed")
+                row.out.put(GenerationError(f"the answer could not be decoded: {exc}"))
+                self._leave(row)
+                continue
+            row.out.put(generated)
             if row.decoder.finished:
                 row.out.put(_FINISHED)
                 self._leave(row)
