@@ -22,7 +22,9 @@ token, holding back only the bytes of an unfinished UTF-8 character).
 
 Per concurrency it reports time to first token (p50), per-stream tok/s (tokens over the
 request's whole time, queueing and prefill included), decode tok/s (tokens after the first
-over the time after the first) and aggregate tok/s (all tokens over the phase's wall time), the
+over the time after the first; through the miner only meaningful while tokens come slower than
+its 20 ms stream chunks, so not for tiny models) and aggregate tok/s (all tokens over the
+phase's wall time), the
 median over `--rounds` (targets alternate within a round, so drift hits them alike), and the
 ratios issue 10 asks for: miner per-stream over llama-cpp-python per-stream at concurrency 1
 (target >= 0.90), miner aggregate at 8 over its single stream (target >= 4x), miner over its
@@ -333,16 +335,29 @@ def miner_worker(
 _spawn = multiprocessing.get_context("spawn")
 
 
+def _answering(target: Callable[..., None], conn: Connection, *args: Any) -> None:
+    """Run a worker; if it fails, its error is its answer (then the traceback on stderr)."""
+    try:
+        target(conn, *args)
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
 def in_process(target: Callable[..., None], *args: Any, timeout_s: float) -> Any:
-    """Run a worker that answers on a pipe; its answer, or RuntimeError if it dies or is late."""
+    """Run a worker that answers on a pipe; its answer, or RuntimeError if it fails, dies or
+    is late."""
     receiver, sender = _spawn.Pipe(duplex=False)
-    process = _spawn.Process(target=target, args=(sender, *args), daemon=True)
+    process = _spawn.Process(target=_answering, args=(target, sender, *args), daemon=True)
     process.start()
     sender.close()
     try:
         if not receiver.poll(timeout_s):
             raise RuntimeError(f"{target.__name__} gave no answer in {timeout_s:.0f} s")
-        return receiver.recv()
+        answer = receiver.recv()
+        if isinstance(answer, tuple) and answer[:1] == ("error",):
+            raise RuntimeError(f"{target.__name__} failed: {answer[1]}")
+        return answer
     except EOFError:
         raise RuntimeError(f"{target.__name__} died (exit code {process.exitcode})") from None
     finally:
