@@ -24,12 +24,12 @@ Per concurrency it reports time to first token (p50), per-stream tok/s (tokens o
 request's whole time, queueing and prefill included), decode tok/s (tokens after the first
 over the time after the first; through the miner only meaningful while tokens come slower than
 its 20 ms stream chunks, so not for tiny models) and aggregate tok/s (all tokens over the
-phase's wall time), the
-median over `--rounds` (targets alternate within a round, so drift hits them alike), and the
-ratios issue 10 asks for: miner per-stream over llama-cpp-python per-stream at concurrency 1
-(target >= 0.90), miner aggregate at 8 over its single stream (target >= 4x), miner over its
-bare engine. Only one target runs at a time; every phase is bounded by --requests-per-stream
-and --max-seconds; servers bind 127.0.0.1 and stop with this process.
+phase's wall time), the median over `--rounds` (targets alternate within a round, so drift hits
+them alike), and the ratios issue 10 asks for: miner per-stream over llama-cpp-python
+per-stream at concurrency 1 (target >= 0.90), miner aggregate at 8 over its single stream
+(target >= 4x), miner over its bare engine. Only one target runs at a time; every phase is
+bounded by --requests-per-stream and --max-seconds; servers bind 127.0.0.1 and stop with this
+process.
 
     .venv/bin/python bench/miner_throughput.py [--engines transformers,llamacpp]
         [--concurrency 1,4,8,16] [--threads N] [--max-tokens 128] [--rounds 1]
