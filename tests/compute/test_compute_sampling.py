@@ -222,3 +222,21 @@ def test_sample_rows_is_sample_token_per_row() -> None:
         sampling.perturbed_rows(logits[0], rows[:1])
     with pytest.raises(ValueError, match="temperature"):
         sampling.perturbed_rows(logits[:1], [sampling.RowSampling(1, 0, -1.0)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_top_k_fast_path_picks_the_definitions_token(dtype: torch.dtype) -> None:
+    """sample_rows takes a top-k row from its k candidates alone; over many rows, steps and
+    parameters (ties at the k-th value included) it emits exactly the argmax of the
+    definition's perturbed scores over the whole vocabulary."""
+    generator = torch.Generator().manual_seed(21)
+    for case in range(300):
+        logits = (torch.randn(2000, generator=generator) * 3).to(dtype)
+        if case % 5 == 0:  # coarse logits: ties at the k-th value
+            logits = logits.round()
+        top_k = [1, 2, 5, 40, 300][case % 5]
+        top_p = [None, 0.5, 0.9, 0.99][case % 4]
+        temperature = [0.3, 0.8, 1.0, 1.7][case % 3]
+        row = sampling.RowSampling(case, case % 7, temperature, top_p, top_k)
+        definition = sampling.perturbed_scores(logits, case, case % 7, temperature, top_p, top_k)
+        assert sampling.sample_rows(logits.unsqueeze(0), [row]) == [int(definition.argmax())]

@@ -210,6 +210,11 @@ def step_logprobs(
     """Per row of a step's raw logits [N, V]: ln p(tokens[n]) under log_softmax (float64) and
     the top_n[n] most likely alternatives (empty when 0). One device-to-host copy of N
     numbers (plus the alternatives asked for), whatever the vocabulary size."""
+    if logits.device.type == "cpu":  # row by row stays in cache
+        return [
+            _row_logprobs(logits[n].detach().to(dtype=torch.float64), tokens[n], top_n[n])
+            for n in range(len(tokens))
+        ]
     x = logits.detach().to(dtype=torch.float64)
     lse = torch.logsumexp(x, dim=-1)
     index = torch.tensor(list(tokens), dtype=torch.int64, device=x.device).unsqueeze(1)
@@ -222,6 +227,15 @@ def step_logprobs(
             top = tuple(zip(indices.tolist(), (values - lse[n]).tolist(), strict=True))
         out.append((float(chosen[n]), top))
     return out
+
+
+def _row_logprobs(x: torch.Tensor, token: int, k: int) -> tuple[float, TopLogprobs]:
+    lse = torch.logsumexp(x, dim=0)
+    top: TopLogprobs = ()
+    if k:
+        values, indices = torch.topk(x, min(k, x.numel()))
+        top = tuple(zip(indices.tolist(), (values - lse).tolist(), strict=True))
+    return float(x[token] - lse), top
 
 
 class RowDecoder:

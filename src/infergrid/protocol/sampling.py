@@ -61,7 +61,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _TWO_POW_MINUS_53 = 2.0**-53
-_CPU_BLOCK = 8192
+_CPU_BLOCK = 65536
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -300,8 +300,49 @@ def _perturb_kept(scores: torch.Tensor, mask: torch.Tensor, key: int) -> None:
 
 
 def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """The protocol token of every row of a batch: argmax of perturbed_rows (one sync)."""
-    return [int(t) for t in torch.argmax(perturbed_rows(logits, rows), dim=-1).tolist()]
+    """The protocol token of every row of a batch: the argmax of perturbed_rows.
+
+    On an accelerator that is one batched computation and one sync. On a CPU each row is
+    taken alone, which keeps it in cache, and a top-k row works on its k candidates only
+    (one pass over the vocabulary for topk, none for the noise): the same tokens, fewer
+    passes.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"expected [{len(rows)}, vocab] logits, got {tuple(logits.shape)}")
+    if logits.device.type != "cpu":
+        return [int(t) for t in torch.argmax(perturbed_rows(logits, rows), dim=-1).tolist()]
+    x = logits.detach()
+    return [_sample_one(x[b], row) for b, row in enumerate(rows)]
+
+
+# A top-k this small is sampled from its candidates alone (see _sample_one).
+_FAST_TOP_K_MAX = 1024
+
+
+def _sample_one(x: torch.Tensor, row: RowSampling) -> int:
+    """sample_token of one CPU row of raw logits (any float dtype)."""
+    if is_greedy(row.temperature):
+        return int(torch.argmax(x))  # float32 -> float64 is exact and monotone: same argmax
+    temperature = 1.0 if row.temperature is None else row.temperature
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    k = row.top_k
+    if k is not None and 0 < k <= _FAST_TOP_K_MAX and k < x.numel():
+        values, indices = torch.topk(x, k, sorted=True)
+        # With no tie at the k-th value the kept set is exactly these k tokens; on a tie the
+        # general path below keeps every tied token, as the definition says.
+        if int((x >= values[-1]).sum()) == k:
+            scores = values.to(torch.float64) / temperature
+            if row.top_p is not None and row.top_p < 1.0:
+                if row.top_p <= 0.0:
+                    raise ValueError("top_p must be > 0")
+                keep = _top_p_mask(scores, row.top_p)
+                scores, indices = scores[keep], indices[keep]
+            perturbed = scores + gumbel_noise_at(step_seed(row.seed, row.step), indices)
+            return int(indices[perturbed == perturbed.max()].min())  # lowest index on ties
+    return int(
+        torch.argmax(perturbed_scores(x, row.seed, row.step, row.temperature, row.top_p, row.top_k))
+    )
 
 
 def sample_token(
@@ -313,6 +354,7 @@ def sample_token(
     top_k: int | None = None,
 ) -> int:
     """The token the protocol sampler emits at output position `step` (see module docstring)."""
-    if is_greedy(temperature):
-        return int(torch.argmax(_as_cpu_f64(logits)))
-    return int(torch.argmax(perturbed_scores(logits, seed, step, temperature, top_p, top_k)))
+    if logits.dim() != 1:
+        raise ValueError(f"expected 1-D logits, got shape {tuple(logits.shape)}")
+    x = logits.detach().to(device=_CPU)
+    return _sample_one(x, RowSampling(seed, step, temperature, top_p, top_k))
