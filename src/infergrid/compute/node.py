@@ -206,15 +206,19 @@ def run_miner(settings: MinerSettings, console: Console) -> None:
     stake = node.stake_wei / WEI_PER_BTT if node else 0.0
     console.print(f"registered at {settings.endpoint} with {stake:,.2f} BTT staked")
 
+    # As many generations at once as the engine batches: each worker thread holds one row of
+    # the running batch (an upstream-fronting engine batches on its own side).
+    concurrency = int(getattr(engine, "max_batch", 1) or 1)
     if settings.escrow is None:
         console.print("no escrow configured: responses are not attested and nothing is collected")
-        app = create_miner_app(engine, node_address=owner)
+        app = create_miner_app(engine, node_address=owner, max_concurrency=concurrency)
         run_miner_server(app, settings.host, settings.port)
         return
     with miner_settlement(settings, chain, registry, offer, console) as settlement:
         app = create_miner_app(
             engine,
             node_address=owner,
+            max_concurrency=concurrency,
             attestor=settlement.attestor,
             receipt_log=settlement.receipts,
             offer=offer,

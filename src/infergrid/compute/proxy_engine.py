@@ -137,6 +137,10 @@ class ProxyEngine:
     """An Engine whose tokens come from an upstream server (see the module docstring).
     Thread-safe: each generation has its own connection, so the upstream batches them."""
 
+    # Generations the miner keeps in flight to the upstream at once (its worker threads); the
+    # upstream's own scheduler batches them.
+    max_batch = 64
+
     def __init__(
         self,
         upstream: str,
