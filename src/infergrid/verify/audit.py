@@ -81,14 +81,27 @@ class AuditThresholds:
 
 DEFAULT_THRESHOLDS = AuditThresholds(margin_tolerance=0.01, logprob_tolerance=0.01)
 BF16_THRESHOLDS = AuditThresholds(margin_tolerance=1.0, logprob_tolerance=1.5)
+# GGUF models on llama.cpp ("gguf-q4_1", ...), audited by llama.cpp's teacher forcing
+# (compute.llamacpp_engine). SmolLM2 Q4_1, 200 honest answers served at batch 1 (56), 4 (24)
+# and 16 (64), prompts of mixed lengths, greedy and sampled, 16 tokens: the engine's batched
+# logits equal its teacher-forced ones bit for bit (worst margin deficit 0, worst logprob
+# error 4.2e-14). Another kernel path (llama.cpp's default F16 cache, as llama-server runs
+# it; likely also another CPU's SIMD, not measured) moves logits: 52 answers
+# from an F16-cache llama.cpp at batch 1 and 4 had margin deficits up to 0.33 and logprob
+# errors up to 0.51 (bench/detection.py's llama.cpp configurations). These thresholds are
+# three times that; substituted and prefilled answers lose by 11-15 logits (tests/verify).
+GGUF_THRESHOLDS = AuditThresholds(margin_tolerance=1.0, logprob_tolerance=1.5)
 _BY_PRECISION = {"float32": DEFAULT_THRESHOLDS, "bfloat16": BF16_THRESHOLDS}
 
 
 def thresholds_for(precision: str) -> AuditThresholds:
     """The benchmark's thresholds for a reference model at `precision` (float32 by default;
-    float16 is treated as bfloat16, the looser of the two)."""
+    float16 is treated as bfloat16, the looser of the two; every GGUF quantization on
+    llama.cpp, "gguf-…", shares GGUF_THRESHOLDS)."""
     if precision == "float16":
         return BF16_THRESHOLDS
+    if precision.startswith("gguf-"):
+        return GGUF_THRESHOLDS
     return _BY_PRECISION.get(precision, DEFAULT_THRESHOLDS)
 
 
