@@ -376,10 +376,11 @@ class LlamaCppEngine:
 
         `num_threads` llama.cpp threads (default: the cores this process may use);
         `max_batch` sequences decoded together; `context_length` the longest prompt plus
-        output (default: the model's training context), which is also the KV cache all
-        sequences share. `quiet` is accepted for symmetry with the other engines: loading a
-        GGUF prints nothing of ours. `kv_cache_type` "f16" serves as llama.cpp does by
-        default (for measuring what the audit tolerates; teacher forcing always uses "q8_0").
+        output (default: the model's training context); each of the `max_batch` slots holds
+        a KV cache of that many cells. `quiet` is accepted for symmetry with the other
+        engines: loading a GGUF prints nothing of ours. `kv_cache_type` "f16" serves as
+        llama.cpp does by default (for measuring what the audit tolerates; teacher forcing
+        always uses "q8_0").
         """
         del quiet
         if max_batch < 1:
