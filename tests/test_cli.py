@@ -305,3 +305,22 @@ def test_chat_cost_text_reads_the_gateways_cost() -> None:
     assert cost_text(metered) == " · cost 0.000000000000007 BTT (7000 wei)"
     free = CompletionUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
     assert cost_text(free) == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--engine", "openai"), "--engine openai needs --upstream URL"),
+        (("--engine", "llamacpp", "--upstream", "http://127.0.0.1:1"), "are for --engine openai"),
+        (("--upstream-flavor", "vllm"), "are for --engine openai"),
+        (("--engine", "tgi"), "unknown engine 'tgi'"),
+    ],
+)
+def test_miner_engine_options_are_checked_before_anything_loads(
+    args: tuple[str, ...], message: str
+) -> None:
+    result = invoke(
+        "miner", "--chain-rpc", "http://127.0.0.1:1", "--registry", "0x" + "11" * 20, *args
+    )
+    assert result.exit_code != 0
+    assert message in one_error_line(result)

@@ -124,10 +124,11 @@ def up(
     engine: Annotated[
         str,
         typer.Option(
-            help="Engine of every miner and verifier: transformers, or llamacpp (the GGUF"
-            " natively; its model id differs, so verifiers run it too)."
+            help="Engine of every miner and verifier: transformers, llamacpp (the GGUF"
+            " natively; its model id differs, so verifiers run it too), or auto: llamacpp for"
+            " a GGUF model such as smollm2, else transformers."
         ),
-    ] = "transformers",
+    ] = "auto",
     chain_rpc: Annotated[
         str | None,
         typer.Option(help="Use this EVM JSON-RPC node (e.g. anvil) instead of the embedded one."),
@@ -142,13 +143,14 @@ def up(
 ) -> None:
     """Start a local network: chain, contracts, verifiers, miners and a gateway. Ctrl-C stops
     it."""
+    from infergrid.compute.engine_factory import AUTO, default_engine
     from infergrid.devnet import DevnetOptions, run_devnet
 
     options = DevnetOptions(
         miners=miners,
         verifiers=verifiers,
         model=model,
-        engine=_engine_kind(engine, built_in=True),
+        engine=_engine_kind(default_engine(model) if engine == AUTO else engine, built_in=True),
         chain_rpc=chain_rpc,
         gateway_port=port,
         chain_port=chain_port,
@@ -193,8 +195,20 @@ def miner(
     engine: Annotated[
         str | None,
         typer.Option(
-            help="Inference engine: transformers or llamacpp (default: the devnet's with"
-            " --devnet, else transformers)."
+            help="Inference engine: transformers, llamacpp, or openai (a server you run,"
+            " --upstream; docs/engines.md). Default: the devnet's with --devnet, else"
+            " transformers."
+        ),
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="With --engine openai: the base URL of the server the miner fronts."),
+    ] = None,
+    upstream_flavor: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine openai: vllm (default), sglang, llamacpp, ollama or openai"
+            " (docs/engines.md says what each verifies)."
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -277,6 +291,10 @@ def miner(
     if chain_rpc is None or registry is None:
         raise CLIError("a miner needs --chain-rpc and --registry (or --devnet)")
     engine = _engine_kind(engine or "transformers")
+    if engine == "openai" and upstream is None:
+        raise CLIError("--engine openai needs --upstream URL (the server the miner fronts)")
+    if engine != "openai" and (upstream is not None or upstream_flavor is not None):
+        raise CLIError("--upstream and --upstream-flavor are for --engine openai")
     if private_key is None:
         private_key = _private_key()  # raises the one-line error
     settings = MinerSettings(
@@ -298,6 +316,8 @@ def miner(
         substitute_model=substitute,
         honest_first=attack_after,
         engine=engine,
+        upstream=upstream,
+        upstream_flavor=upstream_flavor,
     )
     run_miner(settings, err)
 

@@ -190,8 +190,10 @@ def layer_dropped_copy(engine: TransformersEngine, keep: int) -> TransformersEng
 
 def _logprobs_of(engine: Engine, prompt_ids: Sequence[int], ids: Sequence[int]) -> list[float]:
     """The real model's logprobs of `ids` (one teacher-forced pass), as a prover would fake."""
-    assert isinstance(engine, TransformersEngine), "real logprobs need a TransformersEngine"
-    logits = engine.teacher_forced_logits(prompt_ids, ids)
+    teacher_forced = getattr(engine, "teacher_forced_logits", None)
+    if teacher_forced is None:
+        raise TypeError(f"real logprobs need an engine with teacher forcing, not {engine.name}")
+    logits = teacher_forced(prompt_ids, ids)
     lp = torch.log_softmax(logits, dim=-1)
     return [float(lp[i, t]) for i, t in enumerate(ids)]
 

@@ -116,6 +116,26 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
+class AuditableEngine(Engine, Protocol):
+    """An engine a verifier can recompute answers with (the built-in engines are ones)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def precision(self) -> str:
+        """The precision the model id names: "float32", "bfloat16", "gguf-q4_1", ..."""
+        ...
+
+    def teacher_forced_logits(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int]
+    ) -> torch.Tensor:
+        """The raw logits before each output token, [len(output_ids), vocab] float64 on the
+        CPU, from one pass over prompt + output[:-1]."""
+        ...
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting characters.
 

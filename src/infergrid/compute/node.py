@@ -65,6 +65,9 @@ class MinerSettings:
     # Which engine serves the model (compute.engine_factory.ENGINE_KINDS): the model id
     # depends on it (llama.cpp serves a GGUF at its quantization, transformers dequantized).
     engine: str = "transformers"
+    # With engine "openai": the server the miner fronts, and which kind it is.
+    upstream: str | None = None
+    upstream_flavor: str | None = None
 
 
 def make_attestor(escrow: PaymentEscrow, private_key: str) -> Attestor:
@@ -165,7 +168,13 @@ def run_miner(settings: MinerSettings, console: Console) -> None:
     console.print(
         f"miner {owner}: loading {settings.model} on {settings.engine} ({threads} CPU threads)"
     )
-    engine: Engine = load_engine(settings.engine, settings.model, num_threads=threads)
+    engine: Engine = load_engine(
+        settings.engine,
+        settings.model,
+        num_threads=threads,
+        upstream=settings.upstream,
+        upstream_flavor=settings.upstream_flavor,
+    )
     if settings.substitute_model is not None:
         from infergrid.compute.attacks import SubstitutedEngine
 
