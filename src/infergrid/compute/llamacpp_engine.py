@@ -36,6 +36,7 @@ from infergrid.compute import model_store
 from infergrid.compute.batching import ContinuousBatcher
 from infergrid.compute.engine import GeneratedToken, SamplingParams
 from infergrid.compute.transformers_engine import available_cores
+from infergrid.protocol.models import gguf_precision as protocol_gguf_precision
 from infergrid.protocol.models import model_id as protocol_model_id
 
 LLAMA_CPP_VERSION: str = str(llama_cpp.__version__)
@@ -54,7 +55,7 @@ _BACKEND_LOCK = threading.Lock()
 KV_CACHE_TYPES: dict[str, int] = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "f16": llama_cpp.GGML_TYPE_F16}
 
 _FTYPE_NAMES: dict[int, str] = {
-    int(value): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+    int(value): name
     for name, value in vars(llama_cpp).items()
     if name.startswith("LLAMA_FTYPE_") and isinstance(value, int)
 }
@@ -66,7 +67,7 @@ def gguf_precision(ftype: int) -> str:
     name = _FTYPE_NAMES.get(ftype)
     if name is None:
         raise ValueError(f"unknown GGUF file type {ftype}")
-    return "gguf-" + name.lower()
+    return protocol_gguf_precision(name)
 
 
 def _init_backend() -> None:

@@ -61,6 +61,7 @@ from infergrid.compute.plugins import sampling_args
 from infergrid.compute.plugins.sglang_sampler import processor_spec
 from infergrid.compute.transformers_engine import TransformersEngine
 from infergrid.protocol import sampling
+from infergrid.protocol.models import gguf_precision
 from infergrid.protocol.models import model_id as protocol_model_id
 from infergrid.protocol.wire import EXTENSION_KEY
 
@@ -128,9 +129,7 @@ def gguf_file_precision(path: Path) -> str:
     field = reader.get_field("general.file_type")
     if field is None:
         raise ValueError(f"{path} does not say its file type (general.file_type)")
-    ftype = int(field.contents())
-    name = gguf.LlamaFileType(ftype).name
-    return "gguf-" + name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    return gguf_precision(gguf.LlamaFileType(int(field.contents())).name)
 
 
 class ProxyEngine:

@@ -19,6 +19,14 @@ def model_id(name: str, weights_digest: str, revision: str, precision: str) -> s
     return "0x" + keccak(text=canonical).hex()
 
 
+def gguf_precision(file_type: str) -> str:
+    """The precision part of the model id of a GGUF file served natively: "gguf-" and
+    llama.cpp's file type name in lower case, without its LLAMA_FTYPE_/MOSTLY_/ALL_ prefixes
+    ("LLAMA_FTYPE_MOSTLY_Q4_1" and gguf's "MOSTLY_Q4_1" are both "gguf-q4_1")."""
+    name = file_type.upper().removeprefix("LLAMA_FTYPE_")
+    return "gguf-" + name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     """A model the network knows by name.
