@@ -15,7 +15,8 @@ and, on the same GGUF file (model_store.smollm2_gguf_path(); SmolLM2 only):
                      with its [server] extras in bench/.venv-llama-server, streaming clients
 
 Every request asks for the same fixed `--max-tokens` from one of PROMPTS (chosen to give long
-answers: no engine here can ignore EOS), at `--temperature` with a fixed seed per request.
+answers: no engine here can ignore EOS), at `--temperature` and `--top-k` (default 40,
+llama.cpp's own default; its min_p is switched off) with a fixed seed per request.
 Tokens are counted from the answer's usage (the miner, a bare engine's tokens), or as text
 chunks where a peer reports no usage when streaming (llama-cpp-python streams one chunk per
 token, holding back only the bytes of an unfinished UTF-8 character).
@@ -139,6 +140,7 @@ class Plan:
     temperature: float
     max_seconds: float
     threads: int
+    top_k: int = 40  # every target samples from the same top-k (llama.cpp's own default)
 
     def prompt_index(self, stream: int, request: int, level: int) -> int:
         return (stream + request * level) % len(PROMPTS)
@@ -230,6 +232,7 @@ def bare_engine_worker(
             params = SamplingParams(
                 max_tokens=plan.max_tokens,
                 temperature=plan.temperature,
+                top_k=plan.top_k,
                 seed=plan.seed(stream, request),
             )
             ids = prompts[plan.prompt_index(stream, request, level)]
@@ -286,7 +289,9 @@ def llama_cpp_worker(conn: Connection, gguf: str, plan: Plan, lifetime_s: float)
             prompt=ids,
             max_tokens=max_tokens,
             temperature=plan.temperature,
+            top_k=plan.top_k,
             top_p=1.0,
+            min_p=0.0,  # llama.cpp's default 0.05 would be one more filter than ours
             repeat_penalty=1.0,  # the network refuses penalties: none on either side
             seed=seed,
             stream=True,
@@ -445,6 +450,7 @@ async def http_levels(url: str, plan: Plan, extra: dict[str, Any] | None = None)
                 "messages": [{"role": "user", "content": PROMPTS[prompt]}],
                 "max_tokens": max_tokens,
                 "temperature": plan.temperature,
+                "top_k": plan.top_k,
                 "seed": seed,
                 "stream": True,
                 **(extra or {}),
@@ -599,7 +605,7 @@ def one_round(
             print(f"{LLAMA_SERVER} ...", flush=True)
             with llama_server(args.llama_server_python, gguf, free_port(), plan, log_dir) as url:
                 results[LLAMA_SERVER] = asyncio.run(
-                    http_levels(url, peer_plan, {"top_p": 1.0, "repeat_penalty": 1.0})
+                    http_levels(url, peer_plan, {"top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0})
                 )
     return results
 
@@ -729,6 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=40, help="the same for every target")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per phase")
     parser.add_argument("--rounds", type=int, default=1)
@@ -764,6 +771,7 @@ def main(argv: list[str] | None = None) -> None:
         temperature=args.temperature,
         max_seconds=args.max_seconds,
         threads=args.threads,
+        top_k=args.top_k,
     )
     gguf: str | None = None
     notes: list[str] = []
