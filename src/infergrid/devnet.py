@@ -557,7 +557,9 @@ def run_devnet(options: DevnetOptions, console: Console | None = None) -> None:
             f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
             soft_wrap=True,
         )
-        out.print('  or         infergrid chat "What is the capital of France?"')
+        out.print(
+            '  or         infergrid chat "What is the capital of France? Answer in one word."'
+        )
         out.print("Press Ctrl-C to stop.")
         with contextlib.suppress(KeyboardInterrupt):
             devnet.watch(lambda: stopping)

@@ -28,7 +28,7 @@ from .devnet_process import DevnetProcess, pid_alive
 
 pytestmark = pytest.mark.slow
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,9 @@ def test_status_shows_registered_nodes_with_stake(devnet: DevnetProcess) -> None
 
 
 def test_chat_command(devnet: DevnetProcess) -> None:
-    result = devnet.cli("chat", "What is the capital of France?", "--max-tokens", "20")
+    result = devnet.cli(
+        "chat", "What is the capital of France? Answer in one word.", "--max-tokens", "20"
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "completion tokens" in result.stderr
