@@ -728,7 +728,6 @@ def build_tiny_catalogue_model(name: str, out_dir: Path, *, seed: int = 0) -> Pa
     and generation_config.json in the real model's shape, its real tokenizer and chat
     template, and infergrid.json naming it tiny_catalogue_model_name(name, seed).
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     arch = architecture(name)
@@ -751,16 +750,7 @@ def build_tiny_catalogue_model(name: str, out_dir: Path, *, seed: int = 0) -> Pa
         model = AutoModelForCausalLM.from_config(config)
     if type(config).__name__ != arch.config_class:
         raise TypeError(f"{arch.name}: built {type(config).__name__}, not {arch.config_class}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for param_name, param in sorted(model.named_parameters()):
-            if param_name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(
-                    torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                    * model_store.TINY_INIT_STD
-                )
+    model_store.randomize_tiny_weights(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=arch.generation_bos
         if arch.generation_bos is not None

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from infergrid.protocol.models import DEFAULT_MODEL
 
@@ -407,6 +408,24 @@ def build_tiny_tokenizer(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def randomize_tiny_weights(model: Any, seed: int) -> None:
+    """Every tiny model's weights, deterministic from `seed`: norms 1, everything else
+    N(0, TINY_INIT_STD²) drawn in parameter-name order (a wide init, so that outputs are far
+    from uniform and sampling, margins and stop sequences are exercised)."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in sorted(model.named_parameters()):
+            if param_name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(
+                    torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                    * TINY_INIT_STD
+                )
+
+
 def build_tiny_model(
     out_dir: Path,
     seed: int = 0,
@@ -425,7 +444,6 @@ def build_tiny_model(
     in name order, so logits are peaked rather than near-uniform and the file's sha256
     (its weights digest) depends on the seed alone.
     """
-    import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
@@ -450,16 +468,7 @@ def build_tiny_model(
         dtype="float32",
     )
     model = LlamaForCausalLM(config)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for param_name, param in sorted(model.named_parameters()):
-            if param_name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(
-                    torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                    * TINY_INIT_STD
-                )
+    randomize_tiny_weights(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos_id, pad_token_id=0
     )
