@@ -313,6 +313,7 @@ def test_chat_cost_text_reads_the_gateways_cost() -> None:
         (("--engine", "openai"), "--engine openai needs --upstream URL"),
         (("--engine", "llamacpp", "--upstream", "http://127.0.0.1:1"), "are for --engine openai"),
         (("--upstream-flavor", "vllm"), "are for --engine openai"),
+        (("--upstream-model", "smollm2-q4_1"), "are for --engine openai"),
         (("--engine", "tgi"), "unknown engine 'tgi'"),
     ],
 )

@@ -211,6 +211,13 @@ def miner(
             " (docs/engines.md says what each verifies)."
         ),
     ] = None,
+    upstream_model: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine openai: the upstream's name for the model (default: the"
+            " first it lists)."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8100,
     endpoint: Annotated[
@@ -293,8 +300,8 @@ def miner(
     engine = _engine_kind(engine or "transformers")
     if engine == "openai" and upstream is None:
         raise CLIError("--engine openai needs --upstream URL (the server the miner fronts)")
-    if engine != "openai" and (upstream is not None or upstream_flavor is not None):
-        raise CLIError("--upstream and --upstream-flavor are for --engine openai")
+    if engine != "openai" and (upstream, upstream_flavor, upstream_model) != (None, None, None):
+        raise CLIError("--upstream, --upstream-flavor and --upstream-model are for --engine openai")
     if private_key is None:
         private_key = _private_key()  # raises the one-line error
     settings = MinerSettings(
@@ -318,6 +325,7 @@ def miner(
         engine=engine,
         upstream=upstream,
         upstream_flavor=upstream_flavor,
+        upstream_model=upstream_model,
     )
     run_miner(settings, err)
 

@@ -483,6 +483,12 @@ def test_engine_factory_builds_the_proxy_for_the_openai_kind(
         load_engine("openai", str(tiny_dir), upstream=fake_vllm.url, upstream_flavor="tgi")
     with pytest.raises(ValueError, match="--max-batch"):
         load_engine("openai", str(tiny_dir), upstream=fake_vllm.url, max_batch=4)
+    named = load_engine(
+        "openai", str(tiny_dir), upstream=fake_vllm.url, upstream_model=fake_vllm.served_model
+    )
+    assert isinstance(named, ProxyEngine) and named.upstream_model == fake_vllm.served_model
+    with pytest.raises(ValueError, match="--upstream is for the openai engine"):
+        load_engine("transformers", str(tiny_dir), upstream_model="x")
 
 
 def test_proxy_refuses_bad_configuration(tiny_dir: Path) -> None:

@@ -44,6 +44,7 @@ def load_engine(
     device: str = "auto",
     upstream: str | None = None,
     upstream_flavor: str | None = None,
+    upstream_model: str | None = None,
     max_batch: int | None = None,
     quiet: bool = False,
 ) -> Engine:
@@ -54,7 +55,7 @@ def load_engine(
     """
     if kind not in ENGINE_KINDS:
         raise ValueError(f"unknown engine {kind!r} (available: {', '.join(ENGINE_KINDS)})")
-    if kind != "openai" and (upstream is not None or upstream_flavor is not None):
+    if kind != "openai" and (upstream, upstream_flavor, upstream_model) != (None, None, None):
         raise ValueError(f"--upstream is for the openai engine, not {kind}")
     if kind == "transformers":
         from infergrid.compute.transformers_engine import TransformersEngine
@@ -83,4 +84,6 @@ def load_engine(
         raise ValueError(f"unknown --upstream-flavor {flavor!r} (available: {', '.join(FLAVORS)})")
     if max_batch is not None:
         raise ValueError("--max-batch is for the built-in engines: the upstream batches itself")
-    return ProxyEngine.connect(upstream, model=model, flavor=flavor, quiet=quiet)
+    return ProxyEngine.connect(
+        upstream, model=model, flavor=flavor, upstream_model=upstream_model, quiet=quiet
+    )

@@ -68,6 +68,7 @@ class MinerSettings:
     # With engine "openai": the server the miner fronts, and which kind it is.
     upstream: str | None = None
     upstream_flavor: str | None = None
+    upstream_model: str | None = None  # the upstream's name for it (default: its first model)
 
 
 def make_attestor(escrow: PaymentEscrow, private_key: str) -> Attestor:
@@ -174,6 +175,7 @@ def run_miner(settings: MinerSettings, console: Console) -> None:
         num_threads=threads,
         upstream=settings.upstream,
         upstream_flavor=settings.upstream_flavor,
+        upstream_model=settings.upstream_model,
     )
     if settings.substitute_model is not None:
         from infergrid.compute.attacks import SubstitutedEngine
