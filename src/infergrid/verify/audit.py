@@ -82,7 +82,7 @@ class AuditThresholds:
 DEFAULT_THRESHOLDS = AuditThresholds(margin_tolerance=0.01, logprob_tolerance=0.01)
 BF16_THRESHOLDS = AuditThresholds(margin_tolerance=1.0, logprob_tolerance=1.5)
 # GGUF models on llama.cpp ("gguf-q4_1", ...), audited by llama.cpp's teacher forcing
-# (compute.llamacpp_engine). SmolLM2 Q4_1, 200 honest answers served at batch 1 (56), 4 (24)
+# (compute.llamacpp_engine). SmolLM2 Q4_1, 144 honest answers served at batch 1 (56), 4 (24)
 # and 16 (64), prompts of mixed lengths, greedy and sampled, 16 tokens: the engine's batched
 # logits equal its teacher-forced ones bit for bit (worst margin deficit 0, worst logprob
 # error 4.2e-14). Another kernel path (llama.cpp's default F16 cache, as llama-server runs
