@@ -1,10 +1,13 @@
 """Gateway overhead: the same requests sent straight to a miner, through the gateway and,
 with `--peer litellm`, through the LiteLLM proxy in front of the same upstream.
 
-Starts an upstream in its own process (the real miner server over a tiny random-weight model
-by default; `--upstream scripted` uses the tests' ScriptedMiner stand-in, which answers without
-a model and so shows the gateway's own ceiling), a gateway in another process (auth, metering,
-traces all on), and measures from this process:
+Starts an upstream in its own process (the real miner server, by default over a tiny
+random-weight model; `--miner-model smollm2` serves the devnet's default model on the engine
+`infergrid up` picks for it (compute.engine_factory.default_engine: llama.cpp where
+llama-cpp-python is installed), a few requests/s on two CPU cores rather than tens;
+`--upstream scripted` uses the tests' ScriptedMiner stand-in, which answers without a model
+and so shows the gateway's own ceiling), a gateway in another process (auth, metering, traces
+all on), and measures from this process:
 
   sequential   one request at a time, the paths in turn, so drift hits them alike
   concurrent   --concurrency clients in flight (default 32), a phase per path
@@ -24,8 +27,9 @@ request records, anchoring). Unmetered, the gateway finds the miner from a fixed
 bench/.venv-litellm once, and runs its proxy (one uvicorn worker, master-key auth, no
 database) in front of the same upstream, measured in the same phases.
 
-    .venv/bin/python bench/gateway_overhead.py [--upstream miner|scripted] [--stream]
-        [--metered] [--peer litellm] [--json]
+    .venv/bin/python bench/gateway_overhead.py [--upstream miner|scripted]
+        [--miner-model tiny|smollm2] [--miner-threads N] [--stream] [--metered]
+        [--peer litellm] [--json]
 """
 
 from __future__ import annotations
@@ -72,15 +76,58 @@ PRICE_IN_WEI, PRICE_OUT_WEI = 10**12, 2
 # -- the servers, each in a process of its own --------------------------------------------------
 
 
-def _serve_miner(model_dir: str, port: int) -> None:
-    import torch
+@dataclass(frozen=True)
+class MinerModel:
+    """What the real miner serves: `spec` as `infergrid miner --model` takes it, on the
+    engine `engine` (compute.engine_factory.ENGINE_KINDS) with `threads` CPU threads and
+    `device`; `served` is the model name it answers to."""
 
-    # Two cores hold the client, the gateway and the miner: keep torch from fighting them.
-    torch.set_num_threads(1)
+    spec: str
+    engine: str
+    threads: int
+    device: str
+    served: str
+
+
+def miner_model(choice: str, threads: int | None, tmp_dir: Path) -> MinerModel:
+    """The upstream model for `--miner-model choice`.
+
+    "tiny": a tiny random-weight model built into tmp_dir, on the transformers engine, on the
+    CPU, one thread unless `threads` says otherwise (two cores hold the client, the gateway
+    and the miner: keep torch from fighting them). "smollm2": the devnet's default model
+    (DevnetOptions.model) on the engine `infergrid up --engine auto` picks for it
+    (engine_factory.default_engine), on the device the miner CLI picks ("auto"), with the
+    miner CLI's thread count unless `threads` says otherwise (run_miner: every core this
+    process may use).
+    """
+    if choice == "tiny":
+        from infergrid.compute.model_store import build_tiny_model
+
+        model_dir = build_tiny_model(tmp_dir / "model", seed=0, name=TINY_MODEL)
+        return MinerModel(str(model_dir), "transformers", threads or 1, "cpu", TINY_MODEL)
+    from infergrid.compute.engine_factory import default_engine
+    from infergrid.compute.model_store import served_model_name
+    from infergrid.compute.transformers_engine import available_cores
+    from infergrid.devnet import DevnetOptions
+
+    spec = DevnetOptions.model
+    return MinerModel(
+        spec,
+        default_engine(spec),
+        threads or available_cores(),  # as run_miner: settings.threads or available_cores()
+        "auto",
+        served_model_name(spec),
+    )
+
+
+def _serve_miner(model: MinerModel, port: int) -> None:
+    """The miner server without settlement, over the engine loaded as run_miner loads it."""
+    from infergrid.compute.engine_factory import load_engine
     from infergrid.compute.miner_server import create_miner_app, run_miner_server
-    from infergrid.compute.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine.from_dir(model_dir, device="cpu")
+    engine = load_engine(
+        model.engine, model.spec, num_threads=model.threads, device=model.device, quiet=True
+    )
     app = create_miner_app(engine, node_address=MINER_ADDRESS)
     run_miner_server(app, "127.0.0.1", port, log_level="warning")
 
@@ -102,7 +149,7 @@ class Network:
         return as_account(self.keys[index]).address
 
 
-def _serve_metered_miner(model_dir: str, port: int, net: Network, receipt_log: str) -> None:
+def _serve_metered_miner(model: MinerModel, port: int, net: Network, receipt_log: str) -> None:
     """The production miner (compute.node.run_miner): registers and stakes, attests every
     answer in the escrow's domain, logs it in its durable receipt log, collects vouchers."""
     from rich.console import Console
@@ -114,7 +161,7 @@ def _serve_metered_miner(model_dir: str, port: int, net: Network, receipt_log: s
         chain_rpc=net.rpc,
         registry=net.registry,
         private_key=net.keys[MINER_KEY],
-        model=model_dir,
+        model=model.spec,
         host="127.0.0.1",
         port=port,
         endpoint=f"http://127.0.0.1:{port}",
@@ -123,7 +170,8 @@ def _serve_metered_miner(model_dir: str, port: int, net: Network, receipt_log: s
         price_out_wei=PRICE_OUT_WEI,
         escrow=net.escrow,
         receipt_log=Path(receipt_log),
-        threads=1,  # as _serve_miner: two cores hold the client, the gateway and the miner
+        threads=model.threads,
+        engine=model.engine,
     )
     run_miner(settings, Console(stderr=True, quiet=True))
 
@@ -565,6 +613,20 @@ def verdicts(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", choices=["miner", "scripted"], default="miner")
+    parser.add_argument(
+        "--miner-model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="with --upstream miner: a tiny random-weight model (default), or the devnet's"
+        " default model on the devnet's default engine (much slower per request)",
+    )
+    parser.add_argument(
+        "--miner-threads",
+        type=int,
+        default=None,
+        help="the miner's CPU threads (default: 1 with the tiny model; with smollm2 the"
+        " miner CLI's default, every core)",
+    )
     parser.add_argument("--requests", type=int, default=1000, help="per path and mode")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=30.0, help="per phase")
@@ -591,9 +653,13 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    for name in ("requests", "concurrency", "warmup", "max_tokens"):
+    for name in ("requests", "concurrency", "warmup", "max_tokens", "miner_threads"):
+        if name == "miner_threads" and args.miner_threads is None:
+            continue
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.upstream != "miner" and (args.miner_model != "tiny" or args.miner_threads):
+        parser.error("--miner-model and --miner-threads are for --upstream miner")
 
     from infergrid.app.keys import KeyStore
 
@@ -609,18 +675,25 @@ def main() -> None:
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         net = start_network(stack, tmp_dir) if args.metered else None
         if args.upstream == "miner":
-            from infergrid.compute.model_store import build_tiny_model
-
-            model_dir = build_tiny_model(tmp_dir / "model", seed=0, name=TINY_MODEL)
-            upstream = "infergrid.compute.miner_server over a tiny random-weight model (CPU)"
+            served = miner_model(args.miner_model, args.miner_threads, tmp_dir)
+            what = (
+                "a tiny random-weight model"
+                if args.miner_model == "tiny"
+                else f"{served.served} (the devnet's default model)"
+            )
+            server = "compute.node.run_miner" if net is not None else "compute.miner_server"
+            upstream = (
+                f"infergrid.{server} over {what}, engine {served.engine},"
+                f" device {served.device}, {served.threads} thread(s)"
+            )
             if net is None:
-                miner = stack.enter_context(_process(_serve_miner, str(model_dir), miner_port))
+                miner = stack.enter_context(_process(_serve_miner, served, miner_port))
             else:
                 receipts = str(db_dir / "miner.receipts.db")
                 miner = stack.enter_context(
-                    _process(_serve_metered_miner, str(model_dir), miner_port, net, receipts)
+                    _process(_serve_metered_miner, served, miner_port, net, receipts)
                 )
-            model = TINY_MODEL
+            model = served.served
         else:
             upstream = "ScriptedMiner stand-in (tests/app/scripted_miner.py), no model"
             if net is not None:
@@ -679,6 +752,7 @@ def main() -> None:
 
     report = {
         "upstream": upstream,
+        "miner_model": args.miner_model if args.upstream == "miner" else None,
         "metered": args.metered,
         "peer": f"litellm {LITELLM_VERSION}" if litellm is not None else None,
         "stream": args.stream,
