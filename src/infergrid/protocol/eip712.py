@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal, TypeAlias
 
 import coincurve
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
+
+from infergrid.protocol.hashing import keccak256
 
 DOMAIN_NAME = "InferGrid"
 DOMAIN_VERSION = "1"
@@ -58,6 +61,15 @@ def signature_bytes(value: object, what: str = "signature") -> bytes:
 
 def to_bytes32(value: bytes | str, what: str = "value") -> bytes:
     """32 raw bytes from bytes or 0x-hex; raises ValueError otherwise."""
+    if type(value) is bytes and len(value) == 32:
+        return value
+    if type(value) is str and len(value) == 66 and value[:2] in ("0x", "0X"):
+        try:
+            fast = bytes.fromhex(value[2:])  # JSON's form, on every attestation a gateway reads
+        except ValueError:
+            fast = b""  # not hex: HexBytes below says so
+        if len(fast) == 32:  # fromhex skips spaces, so a spaced string falls through
+            return fast
     try:
         raw = bytes(HexBytes(value))
     except (TypeError, ValueError) as exc:
@@ -74,8 +86,17 @@ def hex32(value: bytes) -> str:
 def word(kind: FieldKind, value: bytes | str | int) -> bytes:
     """One ABI word of a static EIP-712 field."""
     if kind == "bytes32":
+        if type(value) is bytes and len(value) == 32:
+            return value  # what message dataclasses hold: no conversion to pay for
         return to_bytes32(value)  # type: ignore[arg-type]
     if kind == "address":
+        if type(value) is str and len(value) == 42 and value[:2] in ("0x", "0X"):
+            try:
+                fast = bytes.fromhex(value[2:])
+            except ValueError:
+                fast = b""  # not hex: HexBytes below says so
+            if len(fast) == 20:  # fromhex skips spaces, so a spaced string falls through
+                return b"\x00" * 12 + fast
         raw = bytes(HexBytes(value))  # type: ignore[arg-type]
         if len(raw) != 20:
             raise ValueError(f"address {value!r} is not 20 bytes")
@@ -87,7 +108,7 @@ def word(kind: FieldKind, value: bytes | str | int) -> bytes:
 
 def struct_hash(typehash: bytes, fields: Sequence[tuple[FieldKind, bytes | str | int]]) -> bytes:
     """hashStruct of a struct whose members are all static: keccak(typehash ‖ words)."""
-    return keccak(typehash + b"".join(word(kind, value) for kind, value in fields))
+    return keccak256(typehash + b"".join([word(kind, value) for kind, value in fields]))
 
 
 @dataclass(frozen=True)
@@ -114,7 +135,7 @@ class Domain:
 
     def digest(self, struct_hash_: bytes) -> bytes:
         """The EIP-712 digest that is signed: keccak(0x1901 ‖ separator ‖ hashStruct)."""
-        return keccak(b"\x19\x01" + self.separator + struct_hash_)
+        return keccak256(b"\x19\x01" + self.separator + struct_hash_)
 
 
 def private_key_bytes(key: str | bytes) -> bytes:
@@ -156,4 +177,11 @@ def recover(digest: bytes, signature: bytes | str) -> str:
         )
     except Exception as exc:  # coincurve raises plain Exception on bad points
         raise InvalidSignature(f"signature does not recover: {exc}") from None
-    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+    return _address_of(public.format(compressed=False)[1:])
+
+
+@lru_cache(maxsize=1024)
+def _address_of(public_key: bytes) -> str:
+    """The checksummed address of a 64-byte public key; cached, because a gateway recovers
+    the same few miner keys on every request and the checksum costs another keccak."""
+    return to_checksum_address(keccak256(public_key)[-20:])

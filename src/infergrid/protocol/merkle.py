@@ -17,13 +17,14 @@ from eth_abi import encode
 from eth_utils import keccak, to_checksum_address
 
 from infergrid.protocol.eip712 import ZERO32
+from infergrid.protocol.hashing import keccak256
 
 # The contracts accept proofs up to this long: trees of up to 2**32 leaves.
 MAX_PROOF_LENGTH = 32
 
 
 def hash_pair(a: bytes, b: bytes) -> bytes:
-    return keccak(a + b) if a <= b else keccak(b + a)
+    return keccak256(a + b) if a <= b else keccak256(b + a)
 
 
 class MerkleTree:

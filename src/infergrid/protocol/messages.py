@@ -36,6 +36,7 @@ from infergrid.protocol.eip712 import (
     struct_hash,
     to_bytes32,
 )
+from infergrid.protocol.hashing import keccak256
 
 ATTESTATION_TYPE = (
     "Attestation(bytes32 requestHash,bytes32 responseHash,bytes32 modelId,address miner,"
@@ -59,7 +60,7 @@ SIGNATURE_KEY = "signature"
 def request_hash(request_id: str, payload: bytes) -> bytes:
     """What a request is, for attestations: keccak(request id ‖ 0x0a ‖ the exact body bytes
     the gateway sent the miner, which include the sampling seed)."""
-    return keccak(request_id.encode() + b"\n" + payload)
+    return keccak256(request_id.encode() + b"\n" + payload)
 
 
 def response_hash(output_token_ids: Iterable[int]) -> bytes:
@@ -78,7 +79,7 @@ def response_hash(output_token_ids: Iterable[int]) -> bytes:
         packed = struct.pack(f">{len(ids)}I", *ids)
     except (struct.error, TypeError, OverflowError) as exc:  # the latter two from an __index__
         raise ValueError(f"output token ids must be uint32: {exc}") from None
-    return keccak(packed)
+    return keccak256(packed)
 
 
 def _address(value: str, what: str) -> str:
@@ -129,6 +130,15 @@ class Attestation:
         _uint(self.tokens_out, "tokensOut")
 
     def struct_hash(self) -> bytes:
+        """hashStruct of the attestation (memoized: the message is immutable, and a gateway
+        needs it to verify, to build the receipt and to store it)."""
+        cached: bytes | None = self.__dict__.get("_struct_hash")
+        if cached is None:
+            cached = self._hash()
+            object.__setattr__(self, "_struct_hash", cached)
+        return cached
+
+    def _hash(self) -> bytes:
         return struct_hash(
             ATTESTATION_TYPEHASH,
             [
@@ -218,7 +228,15 @@ class Receipt:
         )
 
     def struct_hash(self) -> bytes:
-        """Also the receipt's Merkle leaf in vouchers and epoch anchors."""
+        """hashStruct of the receipt, also its Merkle leaf in vouchers and epoch anchors
+        (memoized, as Attestation's)."""
+        cached: bytes | None = self.__dict__.get("_struct_hash")
+        if cached is None:
+            cached = self._hash()
+            object.__setattr__(self, "_struct_hash", cached)
+        return cached
+
+    def _hash(self) -> bytes:
         return struct_hash(
             RECEIPT_TYPEHASH,
             [
