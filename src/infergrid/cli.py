@@ -912,6 +912,14 @@ def gateway(
     request_retention_days: Annotated[
         float, typer.Option(help="Days a per-request record is kept.")
     ] = 7.0,
+    receipts_wait_for_disk: Annotated[
+        bool,
+        typer.Option(
+            help="Release each metered answer only after its receipt is fsynced. By default"
+            " it waits for the commit (safe from the gateway dying, kill -9 included) and the"
+            " disk is synced in the background, before any voucher or anchor covers it."
+        ),
+    ] = False,
 ) -> None:
     """Run a gateway: OpenAI-compatible API in front of the miners in the registry.
 
@@ -953,6 +961,7 @@ def gateway(
         audit_timeout_s=audit_timeout,
         request_retention_max=request_retention,
         request_retention_s=request_retention_days * 86400.0,
+        receipts_wait_for_disk=receipts_wait_for_disk,
     )
     if escrow is not None and settings.private_key is None:
         raise CLIError(f"a billing gateway (--escrow) signs receipts: set {PRIVATE_KEY_ENV}")

@@ -43,6 +43,8 @@ class GatewaySettings:
     # Stated in the forwarded body, and reserved for, when a request sets no limit.
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     receipts_db: Path | None = None  # default: receipts_db_path(db_path)
+    # Answers wait for their receipt's fsync, not only its commit (app.receipts).
+    receipts_wait_for_disk: bool = False
     # How long a miner may keep a request (GatewayConfig documents the rule).
     first_token_timeout_floor_s: float = GatewayConfig.first_token_timeout_floor_s
     first_token_timeout_cap_s: float = GatewayConfig.first_token_timeout_cap_s
@@ -73,11 +75,13 @@ def build_settlement(
     escrow_poll_s: float = 3.0,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     binding: ChainBinding | None = None,
+    receipts_wait_for_disk: bool = False,
 ) -> Settlement:
     """A metered gateway's settlement: the escrow's signing domain, the gateway's signer, its
     receipt store and, with a reward distributor, the anchorer. Reads the chain id once.
     With `binding` (gateway_binding), the receipt store is bound to that deployment:
-    ChainMismatch if it holds another chain's receipts."""
+    ChainMismatch if it holds another chain's receipts. `receipts_wait_for_disk`: see
+    app.receipts."""
     from infergrid.app.anchoring import ReceiptAnchorer, distributor_submit
     from infergrid.app.receipts import ReceiptStore
     from infergrid.app.settlement import Settlement
@@ -88,7 +92,9 @@ def build_settlement(
     reader = PaymentEscrow(chain, escrow)
     domain = reader.domain()
     signer = Signer(private_key)
-    store = ReceiptStore(receipts_db, domain, signer, chain=binding)
+    store = ReceiptStore(
+        receipts_db, domain, signer, chain=binding, wait_for_disk=receipts_wait_for_disk
+    )
     anchorer = None
     if rewards:
         # Anchors are kept per sender: they must go out from the signer's own address.
@@ -140,6 +146,7 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
             escrow_poll_s=settings.escrow_poll_s,
             default_max_tokens=settings.default_max_tokens,
             binding=binding,
+            receipts_wait_for_disk=settings.receipts_wait_for_disk,
         )
     if settings.private_key:
         owner = Account.from_key(settings.private_key).address

@@ -1,16 +1,27 @@
 """The gateway's durable receipt store: receipts, vouchers, anchor batches and inclusion proofs.
 
-A receipt is money: once the gateway tells a client (and the miner) that a request is done, the
-receipt behind it must survive a kill -9 or a power cut. So unlike traces, receipts are written
-with `synchronous=FULL` (WAL fsync on every commit) and `commit()` returns only after its row is
-in the file.
+A receipt is money: once the gateway tells a client that a request is done, the receipt behind
+it must survive the gateway dying, kill -9 included (DESIGN.md §8), and once a miner holds a
+voucher over it, a power cut too. So `commit()` returns only after its row is committed to the
+file, and what can leave the gateway for good waits for the disk:
 
-Paying one fsync per request would cap the gateway at a few hundred requests per second and
-put milliseconds on every response, so writes are grouped: `commit()` queues the receipt and
-awaits a future; one writer thread takes everything queued, signs it, writes all rows in a
-single transaction (one fsync) and resolves every waiter. Under load a batch holds all the
-requests that arrived during the previous fsync; when idle a batch is one receipt and costs
-one fsync, the floor for durability. The event loop never touches the disk or signs.
+- **the answer** waits for the commit, not for the disk: the WAL runs at `synchronous=NORMAL`,
+  so a committed row is in the kernel's hands and survives the process dying. `WalSync`
+  (infergrid.wal_sync) fsyncs the WAL in the background, back to back, so a power cut loses at
+  most the receipts of the last fsync or two (milliseconds; their answers are free to the
+  payer, and no voucher or anchor covers them);
+- **vouchers and anchors** (`vouchers_for`, `unanchored*`) and voids first wait until every
+  receipt committed before them is on the disk (`sync()`): a miner never holds a signed voucher
+  over, nor does the chain hold a root of, a receipt a power cut could take back.
+
+`wait_for_disk=True` (`infergrid gateway --receipts-wait-for-disk`) makes every answer wait
+for the fsync instead (`synchronous=FULL`), for an operator who would rather pay the disk's
+fsync time on each response than give a power cut's answers away.
+
+Writes are grouped: `commit()` queues the receipt and awaits a future; one writer thread takes
+everything queued, signs it, writes all rows in a single transaction and resolves every waiter.
+Under load a batch holds all the requests that arrived during the previous transaction. The
+event loop never touches the disk or signs.
 A receipt that cannot be stored (a value SQLite cannot hold) fails its own commit and no other:
 the batch is written again receipt by receipt (infergrid.batch_writes), and the rejects are
 counted (`rejected`, `infergrid_writer_rejected_rows_total{writer="receipts"}`).
@@ -68,6 +79,7 @@ from infergrid.protocol.messages import (
 )
 from infergrid.protocol.vouchers import SignedVoucher
 from infergrid.settle.binding import ChainBinding, bind_database
+from infergrid.wal_sync import WalSync
 
 log = logging.getLogger(__name__)
 
@@ -323,9 +335,11 @@ class ReceiptStore:
         *,
         max_batch: int = 1024,
         chain: ChainBinding | None = None,
+        wait_for_disk: bool = False,
     ) -> None:
         """Open (or create) the store; with `chain`, bind it to that deployment first
-        (settle.binding: ChainMismatch if it holds another chain's receipts)."""
+        (settle.binding: ChainMismatch if it holds another chain's receipts). `wait_for_disk`:
+        commits return after the fsync (see the module's docstring)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.db_path = Path(db_path)
@@ -333,10 +347,12 @@ class ReceiptStore:
         self.signer = signer
         self.gateway: str = signer.address
         self.max_batch = max_batch
+        self.wait_for_disk = wait_for_disk
+        synchronous = "FULL" if wait_for_disk else "NORMAL"
         # Two connections: the writer's (only the writer thread and record_anchor, under
         # _write_lock) and the readers' (under _read_lock). WAL lets reads proceed during the
         # writer's fsync instead of queueing behind it.
-        self._wconn = connect(self.db_path, synchronous="FULL")
+        self._wconn = connect(self.db_path, synchronous=synchronous)
         for statement in _SCHEMA:
             self._wconn.execute(statement)
         _migrate(self._wconn)
@@ -349,7 +365,11 @@ class ReceiptStore:
             except BaseException:
                 self._wconn.close()
                 raise
-        self._rconn = connect(self.db_path, synchronous="FULL")
+        self._rconn = connect(self.db_path, synchronous=synchronous)
+        # With FULL every commit is on the disk when it returns: nothing to sync later.
+        self.wal_sync: WalSync | None = (
+            None if wait_for_disk else WalSync(self.db_path, name="receipt-fsync")
+        )
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         # Guards the in-memory totals, written by the writer thread and read by anyone.
@@ -366,7 +386,7 @@ class ReceiptStore:
         self._stopping = False
         self._closed = False
         # Counters for tests, metrics and benchmarks.
-        self.batches_written = 0  # write transactions committed, i.e. fsyncs paid
+        self.batches_written = 0  # write transactions committed
         self.receipts_written = 0
         # Receipts that could not be stored (their commits failed), and database failures.
         self.failures = FailureLog("receipt store", log)
@@ -416,6 +436,8 @@ class ReceiptStore:
             thread = self._thread
         if thread is not None:
             thread.join()
+        if self.wal_sync is not None:
+            self.wal_sync.close()
         with self._write_lock:
             self._wconn.close()
         with self._read_lock:
@@ -567,6 +589,8 @@ class ReceiptStore:
                 written.append(item)
             conn.executemany(_UPSERT_TOTAL, self._batch_deltas(written))
             conn.execute("COMMIT")
+            if self.wal_sync is not None:
+                self.wal_sync.committed()
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -685,6 +709,8 @@ class ReceiptStore:
             with self._totals_lock:
                 pair.value -= value
                 self._payers[payer] = self._payers.get(payer, 0) - value
+        # A refund is promised on the strength of it: a power cut must not bring it back.
+        self._committed_and_synced()
         return value
 
     def is_voided(self, request_id: str) -> bool:
@@ -793,9 +819,23 @@ class ReceiptStore:
                 raise RuntimeError(f"receipts of {miner}/{payer} changed under the store")
         return acc.root()
 
+    def sync(self) -> None:
+        """Block until every receipt committed so far is on the disk (at most an fsync or two
+        while the background fsync catches up; nothing with wait_for_disk). Raises
+        wal_sync.DurabilityLost after a failed fsync."""
+        if self.wal_sync is not None:
+            self.wal_sync.sync()
+
+    def _committed_and_synced(self) -> None:
+        if self.wal_sync is not None:
+            self.wal_sync.committed()
+            self.wal_sync.sync()
+
     def vouchers_for(self, miner: str, *, now: int | None = None) -> list[SignedVoucher]:
-        """One signed cumulative voucher per payer with receipts for `miner`, sorted by payer."""
+        """One signed cumulative voucher per payer with receipts for `miner`, sorted by payer;
+        only after every receipt they cover is on the disk (`sync`)."""
         miner = to_checksum_address(miner)
+        self.sync()
         timestamp = int(time.time()) if now is None else now
         with self._totals_lock:
             # One snapshot, so each voucher's value and root cover the same receipts.
@@ -822,7 +862,9 @@ class ReceiptStore:
     # -- anchoring -----------------------------------------------------------------------------
 
     def unanchored(self, limit: int) -> list[StoredReceipt]:
-        """Receipts no anchor covers yet, oldest first."""
+        """Receipts no anchor covers yet, oldest first; all on the disk (`sync`), since an
+        anchor of them goes on-chain."""
+        self.sync()
         rows = self._query(
             _SELECT + _AFTER_LAST_ANCHOR + " ORDER BY seq LIMIT ?",
             (self.gateway, self.gateway, limit),
@@ -831,7 +873,8 @@ class ReceiptStore:
 
     def unanchored_leaves(self, limit: int) -> tuple[list[int], list[bytes]]:
         """(seqs, leaves) of the oldest unanchored receipts: what the anchorer needs, without
-        rebuilding every receipt object."""
+        rebuilding every receipt object; all on the disk, as `unanchored`'s."""
+        self.sync()
         rows = self._query(
             "SELECT seq, leaf FROM receipts" + _AFTER_LAST_ANCHOR + " ORDER BY seq LIMIT ?",
             (self.gateway, self.gateway, limit),
@@ -927,6 +970,7 @@ class ReceiptStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        self._committed_and_synced()  # the anchor is on-chain already: keep its record
 
     def anchors(self) -> list[tuple[int, bytes, int, str | None]]:
         """(anchor_index, root, count, tx_hash) of every recorded anchor, oldest first."""

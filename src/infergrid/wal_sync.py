@@ -1,0 +1,149 @@
+"""Power-loss durability for a SQLite WAL database, paid in the background (group fsync).
+
+SQLite in WAL mode with `synchronous=NORMAL` hands each commit's pages to the operating system
+(write(2)) and fsyncs only at checkpoints. A committed transaction then survives the process
+dying, kill -9 included, since the kernel holds its pages; only a power cut or a kernel crash
+before the kernel writes them back can lose it. `WalSync` closes that window without making
+any commit wait for the disk: its thread fsyncs the WAL whenever commits were reported since
+the last fsync, back to back, so under load one fsync covers every commit that arrived during
+the previous one, and `sync()` blocks until everything committed before it is on the disk.
+
+A writer reports each commit (`committed()`) after SQLite's COMMIT returned; whoever is about to
+let a commit's effects leave the process in a form that cannot be taken back (a signed voucher,
+an on-chain anchor) calls `sync()` first.
+
+An fsync that fails is sticky: Linux may drop the failed pages and report the next fsync as a
+success, so after one failure nothing written before it can be called durable, and every later
+`sync()` raises `DurabilityLost` until the process restarts and SQLite recovers from what is
+really on the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+__all__ = ["DurabilityLost", "WalSync"]
+
+log = logging.getLogger(__name__)
+
+
+class DurabilityLost(RuntimeError):
+    """An fsync of the database failed: what was committed may not be on the disk."""
+
+
+class WalSync:
+    """Background fsync of `db_path`'s write-ahead log, for commits reported by `committed()`.
+
+    Thread-safe. `start()` starts the thread (idempotent); `close()` syncs what was reported
+    and stops it. `syncs` counts the fsyncs paid, `synced` the commits they covered."""
+
+    def __init__(self, db_path: str | Path, *, name: str = "wal-sync") -> None:
+        self.db_path = Path(db_path)
+        self.wal_path = Path(f"{self.db_path}-wal")
+        self.name = name
+        self._cond = threading.Condition()
+        self._reported = 0  # commits reported so far
+        self._synced = 0  # commits known to be on the disk
+        self._attempted = 0  # commits an fsync was tried for (failed ones are not synced)
+        self._error: OSError | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.syncs = 0
+
+    @property
+    def synced(self) -> int:
+        return self._synced
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                # Daemon: what a process exiting without close() had not synced is exactly
+                # what a power cut at that moment would lose, no more.
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def committed(self) -> None:
+        """Report one more commit to make durable (call after SQLite's COMMIT returned)."""
+        with self._cond:
+            self._reported += 1
+            reported, stopping = self._reported, self._stopping
+            self._cond.notify_all()
+        if stopping:  # after close(): nobody syncs in the background any more
+            self._sync_once(reported)
+        elif self._thread is None:
+            self.start()
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Block until every commit reported before this call is on the disk. Raises
+        DurabilityLost if an fsync failed, TimeoutError after `timeout` seconds."""
+        with self._cond:
+            target = self._reported
+            if not self._cond.wait_for(
+                lambda: self._synced >= target or self._error is not None, timeout
+            ):
+                raise TimeoutError(f"{self.db_path} was not synced within {timeout} s")
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        """Sync what was reported, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        if self._attempted < self._reported:
+            self._sync_once(self._reported)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise DurabilityLost(
+                f"fsync of {self.wal_path} failed ({self._error}); what was committed since the"
+                " last successful fsync may not be on the disk: restart the process"
+            )
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._reported > self._attempted or self._stopping)
+                target = self._reported
+                if target <= self._attempted:
+                    return  # stopping, and every reported commit had its fsync
+            self._sync_once(target)
+
+    def _sync_once(self, target: int) -> None:
+        error: OSError | None = None
+        try:
+            _fsync_path(self.wal_path)
+        except FileNotFoundError:
+            # No WAL: the last connection closed and checkpointed it into the database file,
+            # which SQLite syncs at a checkpoint; sync it again, it costs nothing if clean.
+            try:
+                _fsync_path(self.db_path)
+            except OSError as exc:
+                error = exc
+        except OSError as exc:
+            error = exc
+        with self._cond:
+            self.syncs += 1
+            self._attempted = max(self._attempted, target)
+            if error is not None:
+                if self._error is None:
+                    log.error("fsync of %s failed: %s", self.wal_path, error)
+                self._error = error
+            elif self._error is None:
+                self._synced = max(self._synced, target)
+            self._cond.notify_all()
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file through a descriptor of our own: Linux writes back the file's dirty pages
+    whichever descriptor wrote them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

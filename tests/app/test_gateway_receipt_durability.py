@@ -1,0 +1,142 @@
+"""When a receipt is durable: committed before its answer, on the disk before any voucher or
+anchor covers it (infergrid.wal_sync's background fsync), or on the disk before its answer
+with wait_for_disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from test_gateway_receipts import DOMAIN, GATEWAY, MINER, make
+
+from infergrid import wal_sync
+from infergrid.app.receipts import ReceiptStore
+from infergrid.wal_sync import DurabilityLost, WalSync
+
+
+def _synchronous(store: ReceiptStore) -> int:
+    (level,) = store._wconn.execute("PRAGMA synchronous").fetchone()
+    return int(level)
+
+
+def _wal_db(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    return conn
+
+
+def test_sync_returns_once_every_reported_commit_had_an_fsync(tmp_path: Path) -> None:
+    conn = _wal_db(tmp_path / "a.db")
+    syncer = WalSync(tmp_path / "a.db")
+    try:
+        syncer.sync(timeout=5)  # nothing reported: nothing to wait for
+        assert syncer.syncs == 0
+        for i in range(50):
+            conn.execute("INSERT INTO t VALUES (?)", (i,))
+            syncer.committed()
+        syncer.sync(timeout=5)
+        assert syncer.synced == 50
+        # Grouped: the thread fsyncs whatever was reported while its last fsync ran.
+        assert 1 <= syncer.syncs <= 50
+    finally:
+        syncer.close()
+        conn.close()
+
+
+def test_close_syncs_what_was_reported(tmp_path: Path) -> None:
+    conn = _wal_db(tmp_path / "a.db")
+    syncer = WalSync(tmp_path / "a.db")
+    conn.execute("INSERT INTO t VALUES (1)")
+    syncer.committed()
+    syncer.close()
+    assert syncer.synced == 1
+    conn.execute("INSERT INTO t VALUES (2)")
+    syncer.committed()  # after close: synced at once, in the caller's thread
+    assert syncer.synced == 2
+    conn.close()
+
+
+def test_a_failed_fsync_is_sticky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux may report the fsync after a failed one as a success although the failed pages
+    were dropped, so one failure makes every later sync() raise."""
+    conn = _wal_db(tmp_path / "a.db")
+    syncer = WalSync(tmp_path / "a.db")
+    real = wal_sync._fsync_path
+    failing = threading.Event()
+    failing.set()
+
+    def fsync_of_a_failing_disk(path: Path) -> None:  # a fake: no disk here fails on demand
+        if failing.is_set():
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(wal_sync, "_fsync_path", fsync_of_a_failing_disk)
+    try:
+        conn.execute("INSERT INTO t VALUES (1)")
+        syncer.committed()
+        with pytest.raises(DurabilityLost, match="Input/output error"):
+            syncer.sync(timeout=5)
+        failing.clear()
+        conn.execute("INSERT INTO t VALUES (2)")
+        syncer.committed()
+        with pytest.raises(DurabilityLost):
+            syncer.sync(timeout=5)
+        assert syncer.synced == 0
+    finally:
+        syncer.close()
+        conn.close()
+
+
+async def test_by_default_answers_wait_for_the_commit_and_vouchers_for_the_disk(
+    tmp_path: Path,
+) -> None:
+    store = ReceiptStore(tmp_path / "g.db", DOMAIN, GATEWAY)
+    try:
+        assert _synchronous(store) == 1  # NORMAL: a commit is in the kernel's hands
+        assert store.wal_sync is not None
+        for i in range(20):
+            await store.commit(*make(i))
+        vouchers = store.vouchers_for(MINER)
+        # Every transaction that wrote one of the receipts it covers had its fsync first.
+        assert store.wal_sync.synced == store.batches_written
+        assert [v.receipt_count for v in vouchers] == [20]
+        await store.commit(*make(20))
+        seqs, _ = store.unanchored_leaves(100)
+        assert len(seqs) == 21 and store.wal_sync.synced == store.batches_written
+    finally:
+        store.close()
+
+
+async def test_wait_for_disk_makes_every_commit_an_fsync(tmp_path: Path) -> None:
+    store = ReceiptStore(tmp_path / "g.db", DOMAIN, GATEWAY, wait_for_disk=True)
+    try:
+        assert _synchronous(store) == 2  # FULL: the WAL is fsynced at every commit
+        assert store.wal_sync is None
+        await store.commit(*make(1))
+        store.sync()  # nothing to wait for
+        assert [v.receipt_count for v in store.vouchers_for(MINER)] == [1]
+    finally:
+        store.close()
+
+
+async def test_vouchers_are_refused_after_a_failed_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fsync_of_a_failing_disk(path: Path) -> None:  # a fake, as above
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wal_sync, "_fsync_path", fsync_of_a_failing_disk)
+    store = ReceiptStore(tmp_path / "g.db", DOMAIN, GATEWAY)
+    try:
+        await store.commit(*make(1))  # the answer still goes: the row is committed
+        with pytest.raises(DurabilityLost, match="No space left"):
+            store.vouchers_for(MINER)
+        with pytest.raises(DurabilityLost):
+            store.unanchored(10)
+    finally:
+        monkeypatch.undo()
+        store.close()
