@@ -75,3 +75,4 @@ def test_memoized_struct_hash_is_the_hash_of_the_fields() -> None:
     assert changed.struct_hash() != first
     assert changed.struct_hash() == changed._hash()
     assert changed != attestation and replace(changed, tokens_out=7) == attestation
+    assert "_struct_hash" not in vars(attestation)  # copies through __dict__ stay fields only

@@ -110,6 +110,13 @@ def _field(data: Mapping[str, Any], name: str) -> Any:
     return data[name]
 
 
+@lru_cache(maxsize=4096)
+def _memoized_struct_hash(message: Attestation | Receipt) -> bytes:
+    """A frozen message's hashStruct, by value (equal fields, equal hash): kept outside the
+    instance so that copying one through its __dict__ copies only its fields."""
+    return message._hash()
+
+
 @dataclass(frozen=True)
 class Attestation:
     request_hash: bytes
@@ -130,13 +137,9 @@ class Attestation:
         _uint(self.tokens_out, "tokensOut")
 
     def struct_hash(self) -> bytes:
-        """hashStruct of the attestation (memoized: the message is immutable, and a gateway
-        needs it to verify, to build the receipt and to store it)."""
-        cached: bytes | None = self.__dict__.get("_struct_hash")
-        if cached is None:
-            cached = self._hash()
-            object.__setattr__(self, "_struct_hash", cached)
-        return cached
+        """hashStruct of the attestation (memoized by value: the message is immutable, and a
+        gateway needs it to verify, to build the receipt and to store it)."""
+        return _memoized_struct_hash(self)
 
     def _hash(self) -> bytes:
         return struct_hash(
@@ -229,12 +232,8 @@ class Receipt:
 
     def struct_hash(self) -> bytes:
         """hashStruct of the receipt, also its Merkle leaf in vouchers and epoch anchors
-        (memoized, as Attestation's)."""
-        cached: bytes | None = self.__dict__.get("_struct_hash")
-        if cached is None:
-            cached = self._hash()
-            object.__setattr__(self, "_struct_hash", cached)
-        return cached
+        (memoized by value, as Attestation's)."""
+        return _memoized_struct_hash(self)
 
     def _hash(self) -> bytes:
         return struct_hash(

@@ -330,6 +330,12 @@ class Chain:
         url: str | None = None,
     ) -> None:
         self.w3 = w3
+        # web3's validation middleware asks the node for its chain id before every eth_call
+        # and gas estimate, doubling every read's round trips (a gateway polls the escrow and
+        # the registry all day). We never send a transaction it would catch: every one is
+        # signed here with chainId=self.chain_id (send), so the check is only a cost.
+        if "validation" in {name for _, name in w3.middleware_onion.middleware}:
+            w3.middleware_onion.remove("validation")
         self.evm = evm
         self.url = url
         self.gas_price_wei = gas_price_wei
