@@ -140,3 +140,25 @@ async def test_vouchers_are_refused_after_a_failed_fsync(
     finally:
         monkeypatch.undo()
         store.close()
+
+
+def test_a_commit_waits_for_the_window_but_sync_does_not(tmp_path: Path) -> None:
+    """Commits reported within delay_s share one fsync; a sync() caller gets its fsync at
+    once (with an hour's window, sync() returning at all shows it did not wait for it)."""
+    conn = _wal_db(tmp_path / "a.db")
+    syncer = WalSync(tmp_path / "a.db", delay_s=3600)
+    try:
+        for i in range(20):
+            conn.execute("INSERT INTO t VALUES (?)", (i,))
+            syncer.committed()
+        assert syncer.synced == 0  # still inside the window
+        syncer.sync(timeout=30)
+        assert syncer.synced == 20 and syncer.syncs == 1
+    finally:
+        syncer.close()
+        conn.close()
+
+
+def test_a_negative_window_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="delay_s"):
+        WalSync(tmp_path / "a.db", delay_s=-1)

@@ -7,8 +7,8 @@ file, and what can leave the gateway for good waits for the disk:
 
 - **the answer** waits for the commit, not for the disk: the WAL runs at `synchronous=NORMAL`,
   so a committed row is in the kernel's hands and survives the process dying. `WalSync`
-  (infergrid.wal_sync) fsyncs the WAL in the background, back to back, so a power cut loses at
-  most the receipts of the last fsync or two (milliseconds; their answers are free to the
+  (infergrid.wal_sync) fsyncs the WAL in the background within 10 ms of a commit, so a power
+  cut loses at most the receipts of the last 10 ms and an fsync (their answers are free to the
   payer, and no voucher or anchor covers them);
 - **vouchers and anchors** (`vouchers_for`, `unanchored*`) and voids first wait until every
   receipt committed before them is on the disk (`sync()`): a miner never holds a signed voucher
