@@ -5,6 +5,12 @@ batch-invariant path; llama.cpp's default: a unified F16 cache without flash att
 unified F16 cache with flash attention).
 
     .venv/bin/python bench/llamacpp_batch_step.py [--threads 2] [--steps 20]
+        [--requantize q8_0,q4_0]
+
+`--requantize` also measures SmolLM2 requantized from its shipped Q4_1 into each listed type
+(llama.cpp's own llama_model_quantize, into a temporary directory): whether another weight
+format's kernels batch better on this CPU. A requantized file is another precision, hence
+another model id: this only measures the kernels.
 
 This is the ceiling for any llama.cpp-based engine's aggregate throughput: if 8 sequences cost
 8x one, batching cannot multiply throughput, whatever the engine around it does.
@@ -13,7 +19,10 @@ This is the ceiling for any llama.cpp-based engine's aggregate throughput: if 8 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import tempfile
 import time
+from pathlib import Path
 
 import llama_cpp
 
@@ -72,19 +81,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--requantize",
+        default="",
+        help="comma-separated weight types (q8_0, q4_0, ...) to also measure, ours only",
+    )
     args = parser.parse_args()
     llamacpp_engine._init_backend()
-    path = str(model_store.smollm2_gguf_path()).encode()
-    model = llama_cpp.llama_model_load_from_file(path, llama_cpp.llama_model_default_params())
-    print(f"machine: {cpu_model()}, {args.threads} thread(s), SmolLM2-135M Q4_1")
+    shipped = model_store.smollm2_gguf_path()
+    print(f"machine: {cpu_model()}, {args.threads} thread(s), SmolLM2-135M")
     print(
-        f"{'configuration':<44} {'1 row':>8} {'2 rows':>8} {'4 rows':>8} {'8 rows':>8}  8 rows / 1"
+        f"{'configuration':<50} {'1 row':>8} {'2 rows':>8} {'4 rows':>8} {'8 rows':>8}  8 rows / 1"
     )
-    for name, unified, flash, kv in CONFIGS:
-        ms = step_ms(model, args.threads, args.steps, unified, flash, kv)
-        cells = " ".join(f"{ms[r]:>6.1f}ms" for r in (1, 2, 4, 8))
-        print(f"{name:<44} {cells}  {8 * ms[1] / ms[8]:.2f}x aggregate")
-    llama_cpp.llama_model_free(model)
+
+    def measure(path: Path, label: str, configs: list[tuple[str, bool, bool, str]]) -> None:
+        params = llama_cpp.llama_model_default_params()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise SystemExit(f"llama.cpp could not load {path}")
+        for name, unified, flash, kv in configs:
+            ms = step_ms(model, args.threads, args.steps, unified, flash, kv)
+            cells = " ".join(f"{ms[r]:>6.1f}ms" for r in (1, 2, 4, 8))
+            print(f"{label + name:<50} {cells}  {8 * ms[1] / ms[8]:.2f}x aggregate")
+        llama_cpp.llama_model_free(model)
+
+    measure(shipped, "Q4_1: ", CONFIGS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in filter(None, (k.strip().upper() for k in args.requantize.split(","))):
+            ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}", None)
+            if ftype is None:
+                raise SystemExit(f"llama.cpp has no weight type {kind!r}")
+            quantize = llama_cpp.llama_model_quantize_default_params()
+            quantize.ftype, quantize.allow_requantize, quantize.nthread = ftype, True, args.threads
+            out = Path(tmp) / f"smollm2-{kind}.gguf"
+            if llama_cpp.llama_model_quantize(
+                str(shipped).encode(), str(out).encode(), ctypes.byref(quantize)
+            ):
+                raise SystemExit(f"llama.cpp could not requantize SmolLM2 to {kind}")
+            measure(out, f"{kind}: ", CONFIGS[:1])
 
 
 if __name__ == "__main__":
