@@ -275,6 +275,7 @@ def miner(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from infergrid.compute.engine_factory import upstream_options_error
     from infergrid.compute.node import MinerSettings, default_receipt_log_path, run_miner
 
     substitute = _parse_attack(attack)
@@ -298,10 +299,9 @@ def miner(
     if chain_rpc is None or registry is None:
         raise CLIError("a miner needs --chain-rpc and --registry (or --devnet)")
     engine = _engine_kind(engine or "transformers")
-    if engine == "openai" and upstream is None:
-        raise CLIError("--engine openai needs --upstream URL (the server the miner fronts)")
-    if engine != "openai" and (upstream, upstream_flavor, upstream_model) != (None, None, None):
-        raise CLIError("--upstream, --upstream-flavor and --upstream-model are for --engine openai")
+    upstream_error = upstream_options_error(engine, upstream, upstream_flavor, upstream_model)
+    if upstream_error is not None:  # before the key and the chain: nothing loads first
+        raise CLIError(upstream_error)
     if private_key is None:
         private_key = _private_key()  # raises the one-line error
     settings = MinerSettings(

@@ -487,7 +487,7 @@ def test_engine_factory_builds_the_proxy_for_the_openai_kind(
         "openai", str(tiny_dir), upstream=fake_vllm.url, upstream_model=fake_vllm.served_model
     )
     assert isinstance(named, ProxyEngine) and named.upstream_model == fake_vllm.served_model
-    with pytest.raises(ValueError, match="--upstream is for the openai engine"):
+    with pytest.raises(ValueError, match="are for --engine openai, not transformers"):
         load_engine("transformers", str(tiny_dir), upstream_model="x")
 
 

@@ -347,7 +347,6 @@ class ReceiptStore:
         self.signer = signer
         self.gateway: str = signer.address
         self.max_batch = max_batch
-        self.wait_for_disk = wait_for_disk
         synchronous = "FULL" if wait_for_disk else "NORMAL"
         # Two connections: the writer's (only the writer thread and record_anchor, under
         # _write_lock) and the readers' (under _read_lock). WAL lets reads proceed during the

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 
 from infergrid.compute.attestation import Attestor
-from infergrid.compute.engine import Engine, GeneratedToken, SamplingParams, decode_loop
+from infergrid.compute.engine import (
+    AuditableEngine,
+    Engine,
+    GeneratedToken,
+    SamplingParams,
+    decode_loop,
+)
 from infergrid.compute.transformers_engine import TransformersEngine
 from infergrid.protocol.audits import AuditJob
 from infergrid.protocol.generation import (
@@ -190,10 +196,9 @@ def layer_dropped_copy(engine: TransformersEngine, keep: int) -> TransformersEng
 
 def _logprobs_of(engine: Engine, prompt_ids: Sequence[int], ids: Sequence[int]) -> list[float]:
     """The real model's logprobs of `ids` (one teacher-forced pass), as a prover would fake."""
-    teacher_forced = getattr(engine, "teacher_forced_logits", None)
-    if teacher_forced is None:
+    if not isinstance(engine, AuditableEngine):
         raise TypeError(f"real logprobs need an engine with teacher forcing, not {engine.name}")
-    logits = teacher_forced(prompt_ids, ids)
+    logits = engine.teacher_forced_logits(prompt_ids, ids)
     lp = torch.log_softmax(logits, dim=-1)
     return [float(lp[i, t]) for i, t in enumerate(ids)]
 

@@ -36,6 +36,28 @@ def default_engine(model: str) -> str:
     return "llamacpp" if gguf and llama_cpp_installed() else "transformers"
 
 
+def upstream_options_error(
+    kind: str,
+    upstream: str | None,
+    upstream_flavor: str | None = None,
+    upstream_model: str | None = None,
+) -> str | None:
+    """Why these upstream options do not fit engine `kind`, or None: the openai engine needs
+    --upstream, and only it takes --upstream, --upstream-flavor or --upstream-model."""
+    if kind == "openai":
+        return (
+            None
+            if upstream is not None
+            else "--engine openai needs --upstream URL (the server it fronts)"
+        )
+    if (upstream, upstream_flavor, upstream_model) != (None, None, None):
+        return (
+            "--upstream, --upstream-flavor and --upstream-model are for --engine openai,"
+            f" not {kind}"
+        )
+    return None
+
+
 def load_engine(
     kind: str,
     model: str,
@@ -55,8 +77,9 @@ def load_engine(
     """
     if kind not in ENGINE_KINDS:
         raise ValueError(f"unknown engine {kind!r} (available: {', '.join(ENGINE_KINDS)})")
-    if kind != "openai" and (upstream, upstream_flavor, upstream_model) != (None, None, None):
-        raise ValueError(f"--upstream is for the openai engine, not {kind}")
+    error = upstream_options_error(kind, upstream, upstream_flavor, upstream_model)
+    if error is not None:
+        raise ValueError(error)
     if kind == "transformers":
         from infergrid.compute.transformers_engine import TransformersEngine
 
@@ -75,8 +98,7 @@ def load_engine(
         return LlamaCppEngine.load(model, num_threads=num_threads, quiet=quiet, **extra)
     # openai: the upstream computes, batches and picks the device; the miner only templates,
     # tokenizes and detokenizes. Raises proxy_engine.UpstreamError when it does not answer.
-    if upstream is None:
-        raise ValueError("the openai engine needs --upstream URL (the server it fronts)")
+    assert upstream is not None  # upstream_options_error
     from infergrid.compute.proxy_engine import FLAVORS, ProxyEngine
 
     flavor = upstream_flavor or "vllm"

@@ -59,17 +59,26 @@ def signature_bytes(value: object, what: str = "signature") -> bytes:
     return raw
 
 
+def _plain_hex(value: object, length: int) -> bytes | None:
+    """`length` bytes from exactly "0x" + 2·length hex digits, or None for anything else (the
+    strict HexBytes path then judges it). The forms messages and their JSON hold, decoded
+    without HexBytes' cost on the gateway's hot path."""
+    if type(value) is not str or len(value) != 2 + 2 * length or value[:2] not in ("0x", "0X"):
+        return None
+    try:
+        raw = bytes.fromhex(value[2:])
+    except ValueError:
+        return None
+    return raw if len(raw) == length else None  # fromhex skips spaces: a spaced one is short
+
+
 def to_bytes32(value: bytes | str, what: str = "value") -> bytes:
     """32 raw bytes from bytes or 0x-hex; raises ValueError otherwise."""
     if type(value) is bytes and len(value) == 32:
         return value
-    if type(value) is str and len(value) == 66 and value[:2] in ("0x", "0X"):
-        try:
-            fast = bytes.fromhex(value[2:])  # JSON's form, on every attestation a gateway reads
-        except ValueError:
-            fast = b""  # not hex: HexBytes below says so
-        if len(fast) == 32:  # fromhex skips spaces, so a spaced string falls through
-            return fast
+    fast = _plain_hex(value, 32)
+    if fast is not None:
+        return fast
     try:
         raw = bytes(HexBytes(value))
     except (TypeError, ValueError) as exc:
@@ -86,17 +95,11 @@ def hex32(value: bytes) -> str:
 def word(kind: FieldKind, value: bytes | str | int) -> bytes:
     """One ABI word of a static EIP-712 field."""
     if kind == "bytes32":
-        if type(value) is bytes and len(value) == 32:
-            return value  # what message dataclasses hold: no conversion to pay for
         return to_bytes32(value)  # type: ignore[arg-type]
     if kind == "address":
-        if type(value) is str and len(value) == 42 and value[:2] in ("0x", "0X"):
-            try:
-                fast = bytes.fromhex(value[2:])
-            except ValueError:
-                fast = b""  # not hex: HexBytes below says so
-            if len(fast) == 20:  # fromhex skips spaces, so a spaced string falls through
-                return b"\x00" * 12 + fast
+        fast = _plain_hex(value, 20)
+        if fast is not None:
+            return b"\x00" * 12 + fast
         raw = bytes(HexBytes(value))  # type: ignore[arg-type]
         if len(raw) != 20:
             raise ValueError(f"address {value!r} is not 20 bytes")
