@@ -16,6 +16,11 @@ A writer reports each commit (`committed()`) after SQLite's COMMIT returned; who
 let a commit's effects leave the process in a form that cannot be taken back (a signed voucher,
 an on-chain anchor) calls `sync()` first.
 
+With `checkpoint_every=N`, the thread also checkpoints the WAL into the database after every N
+commits (SQLite's PASSIVE checkpoint, on a connection of its own), for a writer that turned
+SQLite's own checkpoints off (`PRAGMA wal_autocheckpoint=0`) because they would otherwise run,
+with their fsyncs, inside whichever commit crosses 1000 pages.
+
 An fsync that fails is sticky: Linux may drop the failed pages and report the next fsync as a
 success, so after one failure nothing written before it can be called durable, and every later
 `sync()` raises `DurabilityLost` until the process restarts and SQLite recovers from what is
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -45,10 +51,21 @@ class WalSync:
     and stops it. `syncs` counts the fsyncs paid, `synced` the commits they covered."""
 
     def __init__(
-        self, db_path: str | Path, *, delay_s: float = 0.01, name: str = "wal-sync"
+        self,
+        db_path: str | Path,
+        *,
+        delay_s: float = 0.01,
+        name: str = "wal-sync",
+        checkpoint_every: int | None = None,
     ) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, not {delay_s}")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self._checkpointed = 0  # commits reported before the last checkpoint
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self.checkpoints = 0
         self.db_path = Path(db_path)
         self.delay_s = delay_s
         self.wal_path = Path(f"{self.db_path}-wal")
@@ -80,7 +97,10 @@ class WalSync:
         with self._cond:
             self._reported += 1
             reported, stopping = self._reported, self._stopping
-            self._cond.notify_all()
+            # The thread waits for a commit only when it has tried every earlier one; waking
+            # it for each commit of a window would cost a context switch per commit.
+            if reported == self._attempted + 1:
+                self._cond.notify_all()
         if stopping:  # after close(): nobody syncs in the background any more
             self._sync_once(reported)
         elif self._thread is None:
@@ -112,6 +132,9 @@ class WalSync:
             thread.join()
         if self._attempted < self._reported:
             self._sync_once(self._reported)
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -130,6 +153,25 @@ class WalSync:
                 if target <= self._attempted:
                     return  # stopping, and every reported commit had its fsync
             self._sync_once(target)
+            if self.checkpoint_every is not None and (
+                target - self._checkpointed >= self.checkpoint_every
+            ):
+                self._checkpoint(target)
+
+    def _checkpoint(self, target: int) -> None:
+        """Copy the WAL's committed pages into the database (never blocking a writer)."""
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(
+                    self.db_path, isolation_level=None, check_same_thread=False
+                )
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            # Harmless for durability (the WAL holds every commit): the WAL grows until the
+            # next checkpoint; say it once per failure.
+            log.warning("checkpoint of %s failed: %s", self.db_path, exc)
+        self._checkpointed = target
+        self.checkpoints += 1
 
     def _sync_once(self, target: int) -> None:
         error: OSError | None = None

@@ -4,6 +4,7 @@ with wait_for_disk."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -162,3 +163,133 @@ def test_a_commit_waits_for_the_window_but_sync_does_not(tmp_path: Path) -> None
 def test_a_negative_window_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="delay_s"):
         WalSync(tmp_path / "a.db", delay_s=-1)
+
+
+# -- where a commit runs -----------------------------------------------------------------------
+
+
+async def test_an_idle_store_commits_on_the_callers_thread(tmp_path: Path) -> None:
+    store = ReceiptStore(tmp_path / "g.db", DOMAIN, GATEWAY)
+    try:
+        signature = await store.commit(*make(1))
+        # No writer thread was needed: the row was signed and committed before commit returned.
+        assert store._thread is None
+        stored = store.get("req-1")
+        assert stored is not None and stored.signature == signature and store.pending == 0
+    finally:
+        store.close()
+
+
+async def test_a_commit_never_waits_on_the_loop_for_another_connections_lock(
+    tmp_path: Path,
+) -> None:
+    """Another connection (the trace writer shares the file) holding SQLite's write lock sends
+    the receipt to the writer thread: the event loop goes on serving meanwhile."""
+    db = tmp_path / "g.db"
+    store = ReceiptStore(db, DOMAIN, GATEWAY)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(store.commit(*make(1)))
+        ticks = 0
+        for _ in range(20):  # the loop keeps running while the commit waits
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20 and not task.done() and store.pending == 1
+        other.execute("COMMIT")
+        signature = await asyncio.wait_for(task, 10)
+        stored = store.get("req-1")
+        assert stored is not None and stored.signature == signature and stored.seq == 1
+        assert store._thread is not None  # the writer thread took it
+        # Once the lock is free again, commits run inline again, in order.
+        await store.commit(*make(2))
+        assert store.get("req-2").seq == 2  # type: ignore[union-attr]
+    finally:
+        other.close()
+        store.close()
+
+
+def test_commits_from_many_threads_share_one_order(tmp_path: Path) -> None:
+    """Inline commits and the writer thread's batches interleave: every receipt gets one seq,
+    the totals count each exactly once."""
+    store = ReceiptStore(tmp_path / "g.db", DOMAIN, GATEWAY)
+    per_thread, threads = 40, 4
+
+    async def commit_range(first: int) -> None:
+        await asyncio.gather(*(store.commit(*make(i)) for i in range(first, first + per_thread)))
+
+    try:
+        workers = [
+            threading.Thread(target=asyncio.run, args=(commit_range(t * per_thread),))
+            for t in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        n = per_thread * threads
+        stored = [store.get(f"req-{i}") for i in range(n)]
+        assert all(s is not None for s in stored)
+        assert sorted(s.seq for s in stored) == list(range(1, n + 1))  # type: ignore[union-attr]
+        assert store.payer_total(make(0)[1].payer) == sum(make(i)[1].value for i in range(n))
+        assert [v.receipt_count for v in store.vouchers_for(MINER)] == [n]
+    finally:
+        store.close()
+
+
+async def test_wait_for_disk_commits_go_through_the_writer_thread(tmp_path: Path) -> None:
+    store = ReceiptStore(tmp_path / "g.db", DOMAIN, GATEWAY, wait_for_disk=True)
+    try:
+        await store.commit(*make(1))
+        assert store._thread is not None  # an fsync per commit never runs on the event loop
+    finally:
+        store.close()
+
+
+async def test_checkpoints_run_on_the_sync_thread_not_in_a_commit(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    store = ReceiptStore(db, DOMAIN, GATEWAY)
+    try:
+        (autocheckpoint,) = store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert autocheckpoint == 0  # SQLite never checkpoints inside one of our commits
+        assert store.wal_sync is not None
+        every = store.wal_sync.checkpoint_every
+        assert every is not None
+        for i in range(every + 1):
+            await store.commit(*make(i))
+        store.sync()
+        for _ in range(500):  # the checkpoint follows the fsync on the sync thread
+            if store.wal_sync.checkpoints:
+                break
+            await asyncio.sleep(0.01)
+        assert store.wal_sync.checkpoints >= 1
+        # The checkpoint copied the receipts into the database file itself.
+        (busy, frames, copied) = store._rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0 and copied == frames
+    finally:
+        store.close()
+
+
+def test_checkpoint_every_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        WalSync(tmp_path / "x.db", checkpoint_every=0)
+
+
+def test_wal_sync_checkpoints_every_n_commits(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    conn = _wal_db(path)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    syncer = WalSync(path, delay_s=0, checkpoint_every=3)
+    try:
+        for i in range(7):
+            conn.execute("INSERT INTO t VALUES (?)", (i,))
+            syncer.committed()
+            syncer.sync()
+        deadline = 500
+        while syncer.checkpoints < 2 and deadline:
+            threading.Event().wait(0.01)
+            deadline -= 1
+        assert syncer.checkpoints == 2  # after commits 3 and 6, not 7
+    finally:
+        syncer.close()
+        conn.close()

@@ -109,15 +109,21 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 raise
 
 
+# How long a statement waits for another connection's write lock before "database is locked".
+BUSY_TIMEOUT_MS = 10_000
+
+
 def connect(db_path: str | Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     """A WAL-mode connection shared by this module and traces.py."""
     path = Path(db_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN ourselves, so nothing holds a write lock by accident.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
 
 
