@@ -1,0 +1,798 @@
+"""Where the gateway sends a request: the scheduling policy as pure logic.
+
+No I/O, no asyncio, no wall clock: every call that depends on time takes `now` (seconds, any
+monotonic origin: a simulation's clock or `time.monotonic()`), and randomness comes from the
+`random.Random` the caller passes in, so a seeded run is reproducible.
+
+Live state per miner (`MinerStats`): EWMAs of time to first token (TTFT) and of time per
+output token (TPOT), requests in flight against the capacity the miner declared, an error-rate
+EWMA and a consecutive-failure count, a circuit breaker, the audit record and probation flag,
+prices per routed model name, and stake.
+
+The policy, for one request (`Scheduler.pick`):
+
+1. **Filter.** A miner is *eligible* for a model when it serves it, its last health check
+   passed, it is not on probation, and its breaker is not open. It is *ready* when, moreover,
+   it has a free slot (in flight < capacity) and is not a half-open miner whose probe is
+   running. Per request, the miners already tried (`exclude`) and those above the developer's
+   maximum price are filtered too.
+2. **Affinity.** A request carrying a prompt-prefix key goes to the miner that last served that
+   prefix successfully (its KV cache may still hold it) while that miner is ready and loaded
+   below `affinity_max_load` of its capacity; otherwise the policy goes on, and whichever miner
+   serves the prefix next becomes its home. The map is an LRU bounded by `affinity_entries`,
+   entries expire after `affinity_ttl_s`.
+3. **Score, power of two choices.** Two distinct ready candidates are drawn at random and the
+   one with the lower `score` wins (lower is better): the expected service time
+   ``ttft + tpot × (tokens − 1)`` (EWMAs, or the model's averages for a miner not measured yet),
+   multiplied by ``1 + load_weight × inflight / capacity``, ``1 + error_weight × error rate``,
+   ``1 + audit_weight × audit failure rate`` and ``1 − stake_weight × stake / (stake +
+   stake_ref_wei)``. Sampling keeps a pick O(1) in the number of miners; when random draws do
+   not find two candidates (few ready miners, or a tight price filter) the ready set is scanned.
+   With ``sort="price"`` the cheapest ready miners (by the request's estimated cost) are taken
+   first and the better of two among them wins: an O(n) scan the developer asked for.
+4. **Shed.** No ready candidate, but eligible ones exist (all at capacity): `Shed`, whose
+   `retry_after_s` is the time the model's eligible miners need to drain the recently shed
+   backlog, ``(1 + shed backlog) / Σ capacity_i / service_i``, clamped to
+   [`retry_after_min_s`, `retry_after_max_s`]; the gateway answers 429 with ``retry-after``.
+   Nothing eligible at all: `NoMiner` (503; or 404 for a model nobody serves, or 400-style
+   "none within the price" when only the developer's price filter leaves nobody).
+
+A pick reserves a slot: every `Picked` must be handed back once through `release` with its
+outcome (`Served`, `Failed`, `Cancelled`).
+
+**Circuit breaker**, per miner::
+
+    CLOSED --(breaker_failures failures in a row)--> OPEN(until now + cooldown)
+    OPEN --(cooldown elapsed, seen at the next pick)--> HALF_OPEN (ready for one probe)
+    HALF_OPEN --(probe picked)--> HALF_OPEN, probe in flight (not ready)
+    probe Served --> CLOSED, cooldown back to breaker_cooldown_s
+    probe Failed --> OPEN, cooldown doubled (at most breaker_cooldown_max_s)
+    probe Cancelled --> HALF_OPEN, ready for another probe
+
+A passing health check does not close a breaker: a miner that answers /health but fails
+requests is what the breaker is for.
+
+**Failover** before the first token: the caller picks again with the miners already tried in
+`exclude`. **Hedging**: `hedge_due_at(picked)` is when a first token becomes late,
+``max(hedge_min_s, hedge_factor × the miner's TTFT EWMA)`` after the start; at that time
+`should_hedge` says whether to start a second attempt elsewhere (a pick excluding the first),
+within a budget of `hedge_budget` hedges per pick (plus `hedge_burst`), so hedging cannot
+double the load of a network that is slow everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+__all__ = [
+    "BreakerState",
+    "Cancelled",
+    "Failed",
+    "MinerStats",
+    "NoMiner",
+    "Picked",
+    "Price",
+    "RoutePreferences",
+    "RouteRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "Served",
+    "Shed",
+    "Sort",
+    "prefix_key",
+]
+
+T = TypeVar("T")
+
+
+class Sort(StrEnum):
+    """How a developer asks candidates to be ranked."""
+
+    LATENCY = "latency"  # the policy's score: expected latency, load, reliability
+    PRICE = "price"  # cheapest first, latency among equals
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A miner's price for one model, in wei per token."""
+
+    prompt_wei: int
+    completion_wei: int
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """The policy's parameters; the module docstring says what each one does."""
+
+    ewma_alpha: float = 0.2
+    error_alpha: float = 0.1
+    default_ttft_s: float = 1.0  # before anything was measured for a model
+    default_tpot_s: float = 0.05
+    default_output_tokens: int = 256
+    load_weight: float = 1.0
+    error_weight: float = 4.0
+    audit_weight: float = 2.0
+    stake_weight: float = 0.05
+    stake_ref_wei: int = 10**21  # 1,000 BTT: the stake at which half the stake bonus is earned
+    sample_tries: int = 8
+    affinity_entries: int = 65536
+    affinity_ttl_s: float = 600.0
+    affinity_max_load: float = 0.75
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 5.0
+    breaker_cooldown_max_s: float = 120.0
+    hedge_factor: float = 3.0
+    hedge_min_s: float = 0.25
+    hedge_budget: float = 0.1
+    hedge_burst: int = 10
+    shed_tau_s: float = 1.0
+    shed_drain_cache_s: float = 1.0
+    retry_after_min_s: float = 1.0
+    retry_after_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("ewma_alpha", "error_alpha"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], not {value}")
+        for name in ("affinity_max_load", "hedge_budget"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], not {value}")
+        positive = (
+            "default_ttft_s",
+            "default_tpot_s",
+            "default_output_tokens",
+            "sample_tries",
+            "affinity_entries",
+            "affinity_ttl_s",
+            "breaker_failures",
+            "breaker_cooldown_s",
+            "hedge_factor",
+            "shed_tau_s",
+            "retry_after_min_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.breaker_cooldown_max_s < self.breaker_cooldown_s:
+            raise ValueError("breaker_cooldown_max_s must be at least breaker_cooldown_s")
+        if self.retry_after_max_s < self.retry_after_min_s:
+            raise ValueError("retry_after_max_s must be at least retry_after_min_s")
+
+
+# -- developer preferences -----------------------------------------------------------------------
+
+_PREFS_FIELD = "infergrid.route"
+
+
+def _wei(value: object, name: str) -> int:
+    """A wei amount: a JSON integer or a decimal string (JSON numbers lose precision past
+    2^53 in many clients), never negative, never a bool or float."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(
+        f"{name} must be a non-negative integer in wei per token (a number or a decimal"
+        f" string), not {value!r}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePreferences:
+    """What a developer may ask of routing in the request's extension::
+
+        {"infergrid": {"route": {"max_price": {"prompt": 1000, "completion": "2000"},
+                                 "sort": "price"}}}
+
+    `max_price` caps the miner's price per prompt and per completion token (wei; either may be
+    left out); `sort` is "latency" (the default: the policy's score) or "price".
+    """
+
+    max_prompt_wei: int | None = None
+    max_completion_wei: int | None = None
+    sort: Sort = Sort.LATENCY
+
+    @classmethod
+    def parse(cls, value: object, *, field_name: str = _PREFS_FIELD) -> RoutePreferences:
+        """Preferences from the extension's `route` object (None: the defaults).
+
+        Raises ValueError naming the offending field, e.g. ``infergrid.route.sort``.
+        """
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{field_name} must be an object, not {type(value).__name__}")
+        unknown = sorted(str(k) for k in value if k not in ("max_price", "sort"))
+        if unknown:
+            raise ValueError(
+                f"{field_name} has unknown field(s) {', '.join(unknown)} (expected max_price, sort)"
+            )
+        sort = Sort.LATENCY
+        if "sort" in value:
+            raw = value["sort"]
+            try:
+                sort = Sort(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{field_name}.sort must be 'latency' or 'price', not {raw!r}"
+                ) from None
+        max_prompt = max_completion = None
+        if "max_price" in value:
+            price = value["max_price"]
+            where = f"{field_name}.max_price"
+            if not isinstance(price, Mapping):
+                raise ValueError(f"{where} must be an object with prompt and/or completion")
+            extra = sorted(str(k) for k in price if k not in ("prompt", "completion"))
+            if extra:
+                raise ValueError(
+                    f"{where} has unknown field(s) {', '.join(extra)} (expected prompt, completion)"
+                )
+            if "prompt" in price:
+                max_prompt = _wei(price["prompt"], f"{where}.prompt")
+            if "completion" in price:
+                max_completion = _wei(price["completion"], f"{where}.completion")
+        return cls(max_prompt_wei=max_prompt, max_completion_wei=max_completion, sort=sort)
+
+    def admits(self, price: Price) -> bool:
+        """Whether a miner at `price` is within the maximum price."""
+        if self.max_prompt_wei is not None and price.prompt_wei > self.max_prompt_wei:
+            return False
+        return self.max_completion_wei is None or price.completion_wei <= self.max_completion_wei
+
+
+def prefix_key(prompt: bytes, length: int = 1024) -> int:
+    """The affinity key of a prompt: a 64-bit hash of its first `length` bytes (the part a
+    miner's prefix cache is likely to share between requests, such as a system prompt)."""
+    if length <= 0:
+        raise ValueError(f"prefix length must be positive, not {length}")
+    digest = hashlib.blake2b(prompt[:length], digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+# -- requests and results --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What the policy needs to know of one request."""
+
+    model: str
+    prompt_tokens: int = 0  # an estimate is enough: it weighs prices
+    max_tokens: int | None = None
+    prefix: int | None = None  # prefix_key() of the prompt, for affinity
+    prefs: RoutePreferences = field(default_factory=RoutePreferences)
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must not be negative, not {self.prompt_tokens}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, not {self.max_tokens}")
+
+
+@dataclass(eq=False, slots=True)
+class Picked:
+    """A reserved slot on a miner; hand it back once with `Scheduler.release`."""
+
+    miner_id: str
+    request: RouteRequest
+    started_at: float
+    reason: str  # "affinity", "p2c", "only", "price"
+    probe: bool = False  # the half-open breaker's one probe
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """Every eligible miner is at capacity: answer 429 with ``retry-after``."""
+
+    model: str
+    retry_after_s: float
+
+    @property
+    def retry_after_header(self) -> str:
+        """The ``retry-after`` header's value: whole seconds, rounded up."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+@dataclass(frozen=True, slots=True)
+class NoMiner:
+    """Nobody can take the request. `reason`: "model_not_served" (404), "none_eligible"
+    (503: unhealthy, open breakers, probation, or all tried), "none_within_price" (the
+    developer's maximum price leaves nobody: a 4xx naming infergrid.route.max_price)."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The attempt answered. `ttft_s`: request sent to first token; `decode_s`: time after the
+    first token; `output_tokens`: completion tokens."""
+
+    ttft_s: float
+    output_tokens: int = 0
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The attempt failed (an error, a broken connection, a missed first-token deadline)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The attempt was abandoned for no fault of the miner (a hedge that lost, a client that
+    left): it frees the slot and teaches nothing."""
+
+
+Outcome = Served | Failed | Cancelled
+Decision = Picked | Shed | NoMiner
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Ewma:
+    value: float | None = None
+
+    def observe(self, sample: float, alpha: float) -> None:
+        self.value = sample if self.value is None else self.value + alpha * (sample - self.value)
+
+
+@dataclass(eq=False, slots=True)
+class MinerStats:
+    """Everything the policy knows of one miner; read it, change it through `Scheduler`."""
+
+    miner_id: str
+    prices: dict[str, Price]  # by routed model name (a name or a protocol model id)
+    capacity: int
+    stake_wei: int = 0
+    healthy: bool = True
+    probation: bool = False
+    audits_passed: int = 0
+    audits_failed: int = 0
+    inflight: int = 0
+    ttft: _Ewma = field(default_factory=_Ewma)
+    tpot: _Ewma = field(default_factory=_Ewma)
+    error_rate: float = 0.0
+    consecutive_failures: int = 0
+    served: int = 0
+    failed: int = 0
+    breaker: BreakerState = BreakerState.CLOSED
+    open_until: float = 0.0
+    cooldown_s: float = 0.0
+    probe_in_flight: bool = False
+    # Membership as last recorded in the per-model sets (see Scheduler._refresh).
+    _eligible: bool = False
+    _ready: bool = False
+
+    @property
+    def eligible(self) -> bool:
+        return self.healthy and not self.probation and self.breaker is not BreakerState.OPEN
+
+    @property
+    def ready(self) -> bool:
+        return self.eligible and not self.probe_in_flight and self.inflight < self.capacity
+
+    @property
+    def audit_failure_rate(self) -> float:
+        total = self.audits_passed + self.audits_failed
+        return self.audits_failed / total if total else 0.0
+
+
+class _IndexedSet(Generic[T]):
+    """A set with O(1) add, remove and uniform random sampling."""
+
+    __slots__ = ("_items", "_pos")
+
+    def __init__(self) -> None:
+        self._items: list[T] = []
+        self._pos: dict[T, int] = {}
+
+    def add(self, item: T) -> None:
+        if item not in self._pos:
+            self._pos[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: T) -> None:
+        i = self._pos.pop(item, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._pos[last] = i
+
+    def sample(self, rng: random.Random) -> T:
+        return self._items[rng.randrange(len(self._items))]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._pos
+
+
+@dataclass(slots=True)
+class _ModelState:
+    miners: set[str] = field(default_factory=set)
+    eligible: _IndexedSet[str] = field(default_factory=_IndexedSet)
+    ready: _IndexedSet[str] = field(default_factory=_IndexedSet)
+    ttft: _Ewma = field(default_factory=_Ewma)  # over all its miners: the prior of new ones
+    tpot: _Ewma = field(default_factory=_Ewma)
+    output_tokens: _Ewma = field(default_factory=_Ewma)
+    shed_backlog: float = 0.0
+    shed_at: float = 0.0
+    drain: tuple[float, float] | None = None  # (computed at, requests per second)
+
+
+class Scheduler:
+    """The policy of the module docstring over a set of miners; synchronous, no I/O."""
+
+    def __init__(self, config: SchedulerConfig | None = None, *, rng: random.Random) -> None:
+        self.config = config or SchedulerConfig()
+        self.rng = rng
+        self._miners: dict[str, MinerStats] = {}
+        self._models: dict[str, _ModelState] = {}
+        self._affinity: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        self._timers: list[tuple[float, int, str]] = []  # (open_until, seq, miner): breakers
+        self._seq = 0
+        self.picks = 0
+        self.hedges = 0
+
+    # -- membership and inputs ---------------------------------------------------------------
+
+    def add_miner(
+        self,
+        miner_id: str,
+        prices: Mapping[str, Price],
+        *,
+        capacity: int,
+        stake_wei: int = 0,
+        healthy: bool = True,
+    ) -> MinerStats:
+        """Add a miner, or update the offer of one already known (its live state stays).
+
+        `prices` maps every name the miner may be routed by to its price."""
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, not {capacity}")
+        if stake_wei < 0:
+            raise ValueError(f"stake_wei must not be negative, not {stake_wei}")
+        if not prices:
+            raise ValueError(f"miner {miner_id} serves no model")
+        stats = self._miners.get(miner_id)
+        if stats is None:
+            stats = MinerStats(miner_id, dict(prices), capacity, stake_wei, healthy)
+            self._miners[miner_id] = stats
+        else:
+            self._leave_models(stats, set(stats.prices) - set(prices))
+            stats.prices, stats.capacity, stats.stake_wei = dict(prices), capacity, stake_wei
+            stats.healthy = healthy
+        for model in stats.prices:
+            self._models.setdefault(model, _ModelState()).miners.add(miner_id)
+        self._refresh(stats, force=True)
+        return stats
+
+    def remove_miner(self, miner_id: str) -> None:
+        """Forget a miner (deregistered). Picks still out for it may be released harmlessly."""
+        stats = self._miners.pop(miner_id, None)
+        if stats is not None:
+            self._leave_models(stats, set(stats.prices))
+
+    def _leave_models(self, stats: MinerStats, models: Iterable[str]) -> None:
+        for model in models:
+            state = self._models.get(model)
+            if state is None:
+                continue
+            state.miners.discard(stats.miner_id)
+            state.eligible.discard(stats.miner_id)
+            state.ready.discard(stats.miner_id)
+            if not state.miners:
+                del self._models[model]
+
+    def get(self, miner_id: str) -> MinerStats | None:
+        return self._miners.get(miner_id)
+
+    def set_health(self, miner_id: str, ok: bool) -> None:
+        """A health check's result; an unhealthy miner is filtered out until one passes."""
+        stats = self._miners[miner_id]
+        stats.healthy = ok
+        self._refresh(stats)
+
+    def set_audit_record(self, miner_id: str, *, passed: int, failed: int, probation: bool) -> None:
+        """The verifiers' record of the miner: audits passed and failed, and whether it is on
+        probation (then it gets no traffic from this policy)."""
+        if passed < 0 or failed < 0:
+            raise ValueError("audit counts must not be negative")
+        stats = self._miners[miner_id]
+        stats.audits_passed, stats.audits_failed, stats.probation = passed, failed, probation
+        self._refresh(stats)
+
+    # -- the policy --------------------------------------------------------------------------
+
+    def pick(self, request: RouteRequest, now: float, exclude: Iterable[str] = ()) -> Decision:
+        """Decide where `request` goes (module docstring, steps 1–4), excluding `exclude`
+        (the miners already tried: failover). A `Picked` holds a slot until `release`."""
+        self._advance(now)
+        state = self._models.get(request.model)
+        if state is None:
+            return NoMiner(request.model, "model_not_served")
+        excluded = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
+        prefs = request.prefs
+        priced = prefs.max_prompt_wei is not None or prefs.max_completion_wei is not None
+        model = request.model
+
+        def usable(miner_id: str) -> bool:
+            if miner_id in excluded:
+                return False
+            return not priced or prefs.admits(self._miners[miner_id].prices[model])
+
+        if request.prefix is not None:
+            home = self._affinity_home(request.prefix, now)
+            if home is not None and home in state.ready and usable(home):
+                stats = self._miners[home]
+                if stats.inflight < self.config.affinity_max_load * stats.capacity:
+                    return self._reserve(stats, request, now, "affinity")
+
+        if prefs.sort is Sort.PRICE:
+            candidates = [m for m in state.ready if usable(m)]
+            if candidates:
+                cost = {m: self._cost(self._miners[m], request) for m in candidates}
+                cheapest = min(cost.values())
+                candidates = [m for m in candidates if cost[m] == cheapest]
+                return self._p2c(candidates, request, now, "price")
+        else:
+            found: list[str] = []
+            ready = state.ready
+            if len(ready):
+                for _ in range(self.config.sample_tries):
+                    miner_id = ready.sample(self.rng)
+                    if miner_id not in found and usable(miner_id):
+                        found.append(miner_id)
+                        if len(found) == 2:
+                            break
+                if len(found) < 2:
+                    # Few usable miners: the draws may have missed them; look at all.
+                    found = [m for m in ready if usable(m)]
+            if found:
+                return self._p2c(found, request, now, "p2c")
+
+        # Nothing ready and usable: shed if something eligible and usable is only busy.
+        if any(usable(m) for m in state.eligible):
+            return Shed(model, self._retry_after(state, request, now))
+        if priced and any(m not in excluded for m in state.eligible):
+            return NoMiner(model, "none_within_price")
+        return NoMiner(model, "none_eligible")
+
+    def _p2c(self, candidates: list[str], request: RouteRequest, now: float, how: str) -> Picked:
+        if len(candidates) == 1:
+            return self._reserve(self._miners[candidates[0]], request, now, "only")
+        if len(candidates) > 2:
+            candidates = self.rng.sample(candidates, 2)
+        a, b = self._miners[candidates[0]], self._miners[candidates[1]]
+        best = a if self.score(a, request) <= self.score(b, request) else b
+        return self._reserve(best, request, now, how)
+
+    def score(self, stats: MinerStats, request: RouteRequest) -> float:
+        """The miner's cost for the request (lower is better), as the module docstring says."""
+        cfg = self.config
+        state = self._models[request.model]
+        ttft = stats.ttft.value
+        if ttft is None:
+            ttft = state.ttft.value if state.ttft.value is not None else cfg.default_ttft_s
+        tpot = stats.tpot.value
+        if tpot is None:
+            tpot = state.tpot.value if state.tpot.value is not None else cfg.default_tpot_s
+        service = ttft + tpot * self._tokens(state, request)
+        return (
+            service
+            * (1 + cfg.load_weight * stats.inflight / stats.capacity)
+            * (1 + cfg.error_weight * stats.error_rate)
+            * (1 + cfg.audit_weight * stats.audit_failure_rate)
+            * (1 - cfg.stake_weight * stats.stake_wei / (stats.stake_wei + cfg.stake_ref_wei))
+        )
+
+    def _tokens(self, state: _ModelState, request: RouteRequest) -> float:
+        """Output tokens after the first that the request is expected to produce."""
+        typical = state.output_tokens.value
+        if typical is None:
+            typical = float(self.config.default_output_tokens)
+        tokens = typical if request.max_tokens is None else min(typical, request.max_tokens)
+        return max(0.0, tokens - 1)
+
+    def _cost(self, stats: MinerStats, request: RouteRequest) -> int:
+        price = stats.prices[request.model]
+        tokens = request.max_tokens or self.config.default_output_tokens
+        return price.prompt_wei * request.prompt_tokens + price.completion_wei * tokens
+
+    def _reserve(self, stats: MinerStats, request: RouteRequest, now: float, how: str) -> Picked:
+        stats.inflight += 1
+        probe = stats.breaker is BreakerState.HALF_OPEN
+        if probe:
+            stats.probe_in_flight = True
+        self._refresh(stats)
+        self.picks += 1
+        return Picked(stats.miner_id, request, now, how, probe=probe)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def release(self, picked: Picked, now: float, outcome: Outcome) -> None:
+        """The attempt `picked` ended with `outcome`: frees its slot and learns from it.
+
+        Raises ValueError if the pick was already released."""
+        if picked.released:
+            raise ValueError(f"the pick of {picked.miner_id} was already released")
+        picked.released = True
+        stats = self._miners.get(picked.miner_id)
+        if stats is None:
+            return  # removed meanwhile
+        cfg = self.config
+        stats.inflight -= 1
+        if picked.probe:
+            stats.probe_in_flight = False
+        if isinstance(outcome, Served):
+            state = self._models.get(picked.request.model)
+            stats.served += 1
+            stats.consecutive_failures = 0
+            stats.error_rate += cfg.error_alpha * (0.0 - stats.error_rate)
+            stats.ttft.observe(outcome.ttft_s, cfg.ewma_alpha)
+            if state is not None:
+                state.ttft.observe(outcome.ttft_s, cfg.ewma_alpha)
+            if outcome.output_tokens > 1:
+                tpot = outcome.decode_s / (outcome.output_tokens - 1)
+                stats.tpot.observe(tpot, cfg.ewma_alpha)
+                if state is not None:
+                    state.tpot.observe(tpot, cfg.ewma_alpha)
+            if state is not None and outcome.output_tokens > 0:
+                state.output_tokens.observe(outcome.output_tokens, cfg.ewma_alpha)
+            if stats.breaker is BreakerState.HALF_OPEN and picked.probe:
+                stats.breaker = BreakerState.CLOSED
+                stats.cooldown_s = 0.0
+            if picked.request.prefix is not None:
+                self._affinity_set(picked.request.prefix, stats.miner_id, now)
+        elif isinstance(outcome, Failed):
+            stats.failed += 1
+            stats.consecutive_failures += 1
+            stats.error_rate += cfg.error_alpha * (1.0 - stats.error_rate)
+            if stats.breaker is BreakerState.HALF_OPEN and picked.probe:
+                self._open(stats, now, min(stats.cooldown_s * 2, cfg.breaker_cooldown_max_s))
+            elif (
+                stats.breaker is BreakerState.CLOSED
+                and stats.consecutive_failures >= cfg.breaker_failures
+            ):
+                self._open(stats, now, cfg.breaker_cooldown_s)
+        self._refresh(stats)
+
+    def _open(self, stats: MinerStats, now: float, cooldown_s: float) -> None:
+        stats.breaker = BreakerState.OPEN
+        stats.cooldown_s = cooldown_s
+        stats.open_until = now + cooldown_s
+        self._seq += 1
+        heapq.heappush(self._timers, (stats.open_until, self._seq, stats.miner_id))
+
+    def _advance(self, now: float) -> None:
+        """Open breakers whose cooldown has elapsed become half-open."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            due, _, miner_id = heapq.heappop(timers)
+            stats = self._miners.get(miner_id)
+            if stats is not None and stats.breaker is BreakerState.OPEN and stats.open_until == due:
+                stats.breaker = BreakerState.HALF_OPEN
+                self._refresh(stats)
+
+    def breaker_state(self, miner_id: str, now: float) -> BreakerState:
+        """The miner's breaker as of `now` (an elapsed cooldown shows as half-open)."""
+        self._advance(now)
+        return self._miners[miner_id].breaker
+
+    def _refresh(self, stats: MinerStats, *, force: bool = False) -> None:
+        """Bring the per-model eligible and ready sets in line with the miner's state."""
+        eligible, ready = stats.eligible, stats.ready
+        if not force and eligible == stats._eligible and ready == stats._ready:
+            return
+        stats._eligible, stats._ready = eligible, ready
+        for model in stats.prices:
+            state = self._models[model]
+            if eligible:
+                state.eligible.add(stats.miner_id)
+            else:
+                state.eligible.discard(stats.miner_id)
+            if ready:
+                state.ready.add(stats.miner_id)
+            else:
+                state.ready.discard(stats.miner_id)
+
+    # -- affinity ----------------------------------------------------------------------------
+
+    def _affinity_home(self, prefix: int, now: float) -> str | None:
+        entry = self._affinity.get(prefix)
+        if entry is None:
+            return None
+        miner_id, at = entry
+        if now - at > self.config.affinity_ttl_s:
+            del self._affinity[prefix]
+            return None
+        return miner_id
+
+    def _affinity_set(self, prefix: int, miner_id: str, now: float) -> None:
+        self._affinity[prefix] = (miner_id, now)
+        self._affinity.move_to_end(prefix)
+        while len(self._affinity) > self.config.affinity_entries:
+            self._affinity.popitem(last=False)
+
+    def affinity_home(self, prefix: int, now: float) -> str | None:
+        """The miner that last served `prefix` successfully, if the entry is still live."""
+        return self._affinity_home(prefix, now)
+
+    # -- hedging -----------------------------------------------------------------------------
+
+    def hedge_due_at(self, picked: Picked) -> float | None:
+        """When the attempt's first token becomes late: ``started_at + max(hedge_min_s,
+        hedge_factor × TTFT EWMA)`` of its miner (the model's average for an unmeasured
+        miner); None when nothing has been measured for the model yet."""
+        stats = self._miners.get(picked.miner_id)
+        ttft = stats.ttft.value if stats is not None else None
+        if ttft is None:
+            state = self._models.get(picked.request.model)
+            ttft = state.ttft.value if state is not None else None
+        if ttft is None:
+            return None
+        return picked.started_at + max(self.config.hedge_min_s, self.config.hedge_factor * ttft)
+
+    def should_hedge(self, picked: Picked, now: float, *, first_token_seen: bool) -> bool:
+        """Whether to start a second attempt for `picked` now: its first token is late and
+        the hedge budget allows. A True answer spends budget: pick the hedge at once."""
+        if first_token_seen or picked.released:
+            return False
+        due = self.hedge_due_at(picked)
+        if due is None or now < due:
+            return False
+        if self.hedges >= self.config.hedge_budget * self.picks + self.config.hedge_burst:
+            return False
+        self.hedges += 1
+        return True
+
+    # -- shedding ----------------------------------------------------------------------------
+
+    def _retry_after(self, state: _ModelState, request: RouteRequest, now: float) -> float:
+        cfg = self.config
+        state.shed_backlog = state.shed_backlog * math.exp(-(now - state.shed_at) / cfg.shed_tau_s)
+        state.shed_at = now
+        state.shed_backlog += 1
+        drain = state.drain
+        if drain is None or now - drain[0] > cfg.shed_drain_cache_s:
+            rate = 0.0
+            for miner_id in state.eligible:
+                stats = self._miners[miner_id]
+                rate += stats.capacity / self._service_s(stats, state, request)
+            state.drain = drain = (now, rate)
+        seconds = state.shed_backlog / drain[1] if drain[1] > 0 else cfg.retry_after_max_s
+        return min(max(seconds, cfg.retry_after_min_s), cfg.retry_after_max_s)
+
+    def _service_s(self, stats: MinerStats, state: _ModelState, request: RouteRequest) -> float:
+        cfg = self.config
+        ttft = stats.ttft.value or state.ttft.value or cfg.default_ttft_s
+        tpot = stats.tpot.value or state.tpot.value or cfg.default_tpot_s
+        return ttft + tpot * self._tokens(state, request)
