@@ -113,7 +113,7 @@ def test_deploy_checks_constructor_arguments(chain: Chain, keys: list[str]) -> N
     from infergrid.settle.build import load_artifact
 
     artifact = load_artifact("NodeRegistry")
-    with pytest.raises(ValueError, match="4 arguments"):
+    with pytest.raises(ValueError, match="7 arguments"):
         chain.deploy(keys[0], artifact.abi, artifact.bytecode, 1, 2)
 
 

@@ -8,7 +8,7 @@ from eth_account import Account
 from infergrid.protocol.nodes import WEI_PER_BTT, ModelOffer, NodeRecord, Role
 from infergrid.settle.build import load_artifact
 from infergrid.settle.chain import Chain, ContractRevert, as_account
-from infergrid.settle.registry import Registry, deploy_registry
+from infergrid.settle.registry import PPM, Registry, deploy_registry
 
 MINER_MIN = 1 * WEI_PER_BTT
 VERIFIER_MIN = 2 * WEI_PER_BTT
@@ -74,14 +74,19 @@ def test_deploy_sets_parameters_and_admin(
         ((1, 0, 1, 10), "min stake must be positive"),
         ((1, 1, 0, 10), "min stake must be positive"),
         ((1, 1, 1, 365 * 86400 + 1), "unbonding delay too long"),
+        ((1, 1, 1, 10, 0, 999_999, 0), "early multiplier below 1x"),
+        ((1, 1, 1, 10, 0, 10_000_001, 0), "early multiplier above 10x"),
+        ((1, 1, 1, 10, 10 * 365 * 86400 + 1, PPM, 0), "early period too long"),
+        ((1, 1, 1, 10, 0, PPM, 10 * 365 * 86400 + 1), "early decay too long"),
     ],
 )
 def test_constructor_rejects_bad_parameters(
     chain: Chain, keys: list[str], args: tuple[int, ...], reason: str
 ) -> None:
     artifact = load_artifact("NodeRegistry")
+    no_early_miners = (0, PPM, 0)
     with pytest.raises(ContractRevert) as exc:
-        chain.deploy(keys[0], artifact.abi, artifact.bytecode, *args)
+        chain.deploy(keys[0], artifact.abi, artifact.bytecode, *(args + no_early_miners)[:7])
     assert reason_of(exc) == reason
 
 
@@ -92,6 +97,13 @@ def test_deploy_registry_validates_in_python(chain: Chain, keys: list[str]) -> N
         deploy_registry(chain, keys[0], {Role.MINER: 0, Role.VERIFIER: 1, Role.GATEWAY: 1}, 10)
     with pytest.raises(ValueError, match="non-negative"):
         deploy_registry(chain, keys[0], {r: 1 for r in Role}, -1)
+    stakes = {r: 1 for r in Role}
+    with pytest.raises(ValueError, match="early multiplier must be between"):
+        deploy_registry(chain, keys[0], stakes, 10, early_multiplier_ppm=PPM - 1)
+    with pytest.raises(ValueError, match="early period must be between"):
+        deploy_registry(chain, keys[0], stakes, 10, early_period_s=-1)
+    with pytest.raises(ValueError, match="early decay must be between"):
+        deploy_registry(chain, keys[0], stakes, 10, early_decay_s=10**12)
 
 
 def test_zero_unbonding_delay_is_allowed(chain: Chain, keys: list[str]) -> None:
@@ -1326,3 +1338,75 @@ def test_stake_changes_in_one_block_keep_only_the_last_checkpoint(
         (t, 5 * MINER_MIN // 2),
         (later, 7 * MINER_MIN // 2),
     ]
+
+
+# --- the early-miner multiplier ---------------------------------------------------------------
+
+EARLY_PERIOD, EARLY_DECAY, EARLY_PPM = 1000, 400, 2_500_000
+
+
+@pytest.fixture
+def early_registry(chain: Chain, keys: list[str]) -> Registry:
+    return Registry(
+        chain,
+        deploy_registry(
+            chain,
+            keys[0],
+            MIN_STAKES,
+            DELAY,
+            early_period_s=EARLY_PERIOD,
+            early_multiplier_ppm=EARLY_PPM,
+            early_decay_s=EARLY_DECAY,
+        ),
+    )
+
+
+def test_the_early_schedule_is_public(early_registry: Registry, registry: Registry) -> None:
+    schedule = early_registry.early_schedule()
+    assert (schedule.period_s, schedule.multiplier_ppm, schedule.decay_s) == (
+        EARLY_PERIOD,
+        EARLY_PPM,
+        EARLY_DECAY,
+    )
+    assert schedule.genesis > 0
+    # By default nobody is early.
+    default = registry.early_schedule()
+    assert (default.period_s, default.multiplier_ppm, default.decay_s) == (0, PPM, 0)
+
+
+def test_an_early_miner_earns_the_multiplier_then_it_decays_to_1x(
+    early_registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    genesis = early_registry.early_schedule().genesis
+    end = genesis + EARLY_PERIOD
+    register_miner(early_registry, keys[1])
+    owner = addrs[1]
+    assert early_registry.early_multiplier_at(owner, chain.timestamp()) == EARLY_PPM
+    assert early_registry.early_multiplier_at(owner, end - 1) == EARLY_PPM
+    assert early_registry.early_multiplier_at(owner, end) == EARLY_PPM
+    # Linear from 2.5x to 1x over the decay, rounded up: a quarter of the way, 2.125x.
+    assert early_registry.early_multiplier_at(owner, end + EARLY_DECAY // 4) == 2_125_000
+    assert early_registry.early_multiplier_at(owner, end + 1) == EARLY_PPM - 1_500_000 // 400
+    assert early_registry.early_multiplier_at(owner, end + EARLY_DECAY - 1) == PPM + 3750
+    assert early_registry.early_multiplier_at(owner, end + EARLY_DECAY) == PPM
+    assert early_registry.early_multiplier_at(owner, end + 10 * EARLY_DECAY) == PPM
+    assert early_registry.early_multiplier_at(addrs[5], end - 1) == PPM  # never registered
+
+
+def test_late_and_returning_miners_get_no_multiplier(
+    early_registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    genesis = early_registry.early_schedule().genesis
+    register_miner(early_registry, keys[1])
+    chain.increase_time(EARLY_PERIOD + 1)
+    register_miner(early_registry, keys[2])  # after the period: a late miner
+    now = chain.timestamp()
+    assert early_registry.registered_at(addrs[2]) >= genesis + EARLY_PERIOD
+    assert early_registry.early_multiplier_at(addrs[2], now) == PPM
+    assert early_registry.early_multiplier_at(addrs[1], now) > PPM
+    # The early miner leaves and comes back: its new registration is a late one.
+    early_registry.deregister(keys[1])
+    register_miner(early_registry, keys[1])
+    assert early_registry.early_multiplier_at(addrs[1], chain.timestamp()) == PPM
+    with pytest.raises(ValueError, match="owner"):
+        early_registry.early_multiplier_at("0x12", now)

@@ -53,6 +53,9 @@ def deploy_network(
             Role.GATEWAY: params.min_stake_gateway_wei,
         },
         params.unbonding_delay_s,
+        early_period_s=params.early_period_s,
+        early_multiplier_ppm=params.early_multiplier_ppm,
+        early_decay_s=params.early_decay_s,
     )
     escrow_address = deploy_escrow(
         chain,

@@ -18,6 +18,7 @@ from infergrid.settle.chain import (
     POA_CHAIN_IDS,
 )
 from infergrid.settle.escrow import MAX_FEE_PPM
+from infergrid.settle.registry import check_early_schedule
 
 ANVIL_CHAIN_ID = 31337
 DAY_S = 86_400
@@ -90,6 +91,11 @@ class SettlementParams:
     proposer_bond_wei: int
     challenge_window_s: int
     arbiter_delay_s: int  # a new reward arbiter waits this long; longer than the window
+    # The registry's early-miner reward multiplier (settle.registry.EarlyMinerSchedule);
+    # defaults for a devnet.json written before it existed: nobody is early.
+    early_period_s: int = 0
+    early_multiplier_ppm: int = 1_000_000
+    early_decay_s: int = 0
 
     def check(self) -> None:
         """Stake must stay slashable for everything it was paid for (DESIGN §4)."""
@@ -115,6 +121,7 @@ class SettlementParams:
             )
         if self.min_verifier_age_s <= 0:
             raise ValueError("the minimum verifier age must be positive")
+        check_early_schedule(self.early_period_s, self.early_multiplier_ppm, self.early_decay_s)
 
 
 # Short delays so a developer can watch thaws, disputes and epochs finish on a devnet.
@@ -142,6 +149,10 @@ DEVNET_PARAMS = SettlementParams(
     proposer_bond_wei=1 * WEI_PER_BTT,
     challenge_window_s=120,
     arbiter_delay_s=180,
+    # Every miner of a fresh devnet is early, so the multiplier shows in its first epochs.
+    early_period_s=DAY_S,
+    early_multiplier_ppm=2_000_000,
+    early_decay_s=DAY_S,
 )
 
 # What a public network starts from; governance tunes it later.
@@ -169,4 +180,8 @@ MAINNET_PARAMS = SettlementParams(
     proposer_bond_wei=10_000 * WEI_PER_BTT,
     challenge_window_s=2 * DAY_S,
     arbiter_delay_s=7 * DAY_S,
+    # Miners who join in the first quarter earn 1.5x until it ends, 1x a quarter later.
+    early_period_s=90 * DAY_S,
+    early_multiplier_ppm=1_500_000,
+    early_decay_s=90 * DAY_S,
 )

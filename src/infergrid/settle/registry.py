@@ -15,6 +15,7 @@ successor) and names the slasher once, for the registry's life (`set_slasher`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from eth_utils import is_address, to_checksum_address
@@ -128,13 +129,48 @@ def same_models(a: Sequence[ModelOffer], b: Sequence[ModelOffer]) -> bool:
 # --- deployment -----------------------------------------------------------------------------
 
 
+# The contract's bounds on the early-miner schedule (MAX_EARLY_MULTIPLIER_PPM, MAX_EARLY_SPAN).
+PPM = 1_000_000
+MAX_EARLY_MULTIPLIER_PPM = 10 * PPM
+MAX_EARLY_SPAN_S = 10 * 365 * 86400
+
+
+@dataclass(frozen=True)
+class EarlyMinerSchedule:
+    """The registry's early-miner reward multiplier, fixed at deployment: miners whose current
+    registration began before `genesis + period_s` earn `multiplier_ppm` until then, falling
+    linearly to 1x over the next `decay_s` seconds (NodeRegistry.early_multiplier_at)."""
+
+    genesis: int
+    period_s: int
+    multiplier_ppm: int
+    decay_s: int
+
+
+def check_early_schedule(period_s: int, multiplier_ppm: int, decay_s: int) -> None:
+    """The contract's constructor checks, as ValueErrors before any gas is spent."""
+    if not PPM <= multiplier_ppm <= MAX_EARLY_MULTIPLIER_PPM:
+        raise ValueError(
+            f"early multiplier must be between {PPM} and {MAX_EARLY_MULTIPLIER_PPM} ppm"
+            f" (1x to 10x), not {multiplier_ppm}"
+        )
+    for name, value in (("early period", period_s), ("early decay", decay_s)):
+        if not 0 <= value <= MAX_EARLY_SPAN_S:
+            raise ValueError(f"{name} must be between 0 and {MAX_EARLY_SPAN_S} s, not {value}")
+
+
 def deploy_registry(
     chain: Chain,
     deployer_key: PrivateKey,
     min_stakes: dict[Role, int],
     unbonding_delay_s: int,
+    *,
+    early_period_s: int = 0,
+    early_multiplier_ppm: int = PPM,
+    early_decay_s: int = 0,
 ) -> str:
-    """Deploy a NodeRegistry; the deployer becomes its admin. Returns the address."""
+    """Deploy a NodeRegistry; the deployer becomes its admin. Returns the address. By default
+    no miner is early (a 1x multiplier for everyone)."""
     missing = [role.name.lower() for role in Role if role not in min_stakes]
     if missing:
         raise ValueError(f"min_stakes lacks a minimum for: {', '.join(missing)}")
@@ -143,6 +179,7 @@ def deploy_registry(
             raise ValueError(f"min stake for {Role(role).name.lower()} must be positive")
     if unbonding_delay_s < 0:
         raise ValueError("unbonding delay must be non-negative")
+    check_early_schedule(early_period_s, early_multiplier_ppm, early_decay_s)
     artifact = load_artifact(CONTRACT_NAME)
     return chain.deploy(
         deployer_key,
@@ -152,6 +189,9 @@ def deploy_registry(
         min_stakes[Role.VERIFIER],
         min_stakes[Role.GATEWAY],
         unbonding_delay_s,
+        early_period_s,
+        early_multiplier_ppm,
+        early_decay_s,
     )
 
 
@@ -170,6 +210,7 @@ class Registry:
         self._min_stakes: dict[Role, int] = {}
         self._unbonding_delay: int | None = None
         self._page_size: int | None = None
+        self._early: EarlyMinerSchedule | None = None
 
     # --- parameters (immutable in the contract, so read once) ---
 
@@ -185,6 +226,23 @@ class Registry:
         if self._unbonding_delay is None:
             self._unbonding_delay = int(self.chain.call(self.contract.functions.unbonding_delay()))
         return self._unbonding_delay
+
+    def early_schedule(self) -> EarlyMinerSchedule:
+        if self._early is None:
+            fns = self.contract.functions
+            self._early = EarlyMinerSchedule(
+                genesis=int(self.chain.call(fns.genesis())),
+                period_s=int(self.chain.call(fns.early_period())),
+                multiplier_ppm=int(self.chain.call(fns.early_multiplier_ppm())),
+                decay_s=int(self.chain.call(fns.early_decay())),
+            )
+        return self._early
+
+    def early_multiplier_at(self, owner: str, timestamp: int) -> int:
+        """`owner`'s epoch-reward multiplier at block time `timestamp`, in ppm (1x = 10**6)."""
+        address = check_address(owner, "owner")
+        when = _amount(timestamp, "timestamp")
+        return int(self.chain.call(self.contract.functions.early_multiplier_at(address, when)))
 
     def page_size(self) -> int:
         if self._page_size is None:

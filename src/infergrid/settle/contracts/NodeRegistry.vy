@@ -17,6 +17,13 @@
      the old role's funds unbond (a miner cannot become a gateway that disputes miss); its
      bonded stake is checkpointed (`stake_at`, `registered_at`: votes weigh stake from before
      a dispute). The admin (lib/two_step_admin.vy) names the slasher once and never again.
+
+     Early miners: a miner whose current registration began within `early_period` seconds of
+     the deployment (`genesis`) earns `early_multiplier_ppm` on its epoch rewards until the
+     period ends, decaying linearly to 1x over the next `early_decay` seconds
+     (`early_multiplier_at`). Fixed at deployment, readable by anyone. Registering again
+     resets `registered_at`, so a node that leaves gives its multiplier up and no later
+     registration can earn one: the bonus goes to stake that stayed from the start.
 """
 
 from lib import two_step_admin
@@ -45,6 +52,11 @@ STAKE_BITS: constant(uint256) = 192
 STAKE_MASK: constant(uint256) = 2**192 - 1
 # node_meta: registration time in the top 128 bits, checkpoint count in the low 128.
 COUNT_MASK: constant(uint256) = 2**128 - 1
+
+PPM: constant(uint256) = 1_000_000
+# Bounds on the early-miner schedule, against a typo that would hand out the emission.
+MAX_EARLY_MULTIPLIER_PPM: constant(uint256) = 10 * PPM
+MAX_EARLY_SPAN: constant(uint256) = 10 * 365 * 86400
 
 
 struct ModelOffer:
@@ -150,6 +162,12 @@ slasher: public(address)
 min_stake: public(HashMap[uint8, uint256])
 unbonding_delay: public(uint256)
 
+# The early-miner schedule (see the contract's notes), fixed at deployment.
+genesis: public(immutable(uint256))
+early_period: public(immutable(uint256))
+early_multiplier_ppm: public(immutable(uint256))
+early_decay: public(immutable(uint256))
+
 nodes: HashMap[address, Node]
 # Owners of every node that is active or still has stake or unbonding funds here; entries
 # leave once a node is inactive and empty, so the list cannot grow without locking stake.
@@ -177,6 +195,9 @@ def __init__(
     min_stake_verifier: uint256,
     min_stake_gateway: uint256,
     unbonding_delay: uint256,
+    early_period_s: uint256,
+    early_multiplier: uint256,
+    early_decay_s: uint256,
 ):
     # A zero minimum would let a node be active with zero stake, which nothing could slash.
     assert min_stake_miner > 0, "min stake must be positive"
@@ -184,6 +205,14 @@ def __init__(
     assert min_stake_gateway > 0, "min stake must be positive"
     # Guards unbond_at = now + delay against overflow and absurd lock-ups.
     assert unbonding_delay <= 365 * 86400, "unbonding delay too long"
+    assert early_multiplier >= PPM, "early multiplier below 1x"
+    assert early_multiplier <= MAX_EARLY_MULTIPLIER_PPM, "early multiplier above 10x"
+    assert early_period_s <= MAX_EARLY_SPAN, "early period too long"
+    assert early_decay_s <= MAX_EARLY_SPAN, "early decay too long"
+    genesis = block.timestamp
+    early_period = early_period_s
+    early_multiplier_ppm = early_multiplier
+    early_decay = early_decay_s
     two_step_admin.__init__()
     self.min_stake[ROLE_MINER] = min_stake_miner
     self.min_stake[ROLE_VERIFIER] = min_stake_verifier
@@ -564,6 +593,27 @@ def registered_at(owner: address) -> uint256:
             until the node is forgotten; 0 if none.
     """
     return self.node_meta[owner] >> 128
+
+
+@external
+@view
+def early_multiplier_at(owner: address, timestamp: uint256) -> uint256:
+    """
+    @notice The reward multiplier (ppm, 1_000_000 = 1x) of `owner` at `timestamp`: for a node
+            whose current registration began before genesis + early_period, the full
+            early_multiplier_ppm until then, falling linearly (rounded up) to 1x over the next
+            early_decay seconds; 1x for everyone else, and for nobody registered.
+    """
+    registered: uint256 = self.node_meta[owner] >> 128
+    period_end: uint256 = genesis + early_period
+    if registered == 0 or registered >= period_end or early_multiplier_ppm == PPM:
+        return PPM
+    if timestamp < period_end:
+        return early_multiplier_ppm
+    elapsed: uint256 = timestamp - period_end
+    if elapsed >= early_decay:
+        return PPM
+    return early_multiplier_ppm - (early_multiplier_ppm - PPM) * elapsed // early_decay
 
 
 @external
