@@ -17,6 +17,7 @@ from infergrid.settle.escrow import deploy_escrow
 from infergrid.settle.profiles import SettlementParams
 from infergrid.settle.registry import Registry, deploy_registry
 from infergrid.settle.rewards import deploy_rewards
+from infergrid.settle.scores import deploy_scoreboard
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class NetworkContracts:
     PaymentEscrow: str
     DisputeManager: str
     RewardDistributor: str
+    # Verifiers' score commit-reveal (issue 11); none in a devnet.json written before it.
+    ScoreBoard: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -95,9 +98,18 @@ def deploy_network(
         challenge_window_s=params.challenge_window_s,
         arbiter_delay_s=params.arbiter_delay_s,
     )
+    scoreboard_address = deploy_scoreboard(
+        chain,
+        deployer_key,
+        registry=registry_address,
+        epoch_length_s=params.epoch_s,
+        commit_window_s=params.score_commit_window_s,
+        reveal_window_s=params.score_reveal_window_s,
+    )
     return NetworkContracts(
         NodeRegistry=registry_address,
         PaymentEscrow=escrow_address,
         DisputeManager=disputes_address,
         RewardDistributor=rewards_address,
+        ScoreBoard=scoreboard_address,
     )

@@ -96,6 +96,9 @@ class SettlementParams:
     early_period_s: int = 0
     early_multiplier_ppm: int = 1_000_000
     early_decay_s: int = 0
+    # After each epoch, verifiers commit to their miner scores, then reveal them (ScoreBoard).
+    score_commit_window_s: int = 3_600
+    score_reveal_window_s: int = 3_600
 
     def check(self) -> None:
         """Stake must stay slashable for everything it was paid for (DESIGN §4)."""
@@ -122,6 +125,8 @@ class SettlementParams:
         if self.min_verifier_age_s <= 0:
             raise ValueError("the minimum verifier age must be positive")
         check_early_schedule(self.early_period_s, self.early_multiplier_ppm, self.early_decay_s)
+        if self.score_commit_window_s <= 0 or self.score_reveal_window_s <= 0:
+            raise ValueError("the score commit and reveal windows must be positive")
 
 
 # Short delays so a developer can watch thaws, disputes and epochs finish on a devnet.
@@ -153,6 +158,8 @@ DEVNET_PARAMS = SettlementParams(
     early_period_s=DAY_S,
     early_multiplier_ppm=2_000_000,
     early_decay_s=DAY_S,
+    score_commit_window_s=60,
+    score_reveal_window_s=60,
 )
 
 # What a public network starts from; governance tunes it later.
@@ -184,4 +191,6 @@ MAINNET_PARAMS = SettlementParams(
     early_period_s=90 * DAY_S,
     early_multiplier_ppm=1_500_000,
     early_decay_s=90 * DAY_S,
+    score_commit_window_s=6 * 3_600,
+    score_reveal_window_s=6 * 3_600,
 )
