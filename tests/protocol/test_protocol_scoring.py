@@ -309,10 +309,24 @@ def test_allocations_sum_exactly_are_proportional_and_deterministic(
             assert shares[account] == 0
 
 
-def test_score_shares_are_ppm_summing_to_a_million() -> None:
+def test_score_shares_are_ppm_rounded_down() -> None:
     shares = score_shares_ppm({addr(1): 1.0, addr(2): 2.0, addr(3): 0.5})
-    assert sum(shares.values()) == PPM
-    assert shares == {addr(1): 285714, addr(2): 571429, addr(3): 142857}
+    assert shares == {addr(1): 285714, addr(2): 571428, addr(3): 142857}
+    assert score_shares_ppm({addr(1): 0.0}) == {addr(1): 0}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    parts=st.lists(st.integers(1, 10**9), min_size=1, max_size=16),
+    others=st.lists(st.integers(0, 10**9), min_size=0, max_size=8),
+)
+def test_splitting_gains_nothing_from_the_rounding_of_reported_shares(
+    parts: list[int], others: list[int]
+) -> None:
+    rest = {addr(100 + i): v for i, v in enumerate(others)}
+    alone = score_shares_ppm({addr(1): sum(parts), **rest})[addr(1)]
+    split = score_shares_ppm({**{addr(10 + i): v for i, v in enumerate(parts)}, **rest})
+    assert sum(split[addr(10 + i)] for i in range(len(parts))) <= alone
 
 
 # -- the early-miner multiplier --------------------------------------------------------------

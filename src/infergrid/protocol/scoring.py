@@ -367,9 +367,18 @@ def allocate(pool_wei: int, scores: Mapping[str, Score]) -> dict[str, int]:
 
 
 def score_shares_ppm(scores: Mapping[str, Score]) -> dict[str, int]:
-    """A verifier's report: each miner's share of the epoch in ppm, summing to 1,000,000
-    exactly when any score is positive (`allocate` of PPM), all zeros otherwise."""
-    return allocate(PPM, scores)
+    """A verifier's report: each miner's share of the epoch in ppm, rounded down (so the
+    shares sum to at most 1,000,000; all zeros when no score is positive).
+
+    Down, not to the largest remainder: the floors of k parts never add up to more than the
+    floor of their sum, so splitting a miner cannot win ppm from the rounding either (largest
+    remainder would hand up to one ppm to each identity). The ppm lost are not lost to the
+    miners: they are paid in proportion to the consensus shares, whatever these sum to."""
+    exact = _normalized(scores)
+    total = sum(exact.values(), Fraction(0))
+    if total == 0:
+        return dict.fromkeys(exact, 0)
+    return {account: int(PPM * value / total) for account, value in exact.items()}
 
 
 # -- the early-miner multiplier --------------------------------------------------------------
