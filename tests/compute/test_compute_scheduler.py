@@ -384,3 +384,45 @@ def test_bad_configuration_and_inputs_are_refused() -> None:
         s.add_miner("a", {}, capacity=1)
     with pytest.raises(ValueError, match="max_tokens"):
         RouteRequest(MODEL, max_tokens=0)
+
+
+def test_a_miner_much_slower_than_the_model_typical_serves_only_what_others_cannot() -> None:
+    s = scheduler(slow_factor=1.25, model_alpha=1.0)
+    for m in ("a", "b", "c"):
+        add(s, m, capacity=1)
+    serve(s, "a", 5.0)  # slow
+    serve(s, "b", 0.1)
+    serve(s, "c", 0.1)  # last: the model's typical time is now c's
+    held = []
+    for _ in range(2):
+        p = picked(s.pick(RouteRequest(MODEL), 1.0))
+        assert p.miner_id in ("b", "c")
+        held.append(p)
+    # b and c are busy now: the slow miner is better than shedding.
+    assert picked(s.pick(RouteRequest(MODEL), 1.0)).miner_id == "a"
+
+
+def test_a_slow_home_miner_loses_its_prefixes() -> None:
+    s = scheduler(slow_factor=1.25, model_alpha=1.0, ewma_alpha=1.0)
+    add(s, "a")
+    add(s, "b")
+    key = 42
+    home = picked(s.pick(RouteRequest(MODEL, prefix=key), 0.0, exclude={"b"}))
+    s.release(home, 5.0, Served(5.0, output_tokens=11, decode_s=0.1))
+    serve(s, "b", 0.1)
+    assert s.affinity_home(key, 6.0) == "a"
+    p = picked(s.pick(RouteRequest(MODEL, prefix=key), 6.0))
+    assert (p.miner_id, p.reason) == ("b", "p2c")
+
+
+def test_more_choices_take_the_best_of_more() -> None:
+    s = scheduler(choices=4, sample_tries=64, slow_factor=100.0)
+    for i, m in enumerate(("a", "b", "c", "d")):
+        add(s, m)
+        serve(s, m, 0.1 * (i + 1))
+    for _ in range(10):
+        p = picked(s.pick(RouteRequest(MODEL), 1.0))
+        assert p.miner_id == "a"
+        s.release(p, 1.0, Cancelled())
+    with pytest.raises(ValueError, match="choices"):
+        SchedulerConfig(choices=1)

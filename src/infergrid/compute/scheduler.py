@@ -17,17 +17,22 @@ The policy, for one request (`Scheduler.pick`):
    running. Per request, the miners already tried (`exclude`) and those above the developer's
    maximum price are filtered too.
 2. **Affinity.** A request carrying a prompt-prefix key goes to the miner that last served that
-   prefix successfully (its KV cache may still hold it) while that miner is ready and loaded
-   below `affinity_max_load` of its capacity; otherwise the policy goes on, and whichever miner
-   serves the prefix next becomes its home. The map is an LRU bounded by `affinity_entries`,
-   entries expire after `affinity_ttl_s`.
-3. **Score, power of two choices.** Two distinct ready candidates are drawn at random and the
-   one with the lower `score` wins (lower is better): the expected service time
+   prefix successfully (its KV cache may still hold it) while that miner is ready, loaded
+   below `affinity_max_load` of its capacity and not slow (step 3: a cached prefix saves part
+   of a first token, a slow miner costs the whole answer); otherwise the policy goes on, and
+   whichever miner serves the prefix next becomes its home. The map is an LRU bounded by
+   `affinity_entries`, entries expire after `affinity_ttl_s`.
+3. **Score, power of two choices.** Two (`choices`) distinct ready candidates are drawn at
+   random and the one with the lower `score` wins (lower is better): the expected service time
    ``ttft + tpot × (tokens − 1)`` (EWMAs, or the model's averages for a miner not measured yet),
    multiplied by ``1 + load_weight × inflight / capacity``, ``1 + error_weight × error rate``,
    ``1 + audit_weight × audit failure rate`` and ``1 − stake_weight × stake / (stake +
-   stake_ref_wei)``. Sampling keeps a pick O(1) in the number of miners; when random draws do
-   not find two candidates (few ready miners, or a tight price filter) the ready set is scanned.
+   stake_ref_wei)``. A measured miner whose unloaded service time is more than `slow_factor`
+   times the model's typical one (the EWMAs over all its miners) is *slow*: a candidate only
+   when the draws find fewer than two others, so the tail of slow miners, which the better of
+   two random ones would still pick when drawn together, serves only what the rest cannot.
+   Sampling keeps a pick O(1) in the number of miners; when random draws do not find two
+   candidates (few ready miners, or a tight price filter) the ready set is scanned.
    With ``sort="price"`` the cheapest ready miners (by the request's estimated cost) are taken
    first and the better of two among them wins: an O(n) scan the developer asked for.
 4. **Shed.** No ready candidate, but eligible ones exist (all at capacity): `Shed`, whose
@@ -120,6 +125,7 @@ class SchedulerConfig:
 
     ewma_alpha: float = 0.2
     error_alpha: float = 0.1
+    model_alpha: float = 0.02  # the model-wide averages: many miners' samples, a slower EWMA
     default_ttft_s: float = 1.0  # before anything was measured for a model
     default_tpot_s: float = 0.05
     default_output_tokens: int = 256
@@ -128,7 +134,9 @@ class SchedulerConfig:
     audit_weight: float = 2.0
     stake_weight: float = 0.05
     stake_ref_wei: int = 10**21  # 1,000 BTT: the stake at which half the stake bonus is earned
+    choices: int = 2
     sample_tries: int = 8
+    slow_factor: float = 1.25
     affinity_entries: int = 65536
     affinity_ttl_s: float = 600.0
     affinity_max_load: float = 0.75
@@ -145,7 +153,7 @@ class SchedulerConfig:
     retry_after_max_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("ewma_alpha", "error_alpha"):
+        for name in ("ewma_alpha", "error_alpha", "model_alpha"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], not {value}")
@@ -153,11 +161,14 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], not {value}")
+        if self.choices < 2:
+            raise ValueError(f"choices must be at least 2, not {self.choices}")
         positive = (
             "default_ttft_s",
             "default_tpot_s",
             "default_output_tokens",
             "sample_tries",
+            "slow_factor",
             "affinity_entries",
             "affinity_ttl_s",
             "breaker_failures",
@@ -553,7 +564,10 @@ class Scheduler:
             home = self._affinity_home(request.prefix, now)
             if home is not None and home in state.ready and usable(home):
                 stats = self._miners[home]
-                if stats.inflight < self.config.affinity_max_load * stats.capacity:
+                typical = self._typical_service_s(state, request)
+                if stats.inflight < self.config.affinity_max_load * stats.capacity and not (
+                    self._is_slow(stats, request, typical)
+                ):
                     return self._reserve(stats, request, now, "affinity")
 
         if prefs.sort is Sort.PRICE:
@@ -565,17 +579,30 @@ class Scheduler:
                 return self._p2c(candidates, request, now, "price")
         else:
             found: list[str] = []
+            slow: list[str] = []
             ready = state.ready
+            choices = self.config.choices
             if len(ready):
+                typical = self._typical_service_s(state, request)
                 for _ in range(self.config.sample_tries):
                     miner_id = ready.sample(self.rng)
-                    if miner_id not in found and usable(miner_id):
-                        found.append(miner_id)
-                        if len(found) == 2:
-                            break
-                if len(found) < 2:
+                    if miner_id in found or miner_id in slow or not usable(miner_id):
+                        continue
+                    if self._is_slow(self._miners[miner_id], request, typical):
+                        slow.append(miner_id)
+                        continue
+                    found.append(miner_id)
+                    if len(found) == choices:
+                        break
+                if len(found) + len(slow) < 2:
                     # Few usable miners: the draws may have missed them; look at all.
-                    found = [m for m in ready if usable(m)]
+                    everyone = [m for m in ready if usable(m)]
+                    found = [
+                        m for m in everyone if not self._is_slow(self._miners[m], request, typical)
+                    ]
+                    slow = [m for m in everyone if m not in found]
+                if len(found) < 2:
+                    found += slow[: 2 - len(found)]
             if found:
                 return self._p2c(found, request, now, "p2c")
 
@@ -589,10 +616,9 @@ class Scheduler:
     def _p2c(self, candidates: list[str], request: RouteRequest, now: float, how: str) -> Picked:
         if len(candidates) == 1:
             return self._reserve(self._miners[candidates[0]], request, now, "only")
-        if len(candidates) > 2:
-            candidates = self.rng.sample(candidates, 2)
-        a, b = self._miners[candidates[0]], self._miners[candidates[1]]
-        best = a if self.score(a, request) <= self.score(b, request) else b
+        if len(candidates) > self.config.choices:
+            candidates = self.rng.sample(candidates, self.config.choices)
+        best = min((self._miners[m] for m in candidates), key=lambda s: self.score(s, request))
         return self._reserve(best, request, now, how)
 
     def score(self, stats: MinerStats, request: RouteRequest) -> float:
@@ -613,6 +639,21 @@ class Scheduler:
             * (1 + cfg.audit_weight * stats.audit_failure_rate)
             * (1 - cfg.stake_weight * stats.stake_wei / (stats.stake_wei + cfg.stake_ref_wei))
         )
+
+    def _typical_service_s(self, state: _ModelState, request: RouteRequest) -> float | None:
+        """The model's service time over all its miners (None until measured)."""
+        if state.ttft.value is None or state.tpot.value is None:
+            return None
+        return state.ttft.value + state.tpot.value * self._tokens(state, request)
+
+    def _is_slow(self, stats: MinerStats, request: RouteRequest, typical: float | None) -> bool:
+        """Whether a measured miner's unloaded service time exceeds `slow_factor` times the
+        model's typical one: such a miner is a candidate only when too few others are."""
+        if typical is None or stats.ttft.value is None or stats.tpot.value is None:
+            return False
+        state = self._models[request.model]
+        own = stats.ttft.value + stats.tpot.value * self._tokens(state, request)
+        return own > self.config.slow_factor * typical
 
     def _tokens(self, state: _ModelState, request: RouteRequest) -> float:
         """Output tokens after the first that the request is expected to produce."""
@@ -659,14 +700,14 @@ class Scheduler:
             stats.error_rate += cfg.error_alpha * (0.0 - stats.error_rate)
             stats.ttft.observe(outcome.ttft_s, cfg.ewma_alpha)
             if state is not None:
-                state.ttft.observe(outcome.ttft_s, cfg.ewma_alpha)
+                state.ttft.observe(outcome.ttft_s, cfg.model_alpha)
             if outcome.output_tokens > 1:
                 tpot = outcome.decode_s / (outcome.output_tokens - 1)
                 stats.tpot.observe(tpot, cfg.ewma_alpha)
                 if state is not None:
-                    state.tpot.observe(tpot, cfg.ewma_alpha)
+                    state.tpot.observe(tpot, cfg.model_alpha)
             if state is not None and outcome.output_tokens > 0:
-                state.output_tokens.observe(outcome.output_tokens, cfg.ewma_alpha)
+                state.output_tokens.observe(outcome.output_tokens, cfg.model_alpha)
             if stats.breaker is BreakerState.HALF_OPEN and picked.probe:
                 stats.breaker = BreakerState.CLOSED
                 stats.cooldown_s = 0.0
