@@ -276,7 +276,7 @@ def run_split(rng: random.Random, random_splits: int) -> list[dict[str, Any]]:
                 "random_mean": sum(ratios[1:]) / max(1, len(ratios) - 1),
                 "random_max": max(ratios[1:]) if random_splits else ratios[0],
                 "score_max": max(score_ratios),
-                "identities_stake_btt": k * MIN_STAKE // WEI_PER_BTT,
+                "min_stake_needed_btt": k * MIN_STAKE // WEI_PER_BTT,
             }
         )
     return rows
