@@ -6,9 +6,10 @@ import pytest
 from eth_account import Account
 
 from infergrid.protocol.nodes import WEI_PER_BTT, ModelOffer, NodeRecord, Role
+from infergrid.protocol.pricing import PPM
 from infergrid.settle.build import load_artifact
 from infergrid.settle.chain import Chain, ContractRevert, as_account
-from infergrid.settle.registry import PPM, Registry, deploy_registry
+from infergrid.settle.registry import Registry, deploy_registry
 
 MINER_MIN = 1 * WEI_PER_BTT
 VERIFIER_MIN = 2 * WEI_PER_BTT
@@ -98,11 +99,11 @@ def test_deploy_registry_validates_in_python(chain: Chain, keys: list[str]) -> N
     with pytest.raises(ValueError, match="non-negative"):
         deploy_registry(chain, keys[0], {r: 1 for r in Role}, -1)
     stakes = {r: 1 for r in Role}
-    with pytest.raises(ValueError, match="early multiplier must be between"):
+    with pytest.raises(ValueError, match="multiplier_ppm must be between"):
         deploy_registry(chain, keys[0], stakes, 10, early_multiplier_ppm=PPM - 1)
-    with pytest.raises(ValueError, match="early period must be between"):
+    with pytest.raises(ValueError, match="early_period_s"):
         deploy_registry(chain, keys[0], stakes, 10, early_period_s=-1)
-    with pytest.raises(ValueError, match="early decay must be between"):
+    with pytest.raises(ValueError, match="decay_s must be at most"):
         deploy_registry(chain, keys[0], stakes, 10, early_decay_s=10**12)
 
 
@@ -1363,7 +1364,7 @@ def early_registry(chain: Chain, keys: list[str]) -> Registry:
 
 def test_the_early_schedule_is_public(early_registry: Registry, registry: Registry) -> None:
     schedule = early_registry.early_schedule()
-    assert (schedule.period_s, schedule.multiplier_ppm, schedule.decay_s) == (
+    assert (schedule.early_period_s, schedule.multiplier_ppm, schedule.decay_s) == (
         EARLY_PERIOD,
         EARLY_PPM,
         EARLY_DECAY,
@@ -1371,7 +1372,7 @@ def test_the_early_schedule_is_public(early_registry: Registry, registry: Regist
     assert schedule.genesis > 0
     # By default nobody is early.
     default = registry.early_schedule()
-    assert (default.period_s, default.multiplier_ppm, default.decay_s) == (0, PPM, 0)
+    assert (default.early_period_s, default.multiplier_ppm, default.decay_s) == (0, PPM, 0)
 
 
 def test_an_early_miner_earns_the_multiplier_then_it_decays_to_1x(
@@ -1410,3 +1411,21 @@ def test_late_and_returning_miners_get_no_multiplier(
     assert early_registry.early_multiplier_at(addrs[1], chain.timestamp()) == PPM
     with pytest.raises(ValueError, match="owner"):
         early_registry.early_multiplier_at("0x12", now)
+
+
+def test_the_contract_computes_protocol_scorings_multiplier(
+    early_registry: Registry, chain: Chain, keys: list[str], addrs: list[str]
+) -> None:
+    """NodeRegistry.early_multiplier_at is protocol.scoring's rule, second by second across
+    the period's end and the decay, for an early miner, a late one and nobody."""
+    schedule = early_registry.early_schedule()
+    register_miner(early_registry, keys[1])
+    chain.increase_time(EARLY_PERIOD)
+    register_miner(early_registry, keys[2])
+    end = schedule.period_end
+    for owner in (addrs[1], addrs[2], addrs[6]):
+        registered = early_registry.registered_at(owner)
+        for t in [0, end - 1, end, end + 1, end + 7, end + 133, end + EARLY_DECAY - 1]:
+            assert early_registry.early_multiplier_at(owner, t) == schedule.multiplier_ppm_at(
+                registered, t
+            ), (owner, t)

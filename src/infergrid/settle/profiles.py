@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infergrid.protocol.nodes import WEI_PER_BTT
+from infergrid.protocol.scoring import EarlyMinerSchedule
 from infergrid.settle.chain import (
     BTTC_DONAU_CHAIN_ID,
     BTTC_MAINNET_CHAIN_ID,
@@ -18,7 +19,6 @@ from infergrid.settle.chain import (
     POA_CHAIN_IDS,
 )
 from infergrid.settle.escrow import MAX_FEE_PPM
-from infergrid.settle.registry import check_early_schedule
 
 ANVIL_CHAIN_ID = 31337
 DAY_S = 86_400
@@ -91,7 +91,7 @@ class SettlementParams:
     proposer_bond_wei: int
     challenge_window_s: int
     arbiter_delay_s: int  # a new reward arbiter waits this long; longer than the window
-    # The registry's early-miner reward multiplier (settle.registry.EarlyMinerSchedule);
+    # The registry's early-miner reward multiplier (protocol.scoring.EarlyMinerSchedule);
     # defaults for a devnet.json written before it existed: nobody is early.
     early_period_s: int = 0
     early_multiplier_ppm: int = 1_000_000
@@ -124,7 +124,7 @@ class SettlementParams:
             )
         if self.min_verifier_age_s <= 0:
             raise ValueError("the minimum verifier age must be positive")
-        check_early_schedule(self.early_period_s, self.early_multiplier_ppm, self.early_decay_s)
+        EarlyMinerSchedule(0, self.early_period_s, self.early_multiplier_ppm, self.early_decay_s)
         if self.score_commit_window_s <= 0 or self.score_reveal_window_s <= 0:
             raise ValueError("the score commit and reveal windows must be positive")
 

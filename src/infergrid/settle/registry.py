@@ -15,7 +15,6 @@ successor) and names the slasher once, for the registry's life (`set_slasher`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from eth_utils import is_address, to_checksum_address
@@ -24,6 +23,8 @@ from web3.contract import Contract
 from web3.types import TxReceipt
 
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
+from infergrid.protocol.pricing import PPM
+from infergrid.protocol.scoring import EarlyMinerSchedule
 from infergrid.settle.build import load_artifact
 from infergrid.settle.chain import Chain, ContractEvent, PrivateKey, as_account, decode_events
 
@@ -129,36 +130,6 @@ def same_models(a: Sequence[ModelOffer], b: Sequence[ModelOffer]) -> bool:
 # --- deployment -----------------------------------------------------------------------------
 
 
-# The contract's bounds on the early-miner schedule (MAX_EARLY_MULTIPLIER_PPM, MAX_EARLY_SPAN).
-PPM = 1_000_000
-MAX_EARLY_MULTIPLIER_PPM = 10 * PPM
-MAX_EARLY_SPAN_S = 10 * 365 * 86400
-
-
-@dataclass(frozen=True)
-class EarlyMinerSchedule:
-    """The registry's early-miner reward multiplier, fixed at deployment: miners whose current
-    registration began before `genesis + period_s` earn `multiplier_ppm` until then, falling
-    linearly to 1x over the next `decay_s` seconds (NodeRegistry.early_multiplier_at)."""
-
-    genesis: int
-    period_s: int
-    multiplier_ppm: int
-    decay_s: int
-
-
-def check_early_schedule(period_s: int, multiplier_ppm: int, decay_s: int) -> None:
-    """The contract's constructor checks, as ValueErrors before any gas is spent."""
-    if not PPM <= multiplier_ppm <= MAX_EARLY_MULTIPLIER_PPM:
-        raise ValueError(
-            f"early multiplier must be between {PPM} and {MAX_EARLY_MULTIPLIER_PPM} ppm"
-            f" (1x to 10x), not {multiplier_ppm}"
-        )
-    for name, value in (("early period", period_s), ("early decay", decay_s)):
-        if not 0 <= value <= MAX_EARLY_SPAN_S:
-            raise ValueError(f"{name} must be between 0 and {MAX_EARLY_SPAN_S} s, not {value}")
-
-
 def deploy_registry(
     chain: Chain,
     deployer_key: PrivateKey,
@@ -179,7 +150,8 @@ def deploy_registry(
             raise ValueError(f"min stake for {Role(role).name.lower()} must be positive")
     if unbonding_delay_s < 0:
         raise ValueError("unbonding delay must be non-negative")
-    check_early_schedule(early_period_s, early_multiplier_ppm, early_decay_s)
+    # The contract's own checks, as a ValueError naming the parameter before any gas.
+    EarlyMinerSchedule(0, early_period_s, early_multiplier_ppm, early_decay_s)
     artifact = load_artifact(CONTRACT_NAME)
     return chain.deploy(
         deployer_key,
@@ -228,11 +200,13 @@ class Registry:
         return self._unbonding_delay
 
     def early_schedule(self) -> EarlyMinerSchedule:
+        """The early-miner schedule the contract was deployed with (protocol.scoring's rule,
+        which NodeRegistry.early_multiplier_at computes on-chain)."""
         if self._early is None:
             fns = self.contract.functions
             self._early = EarlyMinerSchedule(
                 genesis=int(self.chain.call(fns.genesis())),
-                period_s=int(self.chain.call(fns.early_period())),
+                early_period_s=int(self.chain.call(fns.early_period())),
                 multiplier_ppm=int(self.chain.call(fns.early_multiplier_ppm())),
                 decay_s=int(self.chain.call(fns.early_decay())),
             )
