@@ -110,6 +110,7 @@ def test_another_verifiers_commitment_does_not_open_a_copied_vector() -> None:
         ({MINERS[0]: 600_000, MINERS[1]: 500_000}, "sum"),
         ({MINERS[0]: 0.5}, "not an integer"),
         ({"0xnot": 1}, "not an address"),
+        ({"0x" + "00" * 20: 1}, "zero address"),
         ({"0x" + "ab" * 20: 1, "0x" + "AB" * 20: 1}, "twice"),
     ],
 )

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 from eth_abi import encode
@@ -77,6 +77,7 @@ __all__ = [
 
 COMMIT_TAG = keccak256(b"InferGrid score commitment v1")
 KAPPA = Fraction(1, 2)
+ZERO_ADDRESS = "0x" + "00" * 20
 # A bound on one report, so that a reveal cannot exhaust whoever checks it.
 MAX_MINERS_PER_REPORT = 100_000
 
@@ -112,6 +113,8 @@ def _scores_problem(scores: Mapping[str, int]) -> str | None:
         if not isinstance(miner, str) or not is_address(miner):
             return f"{miner!r} is not an address"
         checksummed = to_checksum_address(miner)
+        if checksummed == ZERO_ADDRESS:
+            return "the zero address is not a miner"
         if checksummed in seen:
             return f"{checksummed} appears twice"
         seen.add(checksummed)
@@ -125,6 +128,13 @@ def _scores_problem(scores: Mapping[str, int]) -> str | None:
     return None
 
 
+def _canonical(scores: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(checksummed miner, ppm) pairs in ascending order of the miners' 20-byte values."""
+    return sorted(
+        ((to_checksum_address(m), v) for m, v in scores.items()), key=lambda i: _key(i[0])
+    )
+
+
 @dataclass(frozen=True)
 class ScoreReport:
     """One verifier's revealed scores for one epoch: `scores` maps miner address → share in
@@ -135,7 +145,6 @@ class ScoreReport:
     verifier: str
     scores: Mapping[str, int]
     salt: bytes
-    _sorted: tuple[tuple[str, int], ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _uint(self.epoch, "epoch")
@@ -144,14 +153,9 @@ class ScoreReport:
             raise ValueError("salt must be 32 bytes")
         if not isinstance(self.scores, Mapping):
             raise ValueError("scores must be a mapping of miner address to ppm")
-        problem = _scores_problem(self.scores)
-        if problem is None:
-            items = sorted(
-                ((to_checksum_address(m), v) for m, v in self.scores.items()),
-                key=lambda item: _key(item[0]),
-            )
-            object.__setattr__(self, "_sorted", tuple(items))
-            object.__setattr__(self, "scores", dict(items))
+        if _scores_problem(self.scores) is None:
+            # Well-formed scores are kept checksummed, in the commitment's order.
+            object.__setattr__(self, "scores", dict(_canonical(self.scores)))
 
     @property
     def problem(self) -> str | None:
@@ -164,7 +168,7 @@ class ScoreReport:
         problem = self.problem
         if problem is not None:
             raise ValueError(f"score report: {problem}")
-        return commitment(self.epoch, self.verifier, dict(self._sorted), self.salt)
+        return commitment(self.epoch, self.verifier, self.scores, self.salt)
 
 
 def commitment(epoch: int, verifier: str, scores: Mapping[str, int], salt: bytes) -> bytes:
@@ -176,9 +180,7 @@ def commitment(epoch: int, verifier: str, scores: Mapping[str, int], salt: bytes
     problem = _scores_problem(scores)
     if problem is not None:
         raise ValueError(f"score report: {problem}")
-    items = sorted(
-        ((to_checksum_address(m), v) for m, v in scores.items()), key=lambda i: _key(i[0])
-    )
+    items = _canonical(scores)
     encoded = encode(
         ["bytes32", "uint256", "address", "address[]", "uint256[]", "bytes32"],
         [COMMIT_TAG, epoch, verifier, [m for m, _ in items], [v for _, v in items], salt],
