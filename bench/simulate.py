@@ -93,7 +93,8 @@ class SimMiner:
     alive: bool = True
     active: int = 0
     queue: deque[Attempt] = field(default_factory=deque)
-    live: set[Attempt] = field(default_factory=set)
+    # Insertion-ordered (a set of objects iterates in address order: not reproducible).
+    live: dict[Attempt, None] = field(default_factory=dict)
     cache: OrderedDict[int, None] = field(default_factory=OrderedDict)
 
 
@@ -388,6 +389,8 @@ class Result:
     requests: int
     succeeded: int
     shed_429: int
+    failed_before_first_token: int
+    failed_streaming: int
     hedges: int
     success_rate: float
     ttft_p50_s: float
@@ -430,6 +433,7 @@ class Simulation:
         self.ttfts: list[float] = []
         self.latencies: list[float] = []
         self.failed = 0
+        self.failed_streaming = 0  # its miner died after the first token: no policy avoids it
         self.shed = 0
         self.hedges = 0
         self.health_unseen: set[int] = set()  # dead miners not yet noticed
@@ -494,6 +498,8 @@ class Simulation:
             requests=n,
             succeeded=ok,
             shed_429=self.shed,
+            failed_before_first_token=self.failed - self.failed_streaming,
+            failed_streaming=self.failed_streaming,
             hedges=self.hedges,
             success_rate=ok / n if n else 0.0,
             ttft_p50_s=_pct(self.ttfts, 50),
@@ -539,7 +545,7 @@ class Simulation:
         att = Attempt(req, m, t, ticket=ticket)
         req.tried.add(idx)
         req.live.append(att)
-        m.live.add(att)
+        m.live[att] = None
         # Every deadline is the same length, so they come due in the order they were set: a
         # FIFO instead of the heap (which would hold one stale entry per finished attempt).
         self.timeouts.append((t + FIRST_TOKEN_DEADLINE_S, att))
@@ -635,7 +641,7 @@ class Simulation:
                 self.queued[m.idx] -= 1
                 self.start(nxt, t)
         att.state = 3
-        m.live.discard(att)
+        m.live.pop(att, None)
         att.req.live.remove(att)
         self.policy.release(att, t, outcome)
 
@@ -651,6 +657,8 @@ class Simulation:
         if not req.finished:
             req.finished = True
             self.failed += 1
+            if req.first_token_at is not None:
+                self.failed_streaming += 1
 
     # -- miners --
 
@@ -768,13 +776,15 @@ def print_routing(out: dict[str, object]) -> None:
     )
     print(f"machine: {out['machine']}")
     print(
-        "| policy | success | TTFT p50 | TTFT p99 | latency p50 | latency p99 | throughput |"
-        " 429s | hedges |"
+        "| policy | success | failed before / after 1st token | TTFT p50 | TTFT p99 | latency p50"
+        " | latency p99 | throughput | 429s | hedges |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in out["results"]:  # type: ignore[attr-defined]
         print(
-            f"| {r['policy']} | {r['success_rate']:.2%} | {r['ttft_p50_s']:.2f} s"
+            f"| {r['policy']} | {r['success_rate']:.2%}"
+            f" | {r['failed_before_first_token']} / {r['failed_streaming']}"
+            f" | {r['ttft_p50_s']:.2f} s"
             f" | {r['ttft_p99_s']:.2f} s | {r['latency_p50_s']:.2f} s | {r['latency_p99_s']:.2f} s"
             f" | {r['throughput_rps']:.1f} req/s | {r['shed_429']} | {r['hedges']} |"
         )
