@@ -99,6 +99,8 @@ class SettlementParams:
     # After each epoch, verifiers commit to their miner scores, then reveal them (ScoreBoard).
     score_commit_window_s: int = 3_600
     score_reveal_window_s: int = 3_600
+    # What the treasury pays the miners each epoch, split by their scores (verify.miner_pay).
+    miner_emission_per_epoch_wei: int = 0
 
     def check(self) -> None:
         """Stake must stay slashable for everything it was paid for (DESIGN §4)."""
@@ -127,6 +129,8 @@ class SettlementParams:
         EarlyMinerSchedule(0, self.early_period_s, self.early_multiplier_ppm, self.early_decay_s)
         if self.score_commit_window_s <= 0 or self.score_reveal_window_s <= 0:
             raise ValueError("the score commit and reveal windows must be positive")
+        if self.miner_emission_per_epoch_wei < 0:
+            raise ValueError("the miners' emission per epoch must not be negative")
 
 
 # Short delays so a developer can watch thaws, disputes and epochs finish on a devnet.
@@ -160,6 +164,7 @@ DEVNET_PARAMS = SettlementParams(
     early_decay_s=DAY_S,
     score_commit_window_s=60,
     score_reveal_window_s=60,
+    miner_emission_per_epoch_wei=10 * WEI_PER_BTT,
 )
 
 # What a public network starts from; governance tunes it later.
@@ -193,4 +198,5 @@ MAINNET_PARAMS = SettlementParams(
     early_decay_s=90 * DAY_S,
     score_commit_window_s=6 * 3_600,
     score_reveal_window_s=6 * 3_600,
+    miner_emission_per_epoch_wei=10_000 * WEI_PER_BTT,
 )

@@ -180,6 +180,13 @@ class ScoreBoard:
             key, self.contract, "reveal", _epoch(epoch), miners, values, bytes(salt)
         )
 
+    def revealed_epochs(self) -> list[int]:
+        """The epochs at least one verifier revealed scores for, ascending."""
+        found = self.contract.events.ScoresRevealed.get_logs(
+            from_block=0, to_block=self.chain.block_number()
+        )
+        return sorted({int(entry["args"]["epoch"]) for entry in found})
+
     def revealed(self, epoch: int) -> list[RevealedScores]:
         """Every vector revealed for `epoch`, in the order they were mined (the contract
         checked each against its commitment)."""

@@ -63,6 +63,7 @@ __all__ = [
     "finalize_due",
     "pay_epoch",
     "pool_credited",
+    "propose_record",
     "resolved_votes",
 ]
 
@@ -252,13 +253,20 @@ def _funded_since(net: PayContracts, funder: str, amount: int, block: int) -> bo
     return False
 
 
-def _propose(
-    net: PayContracts, key: PrivateKey, state: PayState, record: EpochRecord, *, resumed: bool
+def propose_record(
+    net: PayContracts,
+    key: PrivateKey,
+    state: PayState,
+    record: EpochRecord,
+    *,
+    resumed: bool,
+    claim_fees: bool = True,
 ) -> tuple[str, int]:
-    """Claim the pool's fees, fund and propose `record` (already saved as pending); returns
-    the proposal's tx and the fees claimed. Resuming an interrupted run: a root the chain
-    already holds for the record's epoch is only marked proposed, and funding the run already
-    sent (its Funded event) is not sent again."""
+    """Claim the key's escrow fees (with `claim_fees`: the verifier pool's, for verifier pay),
+    fund the distributor with the record's total and propose `record` (already saved as
+    pending); returns the proposal's tx and the fees claimed. Resuming an interrupted run: a
+    root the chain already holds for the record's epoch is only marked proposed, and funding
+    the run already sent (its Funded event) is not sent again."""
     rewards = net.rewards
     tree = reward_tree(record.allocations)
     on_chain = rewards.epoch(record.epoch)
@@ -272,7 +280,7 @@ def _propose(
         state.save()
     claimed = 0
     holder = as_account(key).address
-    owed = net.escrow.fees_owed(holder)
+    owed = net.escrow.fees_owed(holder) if claim_fees else 0
     if owed > 0:
         net.escrow.claim_fees(key)
         claimed = owed
@@ -313,7 +321,7 @@ def pay_epoch(
     pending = [e for e in state.epochs if e.status == "pending"]
     if pending and not dry_run:
         record = pending[-1]
-        tx, claimed = _propose(net, key, state, record, resumed=True)
+        tx, claimed = propose_record(net, key, state, record, resumed=True)
         work = [VerifierWork(**{k: v for k, v in w.items() if k != "score"}) for w in record.work]
         return PayResult(
             record.since, record.until, record.audits_since, record.audits_until,
@@ -371,7 +379,7 @@ def pay_epoch(
     )
     state.epochs.append(record)
     state.save()  # pending: a crash from here on is completed by the next run
-    tx, claimed = _propose(net, key, state, record, resumed=False)
+    tx, claimed = propose_record(net, key, state, record, resumed=False)
     return result(shares, record.epoch, "proposed", tx, claimed)
 
 
