@@ -1481,5 +1481,12 @@ def status(
         render_status(nodes, out)
 
 
+# Commands kept in modules of their own register themselves on `app` when imported.
+import infergrid.cli_rewards  # noqa: E402, F401
+
 if __name__ == "__main__":
-    app()
+    # Run the app of the module as imported (infergrid.cli), on which those modules register
+    # their commands, not this `python -m` copy's.
+    from infergrid.cli import app as imported_app
+
+    imported_app()
