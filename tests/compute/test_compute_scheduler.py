@@ -4,6 +4,7 @@ failover, all on a simulated clock."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -426,3 +427,19 @@ def test_more_choices_take_the_best_of_more() -> None:
         s.release(p, 1.0, Cancelled())
     with pytest.raises(ValueError, match="choices"):
         SchedulerConfig(choices=1)
+
+
+def test_the_shed_backlog_forgets_at_the_pace_of_the_retry_after_it_hands_out() -> None:
+    s = scheduler(ewma_alpha=1.0, model_alpha=1.0, shed_tau_s=1.0, default_output_tokens=11)
+    add(s, "a", capacity=1)
+    p = picked(s.pick(RouteRequest(MODEL), 0.0))
+    s.release(p, 2.0, Served(1.0, output_tokens=11, decode_s=1.0))  # 2 s a request
+    picked(s.pick(RouteRequest(MODEL), 2.0))
+    first, second = s.pick(RouteRequest(MODEL), 2.0), s.pick(RouteRequest(MODEL), 2.0)
+    assert isinstance(first, Shed) and isinstance(second, Shed)
+    assert second.retry_after_s == pytest.approx(4.0)
+    # 4 s later the clients told to wait 4 s are coming back: the backlog decays with the
+    # 4 s retry interval (2/e + 1 requests), not with the 1 s floor of shed_tau_s.
+    later = s.pick(RouteRequest(MODEL), 6.0)
+    assert isinstance(later, Shed)
+    assert later.retry_after_s == pytest.approx((2 / math.e + 1) / 0.5)

@@ -456,6 +456,7 @@ class _ModelState:
     output_tokens: _Ewma = field(default_factory=_Ewma)
     shed_backlog: float = 0.0
     shed_at: float = 0.0
+    retry_after_s: float = 0.0  # the last one handed out
     drain: tuple[float, float] | None = None  # (computed at, requests per second)
 
 
@@ -819,7 +820,10 @@ class Scheduler:
 
     def _retry_after(self, state: _ModelState, request: RouteRequest, now: float) -> float:
         cfg = self.config
-        state.shed_backlog = state.shed_backlog * math.exp(-(now - state.shed_at) / cfg.shed_tau_s)
+        # The clients shed within the last retry interval are the ones still waiting to come
+        # back: the backlog forgets at the pace of the retry-after it hands out.
+        tau = max(cfg.shed_tau_s, state.retry_after_s)
+        state.shed_backlog = state.shed_backlog * math.exp(-(now - state.shed_at) / tau)
         state.shed_at = now
         state.shed_backlog += 1
         drain = state.drain
@@ -830,7 +834,8 @@ class Scheduler:
                 rate += stats.capacity / self._service_s(stats, state, request)
             state.drain = drain = (now, rate)
         seconds = state.shed_backlog / drain[1] if drain[1] > 0 else cfg.retry_after_max_s
-        return min(max(seconds, cfg.retry_after_min_s), cfg.retry_after_max_s)
+        state.retry_after_s = min(max(seconds, cfg.retry_after_min_s), cfg.retry_after_max_s)
+        return state.retry_after_s
 
     def _service_s(self, stats: MinerStats, state: _ModelState, request: RouteRequest) -> float:
         cfg = self.config
