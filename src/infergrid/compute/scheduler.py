@@ -37,8 +37,10 @@ The policy, for one request (`Scheduler.pick`):
    first and the better of two among them wins: an O(n) scan the developer asked for.
 4. **Shed.** No ready candidate, but eligible ones exist (all at capacity): `Shed`, whose
    `retry_after_s` is the time the model's eligible miners need to drain the recently shed
-   backlog, ``(1 + shed backlog) / Σ capacity_i / service_i``, clamped to
-   [`retry_after_min_s`, `retry_after_max_s`]; the gateway answers 429 with ``retry-after``.
+   backlog, ``shed backlog / Σ capacity_i / service_i``, clamped to [`retry_after_min_s`,
+   `retry_after_max_s`]; the gateway answers 429 with ``retry-after``. The backlog counts this
+   request and decays with time constant max(`shed_tau_s`, the last retry-after): the clients
+   shed within one retry interval are those still waiting to come back.
    Nothing eligible at all: `NoMiner` (503; or 404 for a model nobody serves, or 400-style
    "none within the price" when only the developer's price filter leaves nobody).
 
