@@ -807,6 +807,8 @@ def print_scale(out: dict[str, object]) -> None:
 
 
 def economics(rest: Sequence[str]) -> int:
+    """`sim_economics.main(rest)` from bench/sim_economics.py; 2, with one line on stderr,
+    when that file does not exist."""
     path = Path(__file__).with_name("sim_economics.py")
     if not path.exists():
         print(f"simulate economics: {path} does not exist yet", file=sys.stderr)
