@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any
 
 from eth_utils import is_address, to_checksum_address
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from infergrid.app.api_common import authenticate, error_response, json_response, request_id
 from infergrid.app.audits import AuditService
 from infergrid.app.keys import KeyStore
+from infergrid.app.miner_epochs import MinerEpoch, observe, verdict_rows
 from infergrid.app.miners import MinerPool
 from infergrid.app.request_status import RequestLog, request_status_for
 from infergrid.app.settlement import Settlement
@@ -156,6 +158,41 @@ class Lookups:
                 for m in self.pool.miners()
             ]
         return json_response({"object": "list", "data": data}, rid)
+
+    async def miner_epoch(self, request: Request) -> Response:
+        """GET /v1/miners/epoch?since=<unix>&until=<unix>: what this gateway observed of each
+        miner over requests it received in [since, until) (default: its first trace until
+        now): requests, errors, verified tokens, latency against the model's typical, health
+        checks, audit verdicts (app.miner_epochs). The verifiers' input to epoch scores."""
+        rid = request_id(request.scope)
+        try:
+            authenticate(self.keys, request)
+            since = _unix_param(request, "since")
+            until = _unix_param(request, "until")
+            low = 0.0 if since is None else since
+            high = time.time() if until is None else until
+            found = await asyncio.to_thread(self._miner_epoch, low, high)
+        except APIError as exc:
+            return error_response(exc, rid)
+        body = {
+            "object": "list",
+            "since": low,
+            "until": high,
+            "data": [m.to_json() for m in found],
+        }
+        return json_response(body, rid)
+
+    def _miner_epoch(self, since: float, until: float) -> list[MinerEpoch]:
+        traces = self.traces.window(since, until) if since < until else []
+        verdicts = (
+            verdict_rows(self.requests.verdicts_in(since, until))
+            if self.requests is not None and since < until
+            else []
+        )
+        return observe(
+            traces, verdicts, self.pool.health_log, since, until,
+            miners=[m.owner for m in self.pool.miners()],
+        )  # fmt: skip
 
     async def list_verifiers(self, request: Request) -> Response:
         """GET /v1/verifiers[?since=<unix>&until=<unix>]: per verifier, the verdicts this

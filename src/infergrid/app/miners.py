@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from infergrid.app.deadlines import ModelLatency
+from infergrid.app.miner_epochs import HealthLog
 from infergrid.protocol.nodes import NodeRecord, Role
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class MinerPool:
     # Which of a model's miners a request may go to, given whether it is a canary request
     # (app.audits.AuditService.route: qualification); None: all of them.
     route_filter: Callable[[list[MinerState], bool], list[MinerState]] | None = None
+    # Every health check's result, for the verifiers' epoch counts (app.miner_epochs).
+    health_log: HealthLog = field(default_factory=HealthLog)
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -142,6 +145,7 @@ class MinerPool:
         self, state: MinerState, ok: bool, *, rtt_ms: float | None = None, error: str | None = None
     ) -> None:
         state.healthy = ok
+        self.health_log.record(state.owner, ok, time.time())
         if ok:
             state.consecutive_failures = 0
             state.health_rtt_ms = rtt_ms

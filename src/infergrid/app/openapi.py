@@ -331,6 +331,28 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             },
         }
     }
+    paths["/v1/miners/epoch"] = {
+        "get": {
+            "operationId": "listMinerEpoch",
+            "summary": "Per miner, what this gateway observed over requests it received in"
+            " [since, until): requests, errors, verified tokens, latency against the model's"
+            " typical, health checks, audit verdicts. The verifiers' input to epoch scores.",
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0},
+                    "description": f"Unix time in seconds; default: {default}.",
+                }
+                for name, default in (("since", "0"), ("until", "now (exclusive)"))
+            ],
+            "responses": {
+                "200": _ok("The miners' counts.", {"type": "object"}),
+                **_errors(400, 401, 405),
+            },
+        }
+    }
     paths["/v1/verifiers"] = {
         "get": {
             "operationId": "listVerifiers",

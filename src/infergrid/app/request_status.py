@@ -411,6 +411,20 @@ class RequestLog:
             counts[verifier] = (ok + count, failed) if passed else (ok, failed + count)
         return counts
 
+    def verdicts_in(
+        self, since: float, until: float
+    ) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+        """Request id -> (its miner, its verdicts as SignedVerdict JSON), for the audited
+        requests created in [since, until) (app.miner_epochs)."""
+        self.flush()
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT request_id, miner, verdicts FROM requests WHERE created >= ?"
+                " AND created < ? AND verdicts != '[]'",
+                (float(since), float(until)),
+            ).fetchall()
+        return {rid: (miner, json.loads(text)) for rid, miner, text in rows}
+
     def miners(self) -> dict[str, dict[str, Any]]:
         self.flush()
         with self._lock:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from infergrid.app.keys import connect
+from infergrid.app.miner_epochs import TraceRow
 from infergrid.batch_writes import FailureLog, write_isolating
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,22 @@ class TraceStore:
             if trace.request_id == request_id:
                 return trace
         return None
+
+    def window(self, since: float, until: float) -> list[TraceRow]:
+        """The traces of requests received in [since, until) that name a miner, with the
+        columns the epoch counts read (app.miner_epochs); safe in a worker thread."""
+        self.flush()
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT request_id, miner, model, status, stream, completion_tokens, ttft_ms,"
+                " total_ms FROM traces WHERE created_at >= ? AND created_at < ?"
+                " AND miner IS NOT NULL",
+                (float(since), float(until)),
+            ).fetchall()
+        return [
+            TraceRow(rid, miner, model or "", int(status or 0), bool(stream), tokens, ttft, total)
+            for rid, miner, model, status, stream, tokens, ttft, total in rows
+        ]
 
     def recent(self, limit: int = 20, *, key_id: str | None = None) -> list[Trace]:
         """The newest traces first, optionally only one API key's."""
