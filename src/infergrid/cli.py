@@ -423,6 +423,14 @@ def verifier(
             " transformers)."
         ),
     ] = None,
+    scoreboard: Annotated[
+        str | None,
+        typer.Option(
+            help="ScoreBoard address: after every epoch, score the miners from what --gateway"
+            " observed and commit, then reveal, the scores there (default: the devnet's with"
+            " --devnet, else none)."
+        ),
+    ] = None,
     devnet: Annotated[
         bool,
         typer.Option(
@@ -436,7 +444,8 @@ def verifier(
 ) -> None:
     """Run a verifier: load the reference model(s), register and stake as a verifier
     (idempotent), audit the jobs gateways send, dispute confirmed failures on-chain, vote on
-    other verifiers' disputes, and (with --gateway and --canary-key) send canary prompts.
+    other verifiers' disputes, (with --gateway and --canary-key) send canary prompts, and
+    (with --scoreboard too) score the miners every epoch.
 
     The node's private key is read from the INFERGRID_PRIVATE_KEY environment variable
     (with --devnet, a dev account is picked unless it is set).
@@ -458,6 +467,7 @@ def verifier(
             private_key = plan.private_key
         gateway_url = gateway_url or plan.base_url
         canary_key = canary_key or plan.canary_api_key
+        scoreboard = scoreboard or plan.scoreboard
         if model is None:
             model = [_devnet_info(state_dir)["model"]]
         if not port_is_free(port, host):
@@ -488,6 +498,7 @@ def verifier(
         canary_interval_s=canary_interval,
         qualification_interval_s=qualification_interval,
         engine=_engine_kind(engine or "transformers"),
+        scoreboard=scoreboard,
     )
     run_verifier(settings, err)
 

@@ -235,8 +235,9 @@ class Devnet:
             contracts.PaymentEscrow,
         ]
         verifier_info = self._start_verifiers(
-            chain, escrow, keystore, verifier_keys, canary_keys, gateway_signer, base_url, common
-        )
+            chain, escrow, keystore, verifier_keys, canary_keys, gateway_signer, base_url, common,
+            contracts.ScoreBoard,
+        )  # fmt: skip
         keystore.close()
 
         threads = threads_per_miner(opts.miners, available_cores())
@@ -381,9 +382,11 @@ class Devnet:
         gateway_signer: str,
         base_url: str,
         common: list[str],
+        scoreboard: str | None = None,
     ) -> list[dict[str, Any]]:
         """Start the verifiers (registered and staked by themselves), each with a canary payer
-        account: an escrow deposit, the gateway's signer authorized, a canary API key."""
+        account: an escrow deposit, the gateway's signer authorized, a canary API key; with a
+        ScoreBoard, each scores the miners there every epoch."""
         from infergrid.settle.chain import as_account
 
         opts = self.options
@@ -409,6 +412,7 @@ class Devnet:
                     "--stake", str(DEVNET_VERIFIER_STAKE_WEI // WEI_PER_BTT),
                     "--gateway", base_url,
                     "--canary-interval", str(DEVNET_CANARY_INTERVAL_S),
+                    *(["--scoreboard", scoreboard] if scoreboard else []),
                     "--threads", "1",
                     *common,
                 ]  # fmt: skip

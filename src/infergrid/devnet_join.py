@@ -55,6 +55,7 @@ class JoinPlan:
     state_dir: Path
     canary_api_key: str | None = None  # verifiers only
     engine: str = "transformers"  # the devnet's nodes' engine (their model ids depend on it)
+    scoreboard: str | None = None  # where verifiers report miner scores (None: older devnet)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -138,6 +139,7 @@ def join_devnet(state_dir: Path, role: Role) -> JoinPlan:
             base_url=info["base_url"],
             private_key=key,
             address=address,
+            scoreboard=contracts.get("ScoreBoard"),
             state_dir=state_dir,
             canary_api_key=canary_api_key,
             engine=str(info.get("engine", "transformers")),

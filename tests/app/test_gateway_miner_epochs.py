@@ -4,6 +4,7 @@ log's buckets, and the endpoint end to end on a gateway serving scripted miners.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from gateway_harness import MODEL, miners_running, running_gateway
 from infergrid.app.keys import KeyStore
 from infergrid.app.miner_epochs import HealthLog, TraceRow, VerdictRow, observe
 from infergrid.app.traces import TraceStore
+from infergrid.verify.score_duty import fetch_miner_epoch
 
 A, B, C = "0x" + "a1" * 20, "0x" + "b2" * 20, "0x" + "c3" * 20
 
@@ -123,3 +125,8 @@ async def test_the_endpoint_reports_what_the_gateway_served(
         assert status == 400 and bad["error"]["param"] == "since"
         status, _ = await get_json(gw, "/v1/miners/epoch", "sk-wrong")
         assert status == 401
+        # The verifiers' client for it (verify.score_duty) reads the same rows.
+        rows = await asyncio.to_thread(fetch_miner_epoch, gw.url, api_key, 0, time.time())
+        assert sum(r["requests"] for r in rows) == 4
+        with pytest.raises(RuntimeError, match="the gateway answered"):
+            await asyncio.to_thread(fetch_miner_epoch, gw.v1, "ig-not-a-key", 0, 1)

@@ -39,7 +39,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from eth_account import Account
 
@@ -487,10 +487,14 @@ def check_job_is_disputed(
         raise ValueError(f"the evidence's attestation is signed by {signer}, not the miner")
 
 
+class Ticking(Protocol):
+    def tick(self) -> None: ...
+
+
 class DutyLoop:
     """`duties.tick()` every `interval_s` seconds on a daemon thread, until stop()."""
 
-    def __init__(self, duties: DisputeDuties, interval_s: float) -> None:
+    def __init__(self, duties: Ticking, interval_s: float) -> None:
         self.duties = duties
         self.interval_s = interval_s
         self._stop = threading.Event()

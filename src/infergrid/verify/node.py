@@ -75,6 +75,9 @@ class VerifierSettings:
     # The engine that recomputes answers (compute.engine_factory.ENGINE_KINDS); it must be
     # the miners' kind, whose model id it holds (llama.cpp: the GGUF at its quantization).
     engine: str = "transformers"
+    # The ScoreBoard it commits and reveals its miner scores on, every epoch, from what the
+    # gateway (gateway_url, with canary_key as its API key) observed (verify.score_duty).
+    scoreboard: str | None = None
 
     def public_endpoint(self) -> str:
         return self.endpoint or f"http://{self.host}:{self.port}"
@@ -91,6 +94,10 @@ class VerifierSettings:
             raise ValueError("the duty poll interval must be positive")
         if self.max_queue < 1:
             raise ValueError("the audit queue holds at least one job")
+        if self.scoreboard is not None and self.gateway_url is None:
+            raise ValueError(
+                "scoring miners needs a gateway to observe them: pass --gateway and --canary-key"
+            )
 
 
 def zero_price_offers(engines: Sequence[Engine]) -> list[ModelOffer]:
@@ -245,6 +252,22 @@ def run_verifier(settings: VerifierSettings, console: Console) -> None:
     service.on_failed = duties.report_failed
     say(f"evidence bundles in {evidence_dir}")
     duty_loop = DutyLoop(duties, settings.duty_poll_s).start()
+    score_loop: DutyLoop | None = None
+    if settings.scoreboard is not None and settings.gateway_url and settings.canary_key:
+        from infergrid.settle.scores import ScoreBoard
+        from infergrid.verify.score_duty import ScoreDuty, fetch_miner_epoch, score_state_path
+
+        gateway_url, api_key = settings.gateway_url, settings.canary_key
+        scoring = ScoreDuty(
+            board=ScoreBoard(chain, settings.scoreboard),
+            registry=registry,
+            private_key=settings.private_key,
+            miner_epoch=lambda since, until: fetch_miner_epoch(gateway_url, api_key, since, until),
+            state_path=score_state_path(settings.state_dir, owner),
+            log=say,
+        )
+        score_loop = DutyLoop(scoring, settings.duty_poll_s).start()
+        say(f"scoring miners every epoch on the ScoreBoard at {settings.scoreboard}")
     canary_loop: CanaryLoop | None = None
     app = create_verifier_app(service, max_queue=settings.max_queue)
     try:
@@ -270,5 +293,7 @@ def run_verifier(settings: VerifierSettings, console: Console) -> None:
     finally:
         if canary_loop is not None:
             canary_loop.stop()
+        if score_loop is not None:
+            score_loop.stop()
         duty_loop.stop()
         service.close()
