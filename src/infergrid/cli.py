@@ -165,11 +165,24 @@ def up(
 def chain(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="JSON-RPC port.")] = 8545,
+    block_time: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Also mine an empty block every this many seconds, so the chain's clock moves"
+            " while no transaction comes (default: blocks only on transactions).",
+        ),
+    ] = None,
 ) -> None:
     """Serve an embedded EVM (py-evm) over JSON-RPC, funded dev accounts included."""
     from infergrid.settle.rpc_server import serve_embedded_chain
 
-    serve_embedded_chain(host, port, ready_callback=lambda url: err.print(f"chain at {url}"))
+    serve_embedded_chain(
+        host,
+        port,
+        ready_callback=lambda url: err.print(f"chain at {url}"),
+        block_time_s=block_time,
+    )
 
 
 miner_app = typer.Typer(

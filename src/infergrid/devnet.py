@@ -41,6 +41,8 @@ DEVNET_FILE = "devnet.json"
 GATEWAY_DB = "gateway.db"
 MAX_MINERS = 8
 DEPLOYER_INDEX = 0  # also the treasury and the reward arbiter
+# The devnet chain mines an empty block this often, so epochs end while nobody transacts.
+DEVNET_BLOCK_TIME_S = 5
 GATEWAY_KEY_INDEX = 1
 FIRST_MINER_KEY_INDEX = 2
 # The developer whose API key the devnet hands out; it pays from its escrow deposit.
@@ -170,7 +172,15 @@ class Devnet:
             with step(f"starting the embedded EVM at {chain_rpc}"):
                 chain_proc = self._spawn(
                     "chain",
-                    infergrid_command("chain", "--host", opts.host, "--port", str(port)),
+                    infergrid_command(
+                        "chain",
+                        "--host",
+                        opts.host,
+                        "--port",
+                        str(port),
+                        "--block-time",
+                        str(DEVNET_BLOCK_TIME_S),
+                    ),
                     endpoint=chain_rpc,
                 )
                 chain_proc.wait_until(lambda: rpc_ready(chain_rpc), 60, "JSON-RPC answer")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from typing import Any
 
@@ -332,3 +333,28 @@ def test_dispatcher_directly() -> None:
         dispatcher.handle({"jsonrpc": "2.0", "id": True, "method": "x"})["error"]["code"] == -32600
     )
     assert dispatcher.handle("nope")["error"]["code"] == -32600
+
+
+def test_the_block_ticker_keeps_an_idle_chain_producing_blocks() -> None:
+    """An embedded EVM mines only on a transaction; with a block time its clock moves while
+    nobody transacts, as a real chain's does (what the devnet's epochs count on)."""
+    from infergrid.settle.chain import EmbeddedEVM
+    from infergrid.settle.rpc_server import BlockTicker
+
+    evm = EmbeddedEVM(accounts=1)
+    chain = Chain.embedded(evm)
+    first = chain.block_number()
+    ticker = BlockTicker(evm, 0.05).start()
+    try:
+        for _ in range(400):  # bounded: at most 20 s on a loaded machine
+            if chain.block_number() >= first + 3:
+                break
+            time.sleep(0.05)
+    finally:
+        ticker.stop()
+    assert chain.block_number() >= first + 3
+    stopped = chain.block_number()
+    time.sleep(0.2)
+    assert chain.block_number() == stopped  # stop() stops it
+    with pytest.raises(ValueError, match="block time"):
+        BlockTicker(evm, 0)

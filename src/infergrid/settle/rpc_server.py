@@ -339,28 +339,62 @@ class EmbeddedChainServer:
         self.stop()
 
 
+class BlockTicker:
+    """Mines an empty block every `interval_s` seconds on a daemon thread, as a real chain
+    keeps producing blocks (anvil's --block-time): the embedded EVM otherwise mines only on a
+    transaction, so an idle chain's clock (its latest block's time) stands still and whatever
+    counts time in blocks (epochs, windows) waits for the next transaction."""
+
+    def __init__(self, evm: EmbeddedEVM, interval_s: float) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"the block time must be positive, not {interval_s}")
+        self.evm = evm
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chain-blocks", daemon=True)
+
+    def start(self) -> BlockTicker:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.evm.mine(1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval_s + 5)
+
+
 def serve_embedded_chain(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     ready_callback: Callable[[str], None] | None = None,
     *,
     evm: EmbeddedEVM | None = None,
+    block_time_s: float | None = None,
 ) -> None:
     """Serve an embedded EVM (a fresh one unless `evm` is given) until SIGINT or SIGTERM.
 
     Blocking. `ready_callback(url)` runs once the port is listening. The chain id is
     `evm.chain_id` (EMBEDDED_CHAIN_ID, 1337, by default); the dev mnemonic's first accounts
-    are funded as on anvil.
+    are funded as on anvil. With `block_time_s`, an empty block is also mined every that many
+    seconds (BlockTicker); without it, blocks are mined only by transactions.
     """
     evm = evm or EmbeddedEVM()
+    ticker = BlockTicker(evm, block_time_s) if block_time_s is not None else None
     sock = _bind(host, port)
     url = _url(sock)
     config = uvicorn.Config(create_app(evm), log_level="warning", access_log=False, lifespan="off")
     on_started = (lambda: ready_callback(url)) if ready_callback is not None else None
     server = _Server(config, on_started)
+    if ticker is not None:
+        ticker.start()
     try:
         server.run(sockets=[sock])
     finally:
+        if ticker is not None:
+            ticker.stop()
         sock.close()
 
 
