@@ -55,6 +55,7 @@ from fractions import Fraction
 from eth_abi import encode
 from eth_utils import is_address, to_bytes, to_checksum_address
 
+from infergrid.protocol.addresses import checked_address as _address
 from infergrid.protocol.hashing import keccak256
 from infergrid.protocol.pricing import PPM
 from infergrid.protocol.scoring import allocate
@@ -95,12 +96,6 @@ def _uint(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**256:
         raise ValueError(f"{name} must be a uint256, got {value!r}")
     return value
-
-
-def _address(value: object, name: str) -> str:
-    if not isinstance(value, str) or not is_address(value):
-        raise ValueError(f"{name} {value!r} is not an address")
-    return to_checksum_address(value)
 
 
 def _scores_problem(scores: Mapping[str, int]) -> str | None:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_utils import keccak
 
+from infergrid.protocol.addresses import checked_address
 from infergrid.protocol.eip712 import (
     ZERO32,
     Domain,
@@ -82,20 +83,7 @@ def response_hash(output_token_ids: Iterable[int]) -> bytes:
     return keccak256(packed)
 
 
-def _address(value: str, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} {value!r} is not an address")
-    checksummed = _checksummed(value)
-    if checksummed is None:
-        raise ValueError(f"{what} {value!r} is not an address")
-    return checksummed
-
-
-@lru_cache(maxsize=4096)
-def _checksummed(value: str) -> str | None:
-    """The EIP-55 form of an address, or None; cached, because a gateway checks the same few
-    payer, miner and gateway addresses on every request and each check costs a keccak."""
-    return to_checksum_address(value) if is_address(value) else None
+_address = checked_address
 
 
 def _uint(value: Any, what: str) -> int:

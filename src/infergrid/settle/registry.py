@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
-from eth_utils import is_address, to_checksum_address
+from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3.contract import Contract
 from web3.types import TxReceipt
 
+from infergrid.protocol.addresses import checked_address
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
 from infergrid.protocol.pricing import PPM
 from infergrid.protocol.scoring import EarlyMinerSchedule
@@ -84,10 +85,7 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def check_address(address: str, what: str) -> str:
-    if not isinstance(address, str) or not is_address(address):
-        raise ValueError(f"{what} {address!r} is not an address")
-    return to_checksum_address(address)
+check_address = checked_address  # the protocol's address rule, under its settle/ name
 
 
 def check_models(models: Iterable[ModelOffer]) -> list[OfferTuple]:
