@@ -101,6 +101,9 @@ def test_commit_then_reveal_logs_the_scores_with_the_stake_they_weigh(
     board.reveal(keys[1], 1, scores, salt)
     assert board.has_revealed(1, addrs[1])
     (revealed,) = board.revealed(1)
+    # The contract keeps the epoch's reveal blocks, so readers scan those blocks only.
+    assert board.reveal_blocks(1) == (revealed.block_number, revealed.block_number)
+    assert board.reveal_count(1) == 1 and board.reveal_blocks(2) == (0, 0)
     assert revealed.verifier == addrs[1]
     assert revealed.stake_wei == VERIFIER_STAKE * 1
     assert revealed.scores == {MINERS[0]: 500_000, MINERS[2]: 300_000}
@@ -274,6 +277,8 @@ def test_the_revealed_vectors_make_the_epochs_consensus(
     travel_to(chain, schedule.reveal_opens(1))
     for i in VERIFIERS:
         board.reveal(keys[i], 1, liar if i == 1 else honest, salts[i])
+    first, last = board.reveal_blocks(1)
+    assert first < last and [r.block_number for r in board.revealed(1)][::2] == [first, last]
     result = epoch_consensus(board, 1)
     assert result.miner_shares == {m: s for m, s in honest.items()}
     assert result.agreement[addrs[2]] == result.agreement[addrs[3]] == 1

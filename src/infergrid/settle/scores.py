@@ -180,21 +180,25 @@ class ScoreBoard:
             key, self.contract, "reveal", _epoch(epoch), miners, values, bytes(salt)
         )
 
-    def revealed_epochs(self) -> list[int]:
-        """The epochs at least one verifier revealed scores for, ascending."""
-        found = self.contract.events.ScoresRevealed.get_logs(
-            from_block=0, to_block=self.chain.block_number()
-        )
-        return sorted({int(entry["args"]["epoch"]) for entry in found})
+    def reveal_count(self, epoch: int) -> int:
+        return int(self.chain.call(self.contract.functions.reveal_count(_epoch(epoch))))
+
+    def reveal_blocks(self, epoch: int) -> tuple[int, int]:
+        """The blocks of `epoch`'s first and last reveal; (0, 0) if none."""
+        first, last = self.chain.call(self.contract.functions.reveal_blocks(_epoch(epoch)))
+        return int(first), int(last)
 
     def revealed(self, epoch: int) -> list[RevealedScores]:
         """Every vector revealed for `epoch`, in the order they were mined (the contract
         checked each against its commitment)."""
+        first, last = self.reveal_blocks(epoch)
+        if first == 0:
+            return []
+        # Only the blocks the contract says hold this epoch's reveals: a node (eth-tester
+        # above all) reads every transaction of the range it is asked about.
         event = self.contract.events.ScoresRevealed
         found = event.get_logs(
-            argument_filters={"epoch": _epoch(epoch)},
-            from_block=0,
-            to_block=self.chain.block_number(),
+            argument_filters={"epoch": _epoch(epoch)}, from_block=first, to_block=last
         )
         found = sorted(found, key=lambda e: (int(e["blockNumber"]), int(e["logIndex"])))
         return [

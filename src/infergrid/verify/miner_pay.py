@@ -125,7 +125,8 @@ def pay_miners(
     first = next_scored_epoch(state, board)
     now = net.chain.timestamp()
     result = None
-    for scored in (e for e in board.revealed_epochs() if e >= first):
+    ended = schedule.epoch_at(now) - 1  # the epochs that have ended; later ones have no reveal
+    for scored in (e for e in range(first, ended + 1) if board.reveal_count(e) > 0):
         closes = schedule.reveal_closes(scored)
         if now < closes:
             raise ValueError(

@@ -45,6 +45,9 @@ commitments: public(HashMap[uint256, HashMap[address, bytes32]])
 revealed: public(HashMap[uint256, HashMap[address, bool]])
 # epoch -> reveals so far
 reveal_count: public(HashMap[uint256, uint256])
+# epoch -> the first reveal's block << 128 | the last reveal's block (0: none yet), so that a
+# reader asks a node for the logs of those blocks only, never of the whole chain.
+reveal_span: HashMap[uint256, uint256]
 
 
 event ScoresCommitted:
@@ -99,6 +102,14 @@ def current_epoch() -> uint256:
 
 
 @external
+@view
+def reveal_blocks(epoch: uint256) -> (uint256, uint256):
+    """@notice The blocks of `epoch`'s first and last reveal (0, 0 if none): its logs' range."""
+    span: uint256 = self.reveal_span[epoch]
+    return span >> 128, span & (2**128 - 1)
+
+
+@external
 def commit(epoch: uint256, commitment: bytes32):
     """
     @notice Commit to this verifier's scores of `epoch`, during its commit window; a second
@@ -150,6 +161,11 @@ def reveal(
     ) == commitment, "scores: reveal does not match the commitment"
     self.revealed[epoch][msg.sender] = True
     self.reveal_count[epoch] += 1
+    span: uint256 = self.reveal_span[epoch]
+    first: uint256 = span >> 128
+    if first == 0:
+        first = block.number
+    self.reveal_span[epoch] = (first << 128) | block.number
     stake: uint256 = staticcall NodeRegistry(registry).stake_at(msg.sender, end)
     log ScoresRevealed(
         epoch=epoch, verifier=msg.sender, stake=stake, miners=miners, scores=scores, salt=salt
