@@ -23,6 +23,7 @@ from infergrid.protocol.pricing import split_payment
 from infergrid.settle.chain import Chain, as_account, dev_private_keys
 from infergrid.settle.escrow import PaymentEscrow
 from infergrid.settle.profiles import DEVNET_PARAMS
+from infergrid.settle.scores import ScoreBoard
 
 from .devnet_process import DevnetProcess, pid_alive
 
@@ -338,6 +339,57 @@ def test_a_payer_out_of_headroom_gets_402(devnet: DevnetProcess) -> None:
     early = devnet.cli("account", "withdraw", key=key)
     assert early.returncode == 1
     assert early.stderr.strip().splitlines() == ["error: contract reverted: thaw not matured"]
+
+
+def test_an_epoch_of_miner_rewards_is_scored_paid_and_claimed(devnet: DevnetProcess) -> None:
+    """Issue 11 on the local network, after the traffic above: the ScoreBoard epoch is made to
+    end (the chain's clock travels), the devnet's verifiers commit and then reveal their scores
+    of the miners on their own, the treasury pays the epoch with `infergrid rewards
+    pay-miners`, and a miner sees its share and early multiplier and claims its reward."""
+    chain = Chain.connect(devnet.info["chain_rpc"])
+    board = ScoreBoard(chain, devnet.info["contracts"]["ScoreBoard"])
+    schedule = board.schedule()
+    verifiers = [v["address"] for v in devnet.info["verifiers"]]
+    miners = {m["address"]: m["name"] for m in devnet.info["miners"]}
+    epoch = board.current_epoch()
+
+    def travel_to(timestamp: int) -> None:
+        if timestamp > chain.timestamp():
+            chain.increase_time(timestamp - chain.timestamp())
+
+    def wait_for(condition: Any, what: str, timeout_s: float = 45) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {timeout_s} s")
+            time.sleep(0.5)
+
+    travel_to(schedule.epoch_end(epoch))
+    wait_for(lambda: all(board.commitment_of(epoch, v) for v in verifiers), "verifiers commit")
+    travel_to(schedule.reveal_opens(epoch))
+    wait_for(lambda: all(board.has_revealed(epoch, v) for v in verifiers), "verifiers reveal")
+    travel_to(schedule.reveal_closes(epoch))
+
+    paid = devnet.cli("rewards", "pay-miners", "--json")
+    assert paid.returncode == 0, paid.stderr
+    result = json.loads(paid.stdout)
+    assert result["scored_epoch"] == epoch and result["epoch"] is not None, result
+    allocations = {a: int(w) for a, w in result["allocations"].items()}
+    # Both miners served, so both are paid; the emission is split exactly.
+    assert set(allocations) == set(miners) and all(w > 0 for w in allocations.values())
+    assert sum(allocations.values()) == DEVNET_PARAMS.miner_emission_per_epoch_wei
+    assert set(result["multipliers_ppm"].values()) == {2_000_000}  # every devnet miner is early
+
+    address, name = next(iter(miners.items()))
+    shown = devnet.cli("miner", "rewards", "--miner", name, "--json")
+    assert shown.returncode == 0, shown.stderr
+    (row,) = json.loads(shown.stdout)["epochs"]
+    assert row["amount_wei"] == str(allocations[address]) and row["multiplier_ppm"] == 2_000_000
+    chain.increase_time(DEVNET_PARAMS.challenge_window_s + 1)
+    before = chain.balance(address)
+    claimed = devnet.cli("miner", "claim", "--miner", name)
+    assert claimed.returncode == 0 and "claimed" in claimed.stdout, claimed.stderr
+    assert chain.balance(address) > before
 
 
 def test_a_killed_miner_does_not_stop_service(devnet: DevnetProcess, client: openai.OpenAI) -> None:
