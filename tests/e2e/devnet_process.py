@@ -16,6 +16,13 @@ from infergrid.processes import free_port
 START_TIMEOUT_S = 300
 
 
+def _ctrl_c_stops() -> None:
+    """In the child: SIGINT back to its default. A test run started in the background of a
+    non-interactive shell inherits SIGINT ignored, and so would `infergrid up`, which could then
+    never be stopped the way a user's Ctrl-C stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class DevnetProcess:
     def __init__(self, state_dir: Path, *args: str) -> None:
         self.state_dir = state_dir
@@ -31,7 +38,7 @@ class DevnetProcess:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_ctrl_c_stops,
             )  # fmt: skip
         self.info: dict[str, Any] = {}
 
