@@ -123,6 +123,12 @@ async def test_the_endpoint_reports_what_the_gateway_served(
         assert status == 200 and all(m["requests"] == 0 for m in early["data"])
         status, bad = await get_json(gw, "/v1/miners/epoch?since=soon", api_key)
         assert status == 400 and bad["error"]["param"] == "since"
+        # A parameter it does not take is refused by name, not ignored.
+        status, bad = await get_json(gw, "/v1/miners/epoch?since=0&miner=0x1", api_key)
+        assert status == 400 and bad["error"]["param"] == "miner"
+        assert bad["error"]["code"] == "unsupported_parameter"
+        status, bad = await get_json(gw, "/v1/miners/epoch?since=0.0&=null", api_key)
+        assert status == 400 and bad["error"]["param"] == ""
         status, _ = await get_json(gw, "/v1/miners/epoch", "sk-wrong")
         assert status == 401
         # The verifiers' client for it (verify.score_duty) reads the same rows.

@@ -64,6 +64,7 @@ class Lookups:
         rid = request_id(request.scope)
         try:
             settlement = self._settlement_or_404()
+            _only_params(request, frozenset({"miner"}))
             miner = request.query_params.get("miner", "").strip()
             if not miner or not is_address(miner):
                 raise APIError(
@@ -167,6 +168,7 @@ class Lookups:
         rid = request_id(request.scope)
         try:
             authenticate(self.keys, request)
+            _only_params(request, _WINDOW_PARAMS)
             since = _unix_param(request, "since")
             until = _unix_param(request, "until")
             low = 0.0 if since is None else since
@@ -203,6 +205,7 @@ class Lookups:
         rid = request_id(request.scope)
         try:
             authenticate(self.keys, request)
+            _only_params(request, _WINDOW_PARAMS)
             since = _unix_param(request, "since")
             until = _unix_param(request, "until")
             counts: dict[str, tuple[int, int]] = {}
@@ -224,11 +227,27 @@ class Lookups:
         return json_response(body, rid)
 
 
+_WINDOW_PARAMS = frozenset({"since", "until"})
+
+
+def _only_params(request: Request, allowed: frozenset[str]) -> None:
+    """Refuse a query parameter the endpoint does not take, by name: it would be ignored."""
+    for name in request.query_params:
+        if name not in allowed:
+            raise APIError(
+                400,
+                f"Unknown query parameter {name!r}: this endpoint takes"
+                f" {', '.join(sorted(allowed))}.",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
 def _unix_param(request: Request, name: str) -> float | None:
     """A query parameter holding a unix time (seconds, may have a fraction); None if absent."""
     raw = request.query_params.get(name)
-    if raw is None or raw.strip() == "":
-        return None
+    if raw is None:
+        return None  # an empty value is no time: refused below, like any other
     try:
         value = float(raw)
     except ValueError:
