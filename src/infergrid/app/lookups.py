@@ -168,9 +168,7 @@ class Lookups:
         rid = request_id(request.scope)
         try:
             authenticate(self.keys, request)
-            _only_params(request, _WINDOW_PARAMS)
-            since = _unix_param(request, "since")
-            until = _unix_param(request, "until")
+            since, until = _window(request)
             low = 0.0 if since is None else since
             high = time.time() if until is None else until
             found = await asyncio.to_thread(self._miner_epoch, low, high)
@@ -205,9 +203,7 @@ class Lookups:
         rid = request_id(request.scope)
         try:
             authenticate(self.keys, request)
-            _only_params(request, _WINDOW_PARAMS)
-            since = _unix_param(request, "since")
-            until = _unix_param(request, "until")
+            since, until = _window(request)
             counts: dict[str, tuple[int, int]] = {}
             if self.requests is not None:
                 counts = await asyncio.to_thread(self.requests.verdict_counts, since, until)
@@ -241,6 +237,13 @@ def _only_params(request: Request, allowed: frozenset[str]) -> None:
                 param=name,
                 code="unsupported_parameter",
             )
+
+
+def _window(request: Request) -> tuple[float | None, float | None]:
+    """The `since` and `until` of a windowed lookup (None where absent); any other query
+    parameter, or a bad time, is a 400 naming it."""
+    _only_params(request, _WINDOW_PARAMS)
+    return _unix_param(request, "since"), _unix_param(request, "until")
 
 
 def _unix_param(request: Request, name: str) -> float | None:
