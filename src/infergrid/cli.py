@@ -551,6 +551,8 @@ def _pay_target(
     state_file: Path | None,
     state_dir: Path,
 ) -> _PayTarget:
+    from infergrid.verify.pay_epoch import PAY_STATE_FILE
+
     info = None
     if chain_rpc is None or registry is None or escrow is None or rewards is None:
         info = _devnet_info(state_dir)
@@ -560,7 +562,7 @@ def _pay_target(
         escrow = escrow or contracts["PaymentEscrow"]
         rewards = rewards or contracts["RewardDistributor"]
     return _PayTarget(
-        chain_rpc, registry, escrow, rewards, state_file or state_dir / "verifier-pay.json", info
+        chain_rpc, registry, escrow, rewards, state_file or state_dir / PAY_STATE_FILE, info
     )
 
 

@@ -80,9 +80,10 @@ def _rewards(
 ) -> _Rewards:
     from infergrid.settle.registry import Registry
     from infergrid.settle.scores import ScoreBoard
+    from infergrid.verify.miner_pay import PAY_STATE_FILE as MINER_PAY_STATE_FILE
 
     target = _pay_target(
-        chain_rpc, registry, escrow, rewards, state_file or state_dir / "miner-rewards.json",
+        chain_rpc, registry, escrow, rewards, state_file or state_dir / MINER_PAY_STATE_FILE,
         state_dir,
     )  # fmt: skip
     if scoreboard is None:

@@ -424,6 +424,8 @@ class Devnet:
                     "--canary-interval", str(DEVNET_CANARY_INTERVAL_S),
                     *(["--scoreboard", scoreboard] if scoreboard else []),
                     "--threads", "1",
+                    # Its evidence and scores belong to this network, not to the cwd.
+                    "--state-dir", str(self.state_dir),
                     *common,
                 ]  # fmt: skip
                 proc = self._spawn(

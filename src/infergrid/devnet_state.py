@@ -82,11 +82,16 @@ class StateLock:
 
 def previous_state(state_dir: Path) -> list[Path]:
     """What an earlier network left in `state_dir`: its description, the gateway's database
-    and receipt store, the miners' receipt logs (each with SQLite's companion files), and the
-    node logs. Not the lock, not `previous/`, not files of anyone else."""
+    and receipt store, the miners' receipt logs (each with SQLite's companion files), the
+    verifiers' evidence bundles and epoch scores, the treasury's pay records, and the node
+    logs. Not the lock, not `previous/`, not files of anyone else."""
     from infergrid.app.node import receipts_db_path
     from infergrid.compute.node import default_receipt_log_path
     from infergrid.devnet import DEVNET_FILE, GATEWAY_DB
+    from infergrid.verify.miner_pay import PAY_STATE_FILE as MINER_PAY_FILE
+    from infergrid.verify.node import default_evidence_dir
+    from infergrid.verify.pay_epoch import PAY_STATE_FILE as VERIFIER_PAY_FILE
+    from infergrid.verify.score_duty import STATE_FILE as SCORE_STATE_FILE
 
     gateway_db = state_dir / GATEWAY_DB
     databases = [gateway_db, receipts_db_path(gateway_db)]
@@ -95,6 +100,11 @@ def previous_state(state_dir: Path) -> list[Path]:
     databases += sorted(path for path in state_dir.glob(miner_logs) if path.name.endswith(".db"))
     found = [state_dir / DEVNET_FILE, state_dir / "logs"]
     found += [db.with_name(db.name + suffix) for db in databases for suffix in _SQLITE_SUFFIXES]
+    # Each verifier's are named by owner, too. Kept, a verifier would dispute the earlier
+    # chain's failures again and skip the epochs it had scored there.
+    for pattern in (default_evidence_dir("*", state_dir).name, SCORE_STATE_FILE.format("*")):
+        found += sorted(state_dir.glob(pattern))
+    found += [state_dir / VERIFIER_PAY_FILE, state_dir / MINER_PAY_FILE]
     return [path for path in found if path.exists()]
 
 

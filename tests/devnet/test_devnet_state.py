@@ -78,9 +78,16 @@ def test_previous_state_is_moved_aside(tmp_path: Path) -> None:
         "gateway.receipts.db-shm",
         "miner-0xabc.receipts.db",
         "miner-0xabc.receipts.db-wal",
+        "verifier-scores-0xAbC.json",
+        "verifier-pay.json",
+        "miner-rewards.json",
     ]
     for name in previous:
         (tmp_path / name).write_text(name)
+    # A verifier's evidence bundles: disputes of the earlier chain's failures.
+    (tmp_path / "verifier-0xabc.evidence").mkdir()
+    (tmp_path / "verifier-0xabc.evidence" / "bundle.json").write_text("{}")
+    previous.append("verifier-0xabc.evidence")
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "gateway.log").write_text("old log")
     (tmp_path / "up.log").write_text("not the network's")  # e.g. a test's own output

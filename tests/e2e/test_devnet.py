@@ -24,6 +24,7 @@ from infergrid.settle.chain import Chain, as_account, dev_private_keys
 from infergrid.settle.escrow import PaymentEscrow
 from infergrid.settle.profiles import DEVNET_PARAMS
 from infergrid.settle.scores import ScoreBoard
+from infergrid.verify.score_duty import score_state_path
 
 from .devnet_process import DevnetProcess, pid_alive
 
@@ -366,6 +367,10 @@ def test_an_epoch_of_miner_rewards_is_scored_paid_and_claimed(devnet: DevnetProc
 
     travel_to(schedule.epoch_end(epoch))
     wait_for(lambda: all(board.commitment_of(epoch, v) for v in verifiers), "verifiers commit")
+    # Their scores and salts are kept with the network, not in whatever directory it ran from.
+    kept = Path(devnet.info["state_dir"]).glob("verifier-scores-*.json")
+    expected = [score_state_path(Path(), v).name for v in verifiers]
+    assert sorted(path.name for path in kept) == sorted(expected)
     travel_to(schedule.reveal_opens(epoch))
     wait_for(lambda: all(board.has_revealed(epoch, v) for v in verifiers), "verifiers reveal")
     travel_to(schedule.reveal_closes(epoch))

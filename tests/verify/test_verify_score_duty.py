@@ -7,6 +7,7 @@ tests/app/test_gateway_miner_epochs.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,52 @@ def test_a_verifier_scores_only_with_a_gateway_to_observe(tmp_path: Path) -> Non
     )  # fmt: skip
     with pytest.raises(ValueError, match="needs a gateway"):
         settings.check()
+
+
+def test_a_state_file_of_another_score_board_is_set_aside(
+    chain: Chain, contracts: Any, tmp_path: Path
+) -> None:
+    """A devnet restarted on a fresh chain deploys its ScoreBoard at the same address: the
+    genesis tells the boards apart. Trusted, the old file's 'committed' would keep this
+    verifier from ever committing its epoch on the new board."""
+    registry = Registry(chain, contracts.NodeRegistry)
+    board = ScoreBoard(chain, contracts.ScoreBoard)
+    epoch = board.current_epoch()
+    state = score_state_path(tmp_path, ADDRS[VERIFIER])
+    old_chain = {
+        "version": 2,
+        "verifier": ADDRS[VERIFIER],
+        "board": board.address,
+        "genesis": board.schedule().genesis - 3600,
+        "epochs": [
+            {"epoch": epoch, "since": 0.0, "until": 5.0, "shares": {ADDRS[MINER_A]: 1_000_000},
+             "salt": "00" * 32, "committed": True, "revealed": True},
+        ],
+    }  # fmt: skip
+    state.write_text(json.dumps(old_chain))
+    lines: list[str] = []
+    duty = ScoreDuty(
+        board=board, registry=registry, private_key=KEYS[VERIFIER],
+        miner_epoch=lambda since, until: [row(ADDRS[MINER_A], tokens=10)],
+        state_path=state, log=lines.append,
+    )  # fmt: skip
+    assert any("about another ScoreBoard" in line for line in lines)
+    assert json.loads(state.with_name(state.name + ".other-board").read_text()) == old_chain
+    travel_to(chain, board.schedule().epoch_end(epoch))
+    duty.tick()
+    assert board.commitment_of(epoch, ADDRS[VERIFIER]) is not None
+    saved = json.loads(state.read_text())
+    assert saved["board"] == board.address and saved["genesis"] == board.schedule().genesis
+
+
+def test_an_unreadable_state_file_is_refused_by_name(
+    chain: Chain, contracts: Any, tmp_path: Path
+) -> None:
+    state = score_state_path(tmp_path, ADDRS[VERIFIER])
+    state.write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"score state file .* is unreadable"):
+        ScoreDuty(
+            board=ScoreBoard(chain, contracts.ScoreBoard),
+            registry=Registry(chain, contracts.NodeRegistry), private_key=KEYS[VERIFIER],
+            miner_epoch=lambda since, until: [], state_path=state,
+        )  # fmt: skip

@@ -48,6 +48,8 @@ from infergrid.verify.pay_state import EpochRecord, PayState
 __all__ = ["MinerPayResult", "next_scored_epoch", "pay_miners"]
 
 SKIPPED = "skipped"
+# The treasury's record of miner pay, by default in the state directory.
+PAY_STATE_FILE = "miner-rewards.json"
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ __all__ = [
     "resolved_votes",
 ]
 
+# The treasury's record of verifier pay, by default in the state directory.
+PAY_STATE_FILE = "verifier-pay.json"
+
 
 @dataclass(frozen=True)
 class PayContracts:

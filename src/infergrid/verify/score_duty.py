@@ -17,8 +17,12 @@
 
 The state file (one per verifier address) keeps, per epoch, the gateway window it scored, the
 shares and the salt: a verifier restarted between its commit and its reveal still reveals, and
-the next window starts where the last one ended. A failure (gateway down, chain refusing) is
-logged once per epoch and step and tried again on the next tick.
+the next window starts where the last one ended. It names the ScoreBoard (address and genesis)
+it is about: a file of another board (a devnet restarted on a fresh chain reuses addresses) is
+set aside, not trusted, or the verifier would skip epochs it never committed on this one.
+
+A failure (gateway down, chain refusing) is logged once per epoch and step and tried again on
+the next tick.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ from infergrid.settle.scores import MAX_SCORED, ScoreBoard, new_salt
 
 __all__ = ["ScoreDuty", "fetch_miner_epoch", "observations", "score_state_path"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# One state file per verifier address, in its state directory.
+STATE_FILE = "verifier-scores-{}.json"
 
 
 def score_state_path(state_dir: Path, verifier: str) -> Path:
-    return state_dir / f"verifier-scores-{to_checksum_address(verifier)}.json"
+    return state_dir / STATE_FILE.format(to_checksum_address(verifier))
 
 
 def fetch_miner_epoch(
@@ -138,13 +144,25 @@ class ScoreDuty:
 
     # -- the state file ----------------------------------------------------------------------
 
+    def _board_identity(self) -> dict[str, Any]:
+        return {"board": self.board.address, "genesis": self.board.schedule().genesis}
+
     def _load(self) -> dict[int, _Scored]:
         if not self.state_path.exists():
             return {}
         try:
             data = json.loads(self.state_path.read_text())
+            identity = {key: data.get(key) for key in ("board", "genesis")}
+            if identity != self._board_identity():
+                aside = self.state_path.with_name(self.state_path.name + ".other-board")
+                os.replace(self.state_path, aside)
+                self.log(
+                    f"scores: {self.state_path} is about another ScoreBoard ({identity});"
+                    f" starting afresh (set aside as {aside.name})"
+                )
+                return {}
             return {int(e["epoch"]): _Scored(**e) for e in data["epochs"]}
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(
                 f"the score state file {self.state_path} is unreadable: {exc}"
             ) from None
@@ -153,6 +171,7 @@ class ScoreDuty:
         data = {
             "version": STATE_VERSION,
             "verifier": self.verifier,
+            **self._board_identity(),
             "epochs": [vars(e) for e in sorted(self.epochs.values(), key=lambda e: e.epoch)],
         }
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
