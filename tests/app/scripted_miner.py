@@ -92,6 +92,7 @@ class ScriptedMiner:
     healthy: bool = True
     token_delay_s: float = 0.0
     hang_s: float = 30.0  # how long the hang modes hold a request (unless the client leaves)
+    max_concurrency: int | None = None  # declared on /health when set, as real miners do
     # Token ids it claims for the prompt, whatever the request holds, and reports (and attests)
     # consistently: large ones make a long SSE line, or inflate the bill.
     prompt_len: int = 7
@@ -187,7 +188,8 @@ class ScriptedMiner:
     async def _health(self, request: Request) -> Response:
         if not self.healthy:
             return JSONResponse({"status": "down"}, 503)
-        return JSONResponse({"status": "ok", "models": list(self.models)})
+        declared = {} if self.max_concurrency is None else {"max_concurrency": self.max_concurrency}
+        return JSONResponse({"status": "ok", "models": list(self.models), **declared})
 
     async def _chat(self, request: Request) -> Response:
         return await self._serve(request, ChatCompletionRequest, chat=True)

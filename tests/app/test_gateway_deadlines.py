@@ -33,8 +33,8 @@ from infergrid.app.deadlines import (
     StallWatch,
 )
 from infergrid.app.keys import KeyStore
-from infergrid.app.miners import MAX_CONSECUTIVE_FAILURES
 from infergrid.app.traces import TraceStore
+from infergrid.compute.routing import Failed
 from infergrid.protocol.nodes import WEI_PER_BTT
 from infergrid.protocol.wire import MINER_HEADER, REQUEST_ID_HEADER
 from infergrid.settle.chain import Chain
@@ -204,10 +204,9 @@ def test_pool_tells_waiters_when_a_miner_is_taken_out() -> None:
     pool.mark_unreachable(one, "refused")
     assert calls == ["one", "one"]
     pool.set_health(one, True)
-    for _ in range(MAX_CONSECUTIVE_FAILURES):
-        pool.acquire(one)
-        pool.release(one, ok=False)
-    assert calls == ["one"] * 3 and one.healthy is False
+    for _ in range(pool.scheduler_config.breaker_failures):
+        pool.release(pool.pick("a", [two]), Failed("HTTP 500"))
+    assert calls == ["one"] * 3  # its breaker opened
     assert pool.can_serve("a", [two]) is False
 
 
@@ -219,17 +218,21 @@ def sample(gw: RunningGateway, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-async def timed_request(oa: openai.AsyncOpenAI, stream: bool) -> tuple[float, str, str]:
-    """(seconds, serving miner, text) of one chat request, streamed or not."""
+async def timed_request(
+    oa: openai.AsyncOpenAI, stream: bool, question: str = ""
+) -> tuple[float, str, str]:
+    """(seconds, serving miner, text) of one chat request, streamed or not. A `question` of
+    its own gives it its own prompt prefix: no affinity to the miner that served the last."""
     started = time.monotonic()
+    messages = [{"role": "user", "content": question}] if question else MESSAGES
     if stream:
         raw = await oa.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=20, stream=True
+            model=MODEL, messages=messages, max_tokens=20, stream=True
         )
         text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
     else:
         raw = await oa.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MESSAGES, max_tokens=20
+            model=MODEL, messages=messages, max_tokens=20
         )
         text = raw.parse().choices[0].message.content or ""
     return time.monotonic() - started, raw.headers[MINER_HEADER], text
@@ -249,7 +252,8 @@ async def test_hung_miner_misses_its_deadline_and_requests_move(
     past its deadline: streamed and non-streamed alike go to the other miner, unseen by the
     client, and the gateway hangs up on the hung one."""
     async with (
-        miners_running(2, hang_s=20) as miners,
+        # Two slots each at the gateway (one running, one queued): load weighs in the choice.
+        miners_running(2, hang_s=20, max_concurrency=1) as miners,
         running_gateway(
             miners,
             keys,
@@ -263,8 +267,10 @@ async def test_hung_miner_misses_its_deadline_and_requests_move(
         for stream in (True, False) * 3:  # the gateway learns how fast the model is
             await timed_request(oa, stream)
         miners[0].mode = "hang_before_first"
-        # Concurrent requests spread over both miners (least in flight first).
-        results = await asyncio.gather(*(timed_request(oa, s) for s in (True, False) * 2))
+        # Concurrent requests, each its own prompt, spread over both miners by their load.
+        results = await asyncio.gather(
+            *(timed_request(oa, s, f"q{i}") for i, s in enumerate((True, False) * 2))
+        )
         for elapsed, miner, text in results:
             assert miner == miners[1].owner and text.startswith("Hello")
             assert elapsed < 1.5 + 3.0  # the cap, and a generous margin

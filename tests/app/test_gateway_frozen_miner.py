@@ -152,3 +152,45 @@ async def test_frozen_mid_stream_ends_the_stream_within_the_stall_timeout(
             )
         finally:
             await oa.close()
+
+
+async def test_a_miner_killed_before_its_first_tokens_costs_the_clients_nothing(
+    model_dir: Path,
+    other: RealMiner,
+    keys: KeyStore,
+    traces: TraceStore,
+    api_key: str,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a miner holding requests that wait for their first token (frozen first, so
+    they surely wait): the kernel resets their connections and each moves to the other miner,
+    unseen by the client. Health checks are slow here, so it is the reset that moves them."""
+    doomed_owner = "0x" + "d0" * 20
+    with MinerProcess(model_dir, doomed_owner, tmp_path / "doomed.log") as doomed:
+        model = doomed.record().models[0].name
+        settings = {**gateway_settings(), "health_interval_s": 60}
+        async with running_gateway([doomed, other], keys, traces, **settings) as gw:  # type: ignore[list-item]
+            oa = client(gw.url, api_key)
+            try:
+                warm = await asyncio.gather(*(timed(oa, model, s) for s in (True, False) * 3))
+                assert {miner for _, miner in warm} == {doomed_owner, OTHER}
+                state = gw.gateway.pool.get(doomed_owner)
+                assert state is not None
+                doomed.freeze()
+                pending = [asyncio.create_task(timed(oa, model, s)) for s in (True, False) * 3]
+                deadline = time.monotonic() + 10
+                while state.inflight == 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                held = state.inflight
+                assert held >= 1  # some requests really are waiting on it
+                doomed.process.kill()
+                doomed.process.wait(timeout=10)
+                results = await asyncio.gather(*pending)
+                assert [miner for _, miner in results] == [OTHER] * len(results)
+                failovers = gw.gateway.metrics.registry.get_sample_value(
+                    "infergrid_gateway_failovers_total"
+                )
+                assert failovers is not None and failovers >= held
+                assert state.healthy is False  # marked down by the refused connections
+            finally:
+                await oa.close()

@@ -265,8 +265,9 @@ async def test_failover_on_5xx(keys: KeyStore, traces: TraceStore, api_key: str)
         for i in range(40):
             stream = bool(i % 2)
             before = miners[0].served
+            # A prompt of its own each time: no prefix affinity to the miner that served last.
             raw = await oa.chat.completions.with_raw_response.create(
-                model=MODEL, messages=MESSAGES, stream=stream
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], stream=stream
             )
             assert raw.headers[MINER_HEADER] == miners[1].owner
             tried[stream] += miners[0].served - before
@@ -285,9 +286,9 @@ async def test_failover_on_dead_miner(keys: KeyStore, traces: TraceStore, api_ke
             state = gw.gateway.pool.get(doomed.owner)
             assert state is not None and state.healthy is True
             oa = client(gw, api_key)
-            for _ in range(30):
+            for i in range(30):
                 raw = await oa.chat.completions.with_raw_response.create(
-                    model=MODEL, messages=MESSAGES
+                    model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}]
                 )
                 assert raw.headers[MINER_HEADER] == healthy[0].owner
                 if not state.healthy:

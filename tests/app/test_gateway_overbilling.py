@@ -225,9 +225,10 @@ async def test_an_over_billing_miner_is_failed_over_to_an_honest_one(
             setattr(liar, name, value)
         oa = gw.client(payer_key)
         spent = 0
-        for _ in range(40):
+        for i in range(40):
+            # A prompt of its own each time: no prefix affinity to the miner that served last.
             raw = await oa.chat.completions.with_raw_response.create(
-                model=MODEL, messages=MESSAGES, max_tokens=2
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2
             )
             assert raw.headers[MINER_HEADER] == honest.owner
             usage = raw.parse().usage

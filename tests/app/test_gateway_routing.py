@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from infergrid.app import relay
 from infergrid.app.miners import (
-    MAX_CONSECUTIVE_FAILURES,
+    QUEUE_FACTOR,
     MinerPool,
     MinerState,
     ModelNotServed,
+    NetworkSaturated,
     NoHealthyMiner,
+    NoMinerWithinPrice,
+    declared_concurrency,
     health_ok,
+)
+from infergrid.compute.routing import (
+    Cancelled,
+    Failed,
+    RoutePreferences,
+    RouteRequest,
+    Served,
 )
 from infergrid.protocol import json_body
 from infergrid.protocol.nodes import ModelOffer, NodeRecord, Role
@@ -40,8 +52,8 @@ def model_id(name: str) -> str:
     return "0x" + name.encode().hex().rjust(64, "0")
 
 
-def healthy_pool(*records: NodeRecord) -> MinerPool:
-    pool = MinerPool(rng=random.Random(0))
+def healthy_pool(*records: NodeRecord, **options: Any) -> MinerPool:
+    pool = MinerPool(rng=random.Random(0), **options)
     for state in pool.update(records):
         pool.set_health(state, True, rtt_ms=1.0)
     return pool
@@ -75,7 +87,10 @@ def test_unchecked_and_unhealthy_get_no_traffic() -> None:
     one, two = pool.miners()
     pool.set_health(one, True)
     pool.set_health(two, False, error="down")
-    assert all(pool.pick("a") is one for _ in range(10))
+    for _ in range(10):
+        slot = pool.pick("a")
+        assert slot.miner is one
+        pool.release(slot, Served(ttft_s=0.1))
     pool.mark_unreachable(one, "refused")
     with pytest.raises(NoHealthyMiner):
         pool.pick("a")
@@ -83,76 +98,164 @@ def test_unchecked_and_unhealthy_get_no_traffic() -> None:
 
 def test_model_filter_and_unknown_model() -> None:
     pool = healthy_pool(node(1, "a"), node(2, "b"))
-    assert owner(pool.pick("a")) == 1
-    assert owner(pool.pick("b")) == 2
-    assert owner(pool.pick(model_id("b"))) == 2  # pinned by protocol id
+    assert owner(pool.pick("a").miner) == 1
+    assert owner(pool.pick("b").miner) == 2
+    assert owner(pool.pick(model_id("b")).miner) == 2  # pinned by protocol id
     assert [name for name, _ in pool.models()] == ["a", "b"]  # names only
     with pytest.raises(ModelNotServed):
         pool.pick("c")
 
 
-def test_least_loaded_wins() -> None:
-    pool = healthy_pool(node(1, "a"), node(2, "a"), node(3, "a"))
-    one, two, three = pool.miners()
-    pool.acquire(one)
-    pool.acquire(one)
-    pool.acquire(two)
-    assert pool.pick("a") is three
-    pool.acquire(three)
-    pool.acquire(three)
-    assert pool.pick("a") is two
-    pool.release(one, ok=True)
-    pool.release(one, ok=True)
-    assert one.inflight == 0 and pool.pick("a") is one
-
-
-def test_ties_share_load_and_latency_breaks_clear_ties() -> None:
+def test_a_loaded_miner_loses_to_an_idle_one() -> None:
     pool = healthy_pool(node(1, "a"), node(2, "a"))
-    picks = {owner(pool.pick("a")) for _ in range(50)}
+    held = [pool.pick("a") for _ in range(3)]
+    # Power of two choices over two miners compares both: the less loaded wins each time.
+    assert sorted(s.inflight for s in pool.miners()) == [1, 2]
+    lighter = min(pool.miners(), key=lambda s: s.inflight)
+    assert pool.pick("a").miner is lighter
+    for slot in held:
+        pool.release(slot, Cancelled())
+    assert sum(s.inflight for s in pool.miners()) == 1
+
+
+def test_equal_miners_share_and_a_faster_one_wins() -> None:
+    pool = healthy_pool(node(1, "a"), node(2, "a"))
+    picks: set[int] = set()
+    for _ in range(50):
+        slot = pool.pick("a")
+        picks.add(owner(slot.miner))
+        pool.release(slot, Cancelled())
     assert picks == {1, 2}  # equal miners share sequential traffic
     one, two = pool.miners()
-    pool.acquire(one)
-    pool.release(one, ok=True, latency_ms=200.0)
-    pool.acquire(two)
-    pool.release(two, ok=True, latency_ms=20.0)
-    assert {owner(pool.pick("a")) for _ in range(50)} == {2}
-    # Within the tie margin both stay in the running.
-    one.latency_ewma_ms = 21.0
-    assert {owner(pool.pick("a")) for _ in range(50)} == {1, 2}
+    for state, ttft in ((one, 2.0), (two, 0.2)):
+        slot = pool.pick("a", [s for s in pool.miners() if s is not state])
+        pool.release(slot, Served(ttft_s=ttft, output_tokens=10, decode_s=ttft))
+    assert one.latency_ewma_ms == 2000.0 and two.latency_ewma_ms == 200.0
+    fastest = set()
+    for _ in range(50):
+        slot = pool.pick("a")
+        fastest.add(owner(slot.miner))
+        pool.release(slot, Cancelled())
+    assert fastest == {2}
 
 
 def test_exclude_for_failover() -> None:
     pool = healthy_pool(node(1, "a"), node(2, "a"))
-    first = pool.pick("a")
-    second = pool.pick("a", [first])
+    first = pool.pick("a").miner
+    second = pool.pick("a", [first]).miner
     assert second is not first
     with pytest.raises(NoHealthyMiner):
         pool.pick("a", [first, second])
 
 
-def test_repeated_failures_take_a_miner_out() -> None:
-    pool = healthy_pool(node(1, "a"))
+def test_repeated_failures_open_the_breaker_until_a_probe_succeeds() -> None:
+    now = [1000.0]
+    pool = healthy_pool(node(1, "a"), clock=lambda: now[0])
     [state] = pool.miners()
-    for _ in range(MAX_CONSECUTIVE_FAILURES):
-        pool.acquire(state)
-        pool.release(state, ok=False)
-    assert state.healthy is False
-    pool.set_health(state, True)
-    assert pool.pick("a") is state and state.consecutive_failures == 0
+    down: list[str] = []
+    state.down_watchers.add(lambda: down.append("down"))
+    for _ in range(pool.scheduler_config.breaker_failures):
+        pool.release(pool.pick("a"), Failed("HTTP 500"))
+    assert down == ["down"] and not pool.can_serve("a")
+    with pytest.raises(NoHealthyMiner):
+        pool.pick("a")
+    pool.set_health(state, True)  # answering /health does not close a breaker
+    with pytest.raises(NoHealthyMiner):
+        pool.pick("a")
+    now[0] += pool.scheduler_config.breaker_cooldown_s
+    probe = pool.pick("a")  # half-open: one probe, and the rest wait for it
+    with pytest.raises(NetworkSaturated):
+        pool.pick("a")
+    pool.release(probe, Served(ttft_s=0.1))
+    pool.release(pool.pick("a"), Served(ttft_s=0.1))  # closed again
+
+
+def test_a_miner_full_to_its_declared_capacity_sheds_with_a_retry_after() -> None:
+    pool = MinerPool(rng=random.Random(0))
+    [state] = pool.update([node(1, "a")])
+    pool.set_health(state, True, max_concurrency=2)
+    assert state.capacity == 2 * QUEUE_FACTOR
+    held = [pool.pick("a") for _ in range(state.capacity)]
+    with pytest.raises(NetworkSaturated) as shed:
+        pool.pick("a")
+    assert int(shed.value.retry_after) >= 1
+    pool.release(held.pop(), Served(ttft_s=0.5, output_tokens=4, decode_s=0.3))
+    held.append(pool.pick("a"))  # a slot came free
+    # A miner that declares more later gets the room at once.
+    pool.set_health(state, True, max_concurrency=3)
+    held.append(pool.pick("a"))
+    assert state.inflight == len(held) == 5
+
+
+@pytest.mark.parametrize(
+    ("payload", "declared"),
+    [
+        ({"max_concurrency": 8}, 8),
+        ({"max_concurrency": 0}, None),
+        ({"max_concurrency": True}, None),
+        ({"max_concurrency": "8"}, None),
+        ({"max_concurrency": 10**9}, None),
+        ({}, None),
+        ([], None),
+    ],
+)
+def test_declared_concurrency_takes_only_a_sane_integer(payload: object, declared: int) -> None:
+    assert declared_concurrency(payload) == declared
+
+
+def test_a_miner_with_failed_audits_loses_to_a_clean_one() -> None:
+    pool = MinerPool(rng=random.Random(0))
+    pool.set_audit_record(node(2).owner, passed=1, failed=1)  # before discovery: kept
+    for state in pool.update([node(1, "a"), node(2, "a")]):
+        pool.set_health(state, True)
+    chosen = set()
+    for _ in range(30):
+        slot = pool.pick("a")
+        chosen.add(owner(slot.miner))
+        pool.release(slot, Cancelled())
+    assert chosen == {1}
+
+
+def test_a_maximum_price_filters_miners_and_names_itself_when_none_is_left() -> None:
+    cheap = replace(node(1, "a"), models=(ModelOffer("a", model_id("a"), 1, 5),))
+    dear = replace(node(2, "a"), models=(ModelOffer("a", model_id("a"), 1, 50),))
+    pool = healthy_pool(cheap, dear)
+    within = RouteRequest("a", prefs=RoutePreferences(max_completion_wei=10))
+    assert {owner(pool.pick("a", request=within).miner) for _ in range(10)} == {1}
+    nobody = RouteRequest("a", prefs=RoutePreferences(max_completion_wei=4))
+    with pytest.raises(NoMinerWithinPrice):
+        pool.pick("a", request=nobody)
+
+
+def test_canary_requests_follow_the_route_filter_and_hold_no_scheduler_slot() -> None:
+    pool = healthy_pool(node(1, "a"), node(2, "a"))
+    one, two = pool.miners()
+    # As app.audits routes while qualifying: canaries to `two` (on probation), others to `one`.
+    pool.route_filter = lambda serving, canary: [s for s in serving if (s is two) == canary]
+    slot = pool.pick("a", canary=True)
+    assert slot.miner is two and slot.ticket is None and two.inflight == 1
+    assert all(pool.pick("a").miner is one for _ in range(5))
+    pool.release(slot, Failed("HTTP 500"))
+    assert two.inflight == 0 and two.failed == 1
+    pool.release(slot, Failed("twice"))  # a slot is released once
+    assert two.failed == 1
 
 
 def test_rediscovery_keeps_state_unless_endpoint_moves() -> None:
     pool = healthy_pool(node(1, "a"), node(2, "a"))
     one = pool.get(node(1).owner)
     assert one is not None
-    pool.acquire(one)
+    pool.pick("a", [s for s in pool.miners() if s is not one])
     new = pool.update([node(1, "a"), node(2, "a", port=7777)])
     assert [owner(s) for s in new] == [2]  # moved: needs a fresh health check
     assert pool.get(node(1).owner) is one and one.inflight == 1 and one.healthy
     moved = pool.get(node(2).owner)
     assert moved is not None and moved.healthy is None and moved.inflight == 0
+    assert all(pool.pick("a").miner is one for _ in range(5))  # the moved one is unchecked
     pool.update([node(1, "b")])
     assert [m for m, _ in pool.models()] == ["b"] and pool.get(node(2).owner) is None
+    with pytest.raises(ModelNotServed):
+        pool.pick("a")
 
 
 def test_health_payload() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -315,19 +316,20 @@ async def test_forged_attestations_are_never_charged(
         metered_gateway(net, miners, keys, traces, tmp_path, health_interval_s=60) as gw,
     ):
         miner = miners[0]
-        state = gw.gateway.pool.get(miner.owner)
+        pool = gw.gateway.pool
+        state = pool.get(miner.owner)
         assert state is not None
+        # Failures in a row would open the miner's breaker; keep it in play for every forgery.
+        pool.scheduler.config = replace(pool.scheduler.config, breaker_failures=10**6)
         body = {"model": MODEL, "messages": MESSAGES}
         for forgery in FORGERIES:
             miner.attest = forgery  # type: ignore[assignment]
-            state.healthy = True  # three failures in a row take it out; keep it in play
             status, headers, data = await raw_post(gw, "/v1/chat/completions", body, payer_key)
             err = assert_openai_error(status, headers, data, 503)
             assert err["code"] == "no_miner_available", forgery
             trace = await wait_flushed(traces, headers[REQUEST_ID_HEADER])
             assert trace.attestation_error and miner.owner in trace.attestation_error, forgery
 
-            state.healthy = True
             raw = await gw.client(payer_key).chat.completions.with_raw_response.create(
                 model=MODEL, messages=MESSAGES, stream=True
             )
@@ -359,8 +361,10 @@ async def test_forger_is_failed_over_to_an_honest_miner(
         forger, honest = miners
         forger.attest = "wrong_response"
         oa = gw.client(payer_key)
-        for _ in range(40):
-            raw = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+        for i in range(40):
+            # A prompt of its own each time: no prefix affinity to the miner that served last.
+            messages = [{"role": "user", "content": f"hi {i}"}]
+            raw = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=messages)
             assert raw.headers[MINER_HEADER] == honest.owner
             if forger.served:
                 break

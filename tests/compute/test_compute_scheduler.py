@@ -287,6 +287,28 @@ def test_when_every_miner_is_at_capacity_the_request_is_shed_with_a_retry_after(
     assert isinstance(s.pick(RouteRequest(MODEL), 3.0), Picked)
 
 
+def test_a_request_failing_over_is_not_shed_but_goes_where_there_is_most_room() -> None:
+    s = scheduler()
+    add(s, "a", capacity=1)
+    add(s, "b", capacity=4)
+    add(s, "c", capacity=2)
+    held = [picked(s.pick(RouteRequest(MODEL), 0.0)) for _ in range(7)]  # every slot
+    assert isinstance(s.pick(RouteRequest(MODEL), 0.0), Shed)  # a new request: shed
+    # Requests that failed on "a" were admitted: each goes over capacity to the miner with
+    # the most room for its size (b: 5/4 after one, so the next goes to c), never back to "a".
+    first = s.pick(RouteRequest(MODEL), 0.0, exclude={"a"}, admitted=True)
+    second = s.pick(RouteRequest(MODEL), 0.0, exclude={"a"}, admitted=True)
+    assert isinstance(first, Picked) and isinstance(second, Picked)
+    assert first.reason == second.reason == "overflow"
+    assert {first.miner_id, second.miner_id} == {"b", "c"}
+    assert isinstance(s.pick(RouteRequest(MODEL), 0.0, {"a", "b", "c"}, admitted=True), NoMiner)
+    moved = second
+    held.append(first)
+    for p in [*held, moved]:
+        s.release(p, 1.0, Cancelled())
+    assert all(stats.inflight == 0 for stats in map(s.get, "abc") if stats is not None)
+
+
 def test_retry_after_is_clamped() -> None:
     s = scheduler(retry_after_min_s=1.0, retry_after_max_s=3.0)
     add(s, "a", capacity=1)

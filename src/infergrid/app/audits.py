@@ -94,6 +94,9 @@ class AuditService:
         self._live: dict[str, RequestRecord] = {}
         self._said_no_verifiers = False
         self._unsaved = 0  # responses counted since the miners' records were last saved
+        # Told (owner, audits passed, failed) whenever a miner's record is saved: the routing
+        # weighs audit failures (MinerPool.set_audit_record).
+        self.on_record: Callable[[str, int, int], None] | None = None
         self.rng = random.SystemRandom()
 
     # -- the registry ----------------------------------------------------------------------
@@ -176,7 +179,10 @@ class AuditService:
         return selected_for_audit(self.secret, request_hash, p)
 
     def _save(self, owner: str) -> None:
-        self.requests.save_miner(owner, self.miners[owner].to_json())
+        record = self.miners[owner]
+        self.requests.save_miner(owner, record.to_json())
+        if self.on_record is not None:
+            self.on_record(owner, record.passed, record.failed)
 
     def miners_json(self) -> list[dict[str, Any]]:
         out = []

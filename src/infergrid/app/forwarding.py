@@ -1,9 +1,15 @@
 """Forwarding with failover: a call goes to one miner after another until one answers.
 
-The core of the completion path: pick a miner, reserve what the call may cost there (metered,
-through `Metering`), send it under the first-token deadline (app.deadlines), and fail over to
-another miner while nothing has reached the client. A non-streamed answer is verified,
-committed and returned here; a stream is handed, once primed, to a `StreamRelay`.
+The core of the completion path: pick a miner (the pool's scheduler holds a slot on it),
+reserve what the call may cost there (metered, through `Metering`), send it under the
+first-token deadline (app.deadlines), and fail over to another miner while nothing has reached
+the client. A non-streamed answer is verified, committed and returned here; a stream is
+handed, once primed, to a `StreamRelay`, which then owns the slot. Every slot is released
+once, with how its attempt went: `Served`, `Failed` (the miner's fault) or `Cancelled` (the
+request's fault, a client that left, a reservation that did not fit).
+
+When every miner that may serve the model is at capacity the call is shed: 429
+`network_saturated` with `retry-after`, before anything is reserved or sent.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ from infergrid.app.miners import (
     MinerPool,
     MinerState,
     ModelNotServed,
+    NetworkSaturated,
     NoHealthyMiner,
+    NoMinerWithinPrice,
     PoolMaintainer,
+    Slot,
 )
 from infergrid.app.settlement import Settlement, insufficient_error
 from infergrid.app.stream_relay import StreamRelay, wait_for_disconnect
 from infergrid.app.traces import TraceStore
+from infergrid.compute.routing import Cancelled, Failed, Outcome, Served
 from infergrid.protocol import json_body
 from infergrid.protocol.openai_types import APIError
 from infergrid.protocol.wire import (
@@ -134,15 +144,36 @@ class Forwarder:
         refused: InsufficientHeadroom | None = None  # the cheapest miner the payer can't afford
         attempts = 0
         metering = self.metering
+        pool = self.pool
         limit = max(1, self.config.max_attempts)
 
         def can_fail_over() -> bool:
             """Whether another miner could still take the call if this attempt gave up."""
-            return attempts < limit and self.pool.can_serve(call.model, tried, canary=call.canary)
+            return attempts < limit and pool.can_serve(call.model, tried, canary=call.canary)
 
         while attempts < limit:
             try:
-                miner = self.pool.pick(call.model, tried, canary=call.canary)
+                slot = pool.pick(call.model, tried, canary=call.canary, request=call.route)
+            except NetworkSaturated as exc:
+                self.metrics.shed.labels(call.model).inc()
+                call.trace.error = last_error if tried else None
+                raise APIError(
+                    429,
+                    f"Every miner serving `{call.model}` is at capacity; retry after"
+                    f" {exc.retry_after} s.",
+                    type="server_error",
+                    code="network_saturated",
+                    headers={"retry-after": exc.retry_after},
+                ) from None
+            except NoMinerWithinPrice:
+                if tried:
+                    break  # the ones within the price failed: not the client's fault
+                raise APIError(
+                    400,
+                    f"No miner serving `{call.model}` is within infergrid.route.max_price.",
+                    param="infergrid.route.max_price",
+                    code="no_miner_within_price",
+                ) from None
             except ModelNotServed:
                 if not self.maintainer.discovered:
                     # Not "no such model": we have not been able to read the registry yet.
@@ -155,20 +186,23 @@ class Forwarder:
                 raise model_not_found(call.model) from None
             except NoHealthyMiner:
                 break
+            miner = slot.miner
             tried.append(miner)
             if metering is not None:
                 try:
-                    if not metering.reserve(call, miner):
-                        continue
+                    reserved = metering.reserve(call, miner)
                 except InsufficientHeadroom as exc:
                     # A cheaper miner may still fit the payer's headroom; this one is skipped.
                     if refused is None or exc.needed_wei < refused.needed_wei:
                         refused = exc
+                    reserved = False
+                if not reserved:
+                    pool.release(slot, Cancelled())
                     continue
             attempts += 1
             call.trace.attempts += 1
             try:
-                return await self._attempt(call, miner, can_fail_over)
+                return await self._attempt(call, slot, can_fail_over)
             except _MinerFailed as exc:
                 last_error = f"{miner.owner}: {exc}"
                 self.metrics.failovers.inc()
@@ -195,15 +229,18 @@ class Forwarder:
         return headers
 
     async def _attempt(
-        self, call: Call, miner: MinerState, can_fail_over: Callable[[], bool]
+        self, call: Call, slot: Slot, can_fail_over: Callable[[], bool]
     ) -> Response | StreamRelay:
-        """Send the call to one miner. Raises _MinerFailed if nothing reached the client: the
-        miner failed, missed its first-token deadline, or was taken out of service while the
-        call waited for its first token and another miner could take it (app.deadlines)."""
+        """Send the call to the slot's miner. Raises _MinerFailed if nothing reached the
+        client: the miner failed, missed its first-token deadline, or was taken out of service
+        while the call waited for its first token and another miner could take it
+        (app.deadlines). Releases the slot unless a StreamRelay took it."""
         pool = self.pool
-        pool.acquire(miner)
+        miner = slot.miner
         handed_off = False  # a StreamRelay took over the response and its bookkeeping
         ok = False
+        # Until the attempt ends otherwise: a client leaving, a server stopping.
+        outcome: Outcome = Cancelled()
         prompt_bytes = len(call.payload)
         latency = pool.latency(call.model)
         rule = self.deadlines
@@ -213,7 +250,6 @@ class Forwarder:
             deadline = rule.answer_s(latency, prompt_bytes, call.max_tokens)
             cap = rule.answer_cap_s
         sent = time.perf_counter()
-        latency_ms: float | None = None  # time to the whole answer, non-streamed
         scope = asyncio.timeout(None)
         watch: FirstTokenWatch | None = None
         resp: aiohttp.ClientResponse | None = None
@@ -227,7 +263,7 @@ class Forwarder:
                         deadline,
                         cap,
                         can_fail_over=can_fail_over,
-                        miner_down=lambda: miner.healthy is False,
+                        miner_down=lambda: not pool.in_service(miner),
                     )
                     miner.down_watchers.add(watch.on_miner_down)
                     resp = await self._post(call, miner)
@@ -241,7 +277,8 @@ class Forwarder:
                         ok = True  # the miner did its job: the request itself is bad
                         return passed
                     if call.stream:
-                        stream = StreamRelay(self, call, miner, resp)
+                        stream = StreamRelay(self, call, slot, resp)
+                        stream.sent_at = sent
                         await stream.prime()
                         stream.first_token_at = time.perf_counter()
                         pool.observed_latency(call.model).observe_first_token(
@@ -293,14 +330,18 @@ class Forwarder:
                     # Nothing reached the client: another miner may serve it honestly.
                     raise _MinerFailed(f"attestation rejected: {exc}") from None
             ok = True
-            latency_ms = answer_s * 1000
-            pool.observed_latency(call.model).observe_answer(
-                prompt_bytes, answer_s, relay.usage_of(answer)[1]
-            )
+            completion = relay.usage_of(answer)[1]
+            pool.observed_latency(call.model).observe_answer(prompt_bytes, answer_s, completion)
+            # Non-streamed, the first token comes with the whole answer, which cannot be split
+            # into a first token and the rest: it teaches a (pessimistic) first-token time.
+            outcome = Served(ttft_s=answer_s)
             return await self._answer(call, miner, answer, verified)
+        except _MinerFailed as exc:
+            outcome = Failed(str(exc))
+            raise
         finally:
             if not handed_off:
-                pool.release(miner, ok=ok, latency_ms=latency_ms)
+                pool.release(slot, outcome)
 
     async def _post(self, call: Call, miner: MinerState) -> aiohttp.ClientResponse:
         session = self.session

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -192,6 +193,28 @@ class Gateway:
 
         return read
 
+    def _feed_audit_records(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the scheduler every miner's audit record now and at each change. Discovery's
+        thread may change one (a new miner): the pool is only touched on the loop."""
+        audits, pool = self.audits, self.pool
+        assert audits is not None
+        for owner, record in audits.miners.items():
+            pool.set_audit_record(owner, passed=record.passed, failed=record.failed)
+
+        def changed(owner: str, passed: int, failed: int) -> None:
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:
+                pool.set_audit_record(owner, passed=passed, failed=failed)
+            else:
+                loop.call_soon_threadsafe(
+                    functools.partial(pool.set_audit_record, owner, passed=passed, failed=failed)
+                )
+
+        audits.on_record = changed
+
     @property
     def session(self) -> aiohttp.ClientSession | None:
         """The pooled upstream session, during the lifespan only."""
@@ -211,6 +234,7 @@ class Gateway:
         self.forwarder.session = session
         if self.audits is not None:
             self.audits.session = session
+            self._feed_audit_records(asyncio.get_running_loop())
         settlement = self.settlement
         if settlement is not None:
             # Receipts from before a restart count against headroom from the first request.

@@ -65,6 +65,13 @@ class GatewayMetrics:
             "Miner attempts that failed before the first token and were retried elsewhere.",
             registry=r,
         )
+        self.shed = Counter(
+            "infergrid_gateway_shed",
+            "Requests refused with 429 network_saturated (every miner serving the model at"
+            " capacity), by model.",
+            ["model"],
+            registry=r,
+        )
         self.stream_errors = Counter(
             "infergrid_gateway_stream_errors",
             "Streams that broke after the first token.",

@@ -1,9 +1,23 @@
 """Which miners exist, which are healthy, and which one gets the next request.
 
 `MinerPool` is pure bookkeeping that tests drive directly: the registry's records go in through
-`update()`, health results through `set_health()`, the gateway's own in-flight counts through
-`acquire()`/`release()`, and `pick()` chooses. `PoolMaintainer` is the I/O shell: it calls the
-discovery function in a thread every few seconds and health-checks every endpoint.
+`update()`, health results (with the concurrency each miner declares) through `set_health()`,
+the verifiers' audit record through `set_audit_record()`, and `pick()` chooses. The choice is
+compute.scheduler's policy (filter, prefix affinity, score with power of two choices, circuit
+breakers, load shedding): the pool feeds it every miner's prices, stake, capacity, health and
+audit record, and a pick holds one of the miner's slots (a `Slot`) until `release()` reports
+how the attempt went (`Served`, `Failed`, `Cancelled`).
+
+A miner's capacity is `QUEUE_FACTOR` × the `max_concurrency` its /health declares (what it
+runs at once; as many again wait in its queue), `DEFAULT_MAX_CONCURRENCY` for a miner that
+declares none. When every miner that may serve a model is at capacity, `pick` raises
+`NetworkSaturated` with the scheduler's retry-after: the gateway answers 429.
+
+Canary requests (a verifier's key) keep their own rule: `route_filter` sends them to miners
+on probation first, least loaded; they hold no scheduler slot.
+
+`PoolMaintainer` is the I/O shell: it calls the discovery function in a thread every few
+seconds and health-checks every endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +33,18 @@ import aiohttp
 
 from infergrid.app.deadlines import ModelLatency
 from infergrid.app.miner_epochs import HealthLog
+from infergrid.compute.routing import (
+    BreakerState,
+    Failed,
+    NoMiner,
+    Outcome,
+    Picked,
+    Price,
+    RouteRequest,
+    Served,
+    Shed,
+)
+from infergrid.compute.scheduler import Scheduler, SchedulerConfig
 from infergrid.protocol.nodes import NodeRecord, Role
 
 log = logging.getLogger(__name__)
@@ -29,8 +55,11 @@ log = logging.getLogger(__name__)
 LATENCY_TIE_RATIO = 1.25
 LATENCY_TIE_MS = 5.0
 EWMA_ALPHA = 0.2
-# Upstream 5xx in a row before a miner that still answers /health is taken out anyway.
-MAX_CONSECUTIVE_FAILURES = 3
+# A miner's slots at this gateway: what it declares it runs at once, and as many again queued
+# behind them (each waits for at most one answer's time).
+QUEUE_FACTOR = 2
+DEFAULT_MAX_CONCURRENCY = 16  # for a miner whose /health declares none
+MAX_DECLARED_CONCURRENCY = 4096  # more is a miner's bug or a lie, not a capacity
 
 
 class ModelNotServed(LookupError):
@@ -41,13 +70,28 @@ class NoHealthyMiner(LookupError):
     """Miners serve the model but none can take a request now (our problem: 503)."""
 
 
+class NoMinerWithinPrice(LookupError):
+    """Only the developer's maximum price (infergrid.route.max_price) leaves no miner (400)."""
+
+
+class NetworkSaturated(LookupError):
+    """Every miner that may serve the model is at capacity: 429, retry after `retry_after`
+    (the header's whole seconds)."""
+
+    def __init__(self, model: str, retry_after: str) -> None:
+        super().__init__(model)
+        self.model = model
+        self.retry_after = retry_after
+
+
 @dataclass(eq=False)
 class MinerState:
     record: NodeRecord
     base_url: str
     # None until the first health check answers: an unchecked miner gets no traffic.
     healthy: bool | None = None
-    inflight: int = 0
+    inflight: int = 0  # this gateway's attempts on it, canaries included
+    max_concurrency: int | None = None  # as its /health declares
     latency_ewma_ms: float | None = None  # time to first byte of the miner's answer
     health_rtt_ms: float | None = None
     consecutive_failures: int = 0
@@ -66,12 +110,46 @@ class MinerState:
     def endpoint(self) -> str:
         return self.record.endpoint
 
+    @property
+    def capacity(self) -> int:
+        """Its slots at this gateway (module docstring)."""
+        return QUEUE_FACTOR * (self.max_concurrency or DEFAULT_MAX_CONCURRENCY)
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """One attempt's place on a miner, from `MinerPool.pick` until `MinerPool.release`."""
+
+    miner: MinerState
+    ticket: Picked | None  # the scheduler's reservation; None for a canary request
+    released: bool = False
+
+
+def declared_concurrency(payload: object) -> int | None:
+    """The `max_concurrency` a /health payload declares, when it is a sane positive integer."""
+    value = payload.get("max_concurrency") if isinstance(payload, dict) else None
+    sane = isinstance(value, int) and not isinstance(value, bool)
+    return value if sane and 1 <= value <= MAX_DECLARED_CONCURRENCY else None
+
+
+def _prices(record: NodeRecord) -> dict[str, Price]:
+    """The miner's price under every name a request may route to it by."""
+    prices: dict[str, Price] = {}
+    for offer in record.models:
+        price = Price(offer.price_in_wei, offer.price_out_wei)
+        prices[offer.name] = price
+        if offer.model_id:
+            prices.setdefault(offer.model_id, price)
+    return prices
+
 
 @dataclass
 class MinerPool:
     """Routing state for one gateway; every method is synchronous and does no I/O."""
 
     rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.monotonic
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     _miners: dict[str, MinerState] = field(default_factory=dict)  # by owner address
     _by_model: dict[str, list[MinerState]] = field(default_factory=dict)
     _first_seen: dict[str, int] = field(default_factory=dict)  # model -> unix time
@@ -82,6 +160,11 @@ class MinerPool:
     route_filter: Callable[[list[MinerState], bool], list[MinerState]] | None = None
     # Every health check's result, for the verifiers' epoch counts (app.miner_epochs).
     health_log: HealthLog = field(default_factory=HealthLog)
+    # The verifiers' record of each miner, (passed, failed), kept for miners not yet known.
+    _audits: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(self.scheduler_config, rng=self.rng)
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -109,7 +192,11 @@ class MinerPool:
                 state = MinerState(record=record, base_url=record.endpoint.rstrip("/"))
                 fresh[record.owner] = state
                 to_check.append(state)
+        for gone in self._miners.keys() - fresh.keys():
+            self.scheduler.remove_miner(gone)  # its slots still out are released harmlessly
         self._miners = fresh
+        for state in fresh.values():
+            self._schedule(state)
         # A client may name a model or pin its exact weights by protocol id; both route.
         by_model: dict[str, list[MinerState]] = {}
         names: set[str] = set()
@@ -125,6 +212,19 @@ class MinerPool:
         self._by_model = by_model
         self._names = sorted(names)
         return to_check
+
+    def _schedule(self, state: MinerState) -> None:
+        """Tell the scheduler the miner's offer, stake, capacity, health and audit record."""
+        owner = state.owner
+        self.scheduler.add_miner(
+            owner,
+            _prices(state.record),
+            capacity=state.capacity,
+            stake_wei=max(0, state.record.stake_wei),
+            healthy=state.healthy is True,
+        )
+        passed, failed = self._audits.get(owner, (0, 0))
+        self.scheduler.set_audit_record(owner, passed=passed, failed=failed, probation=False)
 
     def miners(self) -> list[MinerState]:
         return list(self._miners.values())
@@ -142,69 +242,120 @@ class MinerPool:
     # -- health ------------------------------------------------------------------------------
 
     def set_health(
-        self, state: MinerState, ok: bool, *, rtt_ms: float | None = None, error: str | None = None
+        self,
+        state: MinerState,
+        ok: bool,
+        *,
+        rtt_ms: float | None = None,
+        error: str | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
+        """A health check's result and, when it passed, the concurrency the miner declared."""
         state.healthy = ok
         self.health_log.record(state.owner, ok, time.time())
+        known = self._miners.get(state.owner) is state
         if ok:
             state.consecutive_failures = 0
             state.health_rtt_ms = rtt_ms
+            if max_concurrency is not None and max_concurrency != state.max_concurrency:
+                state.max_concurrency = max_concurrency
+                if known:
+                    self._schedule(state)  # the new capacity
         else:
             state.last_error = error
             _taken_out(state)
+        if known:
+            self.scheduler.set_health(state.owner, ok)
 
     def mark_unreachable(self, state: MinerState, error: str) -> None:
         """A connection to the miner failed: no more traffic until a health check passes."""
         state.healthy = False
         state.last_error = error
+        if self._miners.get(state.owner) is state:
+            self.scheduler.set_health(state.owner, False)
         _taken_out(state)
+
+    def set_audit_record(self, owner: str, *, passed: int, failed: int) -> None:
+        """The verifiers' verdicts on the miner's audited answers so far: a failure rate that
+        costs it traffic (app.audits calls this; probation is its route_filter's rule)."""
+        self._audits[owner] = (passed, failed)
+        if owner in self._miners:
+            self.scheduler.set_audit_record(owner, passed=passed, failed=failed, probation=False)
 
     # -- routing -----------------------------------------------------------------------------
 
     def pick(
-        self, model: str, exclude: Iterable[MinerState] = (), *, canary: bool = False
-    ) -> MinerState:
-        """A healthy miner for `model` that `route_filter` lets this request (a canary one or
-        not) go to: least in-flight first, then lower latency, then random.
+        self,
+        model: str,
+        exclude: Iterable[MinerState] = (),
+        *,
+        canary: bool = False,
+        request: RouteRequest | None = None,
+    ) -> Slot:
+        """A slot on a miner for `model`, outside `exclude` (the miners already tried), that
+        `route_filter` lets this request go to: the scheduler's choice (module docstring), or
+        for a canary request the least loaded healthy miner of its filter.
 
-        Raises ModelNotServed or NoHealthyMiner.
+        Raises ModelNotServed, NoHealthyMiner, NoMinerWithinPrice or NetworkSaturated (only
+        for a request that has not failed over yet: the network admitted it).
         """
         serving = self._by_model.get(model)
         if not serving:
             raise ModelNotServed(model)
+        if canary:
+            return self._pick_canary(model, serving, exclude)
+        excluded = {state.owner for state in exclude}
+        failing_over = bool(excluded)
         if self.route_filter is not None:
-            serving = self.route_filter(serving, canary)
-        best: list[MinerState] = []
-        least = -1
-        for state in serving:
-            if state.healthy is not True or state in exclude:
-                continue
-            if not best or state.inflight < least:
-                best = [state]
-                least = state.inflight
-            elif state.inflight == least:
-                best.append(state)
-        if not best:
+            allowed = {id(state) for state in self.route_filter(serving, False)}
+            excluded.update(state.owner for state in serving if id(state) not in allowed)
+        # A request failing over was admitted already: it is not shed (compute.scheduler).
+        decision = self.scheduler.pick(
+            request or RouteRequest(model), self.clock(), excluded, admitted=failing_over
+        )
+        if isinstance(decision, Shed):
+            raise NetworkSaturated(model, decision.retry_after_header)
+        if isinstance(decision, NoMiner):
+            if decision.reason == "none_within_price":
+                raise NoMinerWithinPrice(model)
             raise NoHealthyMiner(model)
-        if len(best) == 1:
-            return best[0]
-        known = [s.latency_ewma_ms for s in best if s.latency_ewma_ms is not None]
-        if known:
-            fastest = min(known)
-            cutoff = max(fastest * LATENCY_TIE_RATIO, fastest + LATENCY_TIE_MS)
-            # A miner with no latency yet stays in the running: that is how it gets measured.
-            best = [s for s in best if s.latency_ewma_ms is None or s.latency_ewma_ms <= cutoff]
-        return best[0] if len(best) == 1 else self.rng.choice(best)
+        state = self._miners[decision.miner_id]
+        state.inflight += 1
+        return Slot(state, decision)
+
+    def _pick_canary(
+        self, model: str, serving: list[MinerState], exclude: Iterable[MinerState]
+    ) -> Slot:
+        if self.route_filter is not None:
+            serving = self.route_filter(serving, True)
+        excluded = set(exclude)
+        candidates = [s for s in serving if s.healthy is True and s not in excluded]
+        if not candidates:
+            raise NoHealthyMiner(model)
+        least = min(s.inflight for s in candidates)
+        state = self.rng.choice([s for s in candidates if s.inflight == least])
+        state.inflight += 1
+        return Slot(state, None)
 
     def can_serve(
         self, model: str, exclude: Iterable[MinerState] = (), *, canary: bool = False
     ) -> bool:
-        """Whether pick() would find a miner for `model` outside `exclude`."""
+        """Whether another miner for `model` outside `exclude` could take the request: healthy,
+        allowed by `route_filter` and, for the scheduler, not behind an open breaker (it may be
+        at capacity: then the request waits in its queue or is shed)."""
         excluded = set(exclude)
         serving = self._by_model.get(model, [])
         if self.route_filter is not None and serving:
             serving = self.route_filter(serving, canary)
-        return any(state.healthy is True and state not in excluded for state in serving)
+        return any(self.in_service(state) and state not in excluded for state in serving)
+
+    def in_service(self, state: MinerState) -> bool:
+        """Its last health check passed and its breaker is not open."""
+        if state.healthy is not True:
+            return False
+        if self.scheduler.get(state.owner) is None:
+            return True  # dropped from the registry meanwhile: its breaker is gone with it
+        return self.scheduler.breaker_state(state.owner, self.clock()) is not BreakerState.OPEN
 
     def latency(self, model: str) -> ModelLatency | None:
         """What has been observed of the model's speed (None: nothing yet)."""
@@ -218,27 +369,36 @@ class MinerPool:
             latency = self._latency[model] = ModelLatency()
         return latency
 
-    def acquire(self, state: MinerState) -> None:
-        state.inflight += 1
+    def release(self, slot: Slot, outcome: Outcome) -> None:
+        """The attempt in `slot` ended with `outcome` (once; a second call changes nothing).
 
-    def release(self, state: MinerState, *, ok: bool, latency_ms: float | None = None) -> None:
-        """A request on `state` ended; `latency_ms` is its time to first byte when known."""
+        `Served`: its time to first token (non-streamed: to the whole answer) feeds the
+        latency EWMAs; `Failed`: it counts against the miner, and the scheduler's breaker may
+        open, which takes the miner out for its cooldown (requests waiting on it for their
+        first token move on); `Cancelled` (the request's own fault, a client that left, a
+        hedge that lost) teaches nothing."""
+        if slot.released:
+            return
+        slot.released = True
+        state = slot.miner
         state.inflight -= 1
-        if ok:
+        if isinstance(outcome, Served):
             state.served += 1
             state.consecutive_failures = 0
-            if latency_ms is not None:
-                prev = state.latency_ewma_ms
-                state.latency_ewma_ms = (
-                    latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
-                )
-        else:
+            latency_ms = outcome.ttft_s * 1000
+            prev = state.latency_ewma_ms
+            state.latency_ewma_ms = (
+                latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
+            )
+        elif isinstance(outcome, Failed):
             state.failed += 1
             state.consecutive_failures += 1
-            if state.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                state.healthy = False
-                state.last_error = f"{state.consecutive_failures} failed requests in a row"
-                _taken_out(state)
+        if slot.ticket is None:
+            return
+        self.scheduler.release(slot.ticket, self.clock(), outcome)
+        if isinstance(outcome, Failed) and not self.in_service(state):
+            state.last_error = f"{state.consecutive_failures} failed requests in a row"
+            _taken_out(state)
 
 
 def _taken_out(state: MinerState) -> None:
@@ -304,7 +464,8 @@ class PoolMaintainer:
                 payload = await r.json(content_type=None) if r.status == 200 else None
             if health_ok(payload):
                 rtt = (time.perf_counter() - started) * 1000
-                self.pool.set_health(state, True, rtt_ms=rtt)
+                concurrency = declared_concurrency(payload)
+                self.pool.set_health(state, True, rtt_ms=rtt, max_concurrency=concurrency)
             else:
                 self.pool.set_health(state, False, error=f"/health answered {r.status}")
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from infergrid.app import relay
 from infergrid.app.api_common import authenticate, error_response, request_id
-from infergrid.app.calls import Call
+from infergrid.app.calls import Call, route_request
 from infergrid.app.config import GatewayConfig
 from infergrid.app.forwarding import Forwarder
 from infergrid.app.keys import KeyStore
@@ -149,6 +149,9 @@ class CompletionServing:
             )
             call.canary = key.canary
             call.key_id = key.key_id
+            call.route = route_request(
+                body, model=parsed.model, max_tokens=limit, payload_bytes=len(payload)
+            )
             if settlement is not None:
                 call.payer = key.payer
             if call.stream:

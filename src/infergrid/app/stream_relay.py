@@ -31,7 +31,8 @@ from infergrid.app.failures import (
 )
 from infergrid.app.metering import Metering
 from infergrid.app.metrics import GatewayMetrics
-from infergrid.app.miners import MinerPool, MinerState
+from infergrid.app.miners import MinerPool, MinerState, Slot
+from infergrid.compute.routing import Cancelled, Failed, Outcome, Served
 from infergrid.protocol import json_body
 from infergrid.protocol.wire import (
     ATTESTATION_KEY,
@@ -101,12 +102,14 @@ class StreamRelay:
     """
 
     def __init__(
-        self, gateway: RelayHost, call: Call, miner: MinerState, resp: aiohttp.ClientResponse
+        self, gateway: RelayHost, call: Call, slot: Slot, resp: aiohttp.ClientResponse
     ) -> None:
         self.gateway = gateway
         self.call = call
-        self.miner = miner
+        self.slot = slot  # released when the stream ends
+        self.miner = slot.miner
         self.resp = resp
+        self.sent_at = time.perf_counter()  # when the request went to the miner
         self.buffer: list[bytes] = []
         self.ttft: float | None = None
         self.first_token_at: float | None = None  # perf_counter when prime() got output
@@ -446,14 +449,21 @@ class StreamRelay:
             self.resp.release()
         else:
             self.resp.close()  # a half-read stream cannot go back to the keep-alive pool
-        ttft_ms = self.ttft * 1000 if self.ttft is not None else None
+        outcome: Outcome
         if ok and self.first_token_at is not None:
-            gateway.pool.observed_latency(call.model).observe_rest(
-                time.perf_counter() - self.first_token_at, self.completion_tokens
+            decode_s = time.perf_counter() - self.first_token_at
+            gateway.pool.observed_latency(call.model).observe_rest(decode_s, self.completion_tokens)
+            outcome = Served(
+                ttft_s=self.first_token_at - self.sent_at,
+                output_tokens=self.completion_tokens or 0,
+                decode_s=decode_s,
             )
-        # A client hanging up is not the miner's failure, nor is the gateway's own.
-        miner_ok = ok or self.status == 499 or not self.miner_to_blame
-        gateway.pool.release(self.miner, ok=miner_ok, latency_ms=ttft_ms)
+        elif ok or self.status == 499 or not self.miner_to_blame:
+            # A client hanging up is not the miner's failure, nor is the gateway's own.
+            outcome = Cancelled()
+        else:
+            outcome = Failed(self.error or f"stream ended with {self.status}")
+        gateway.pool.release(self.slot, outcome)
         if self.metering is not None:
             self.metering.release(call)
         call.trace.error = self.error

@@ -76,6 +76,7 @@ class SchedulerConfig:
     choices: int = 2
     sample_tries: int = 8
     slow_factor: float = 1.25
+    slow_margin_s: float = 0.02
     affinity_entries: int = 65536
     affinity_ttl_s: float = 600.0
     affinity_max_load: float = 0.75
@@ -96,6 +97,8 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], not {value}")
+        if self.slow_margin_s < 0:
+            raise ValueError(f"slow_margin_s must not be negative, not {self.slow_margin_s}")
         for name in ("affinity_max_load", "hedge_budget"):
             value = getattr(self, name)
             if not 0 <= value <= 1:

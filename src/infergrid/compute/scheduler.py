@@ -28,14 +28,16 @@ The policy, for one request (`Scheduler.pick`):
    multiplied by ``1 + load_weight × inflight / capacity``, ``1 + error_weight × error rate``,
    ``1 + audit_weight × audit failure rate`` and ``1 − stake_weight × stake / (stake +
    stake_ref_wei)``. A measured miner whose unloaded service time is more than `slow_factor`
-   times the model's typical one (the EWMAs over all its miners) is *slow*: a candidate only
+   times the model's typical one (the EWMAs over all its miners), plus `slow_margin_s` (a few
+   milliseconds of a fast model's service are noise), is *slow*: a candidate only
    when the draws find fewer than two others, so the tail of slow miners, which the better of
    two random ones would still pick when drawn together, serves only what the rest cannot.
    Sampling keeps a pick O(1) in the number of miners; when random draws do not find two
    candidates (few ready miners, or a tight price filter) the ready set is scanned.
    With ``sort="price"`` the cheapest ready miners (by the request's estimated cost) are taken
    first and the better of two among them wins: an O(n) scan the developer asked for.
-4. **Shed.** No ready candidate, but eligible ones exist (all at capacity): `Shed`, whose
+4. **Shed.** No ready candidate, but eligible ones exist (all at capacity): `Shed` (for a new
+   request; one failing over goes over capacity to the eligible miner with the most room), whose
    `retry_after_s` is the time the model's eligible miners need to drain the recently shed
    backlog, ``shed backlog / Σ capacity_i / service_i``, clamped to [`retry_after_min_s`,
    `retry_after_max_s`]; the gateway answers 429 with ``retry-after``. The backlog counts this
@@ -302,9 +304,20 @@ class Scheduler:
 
     # -- the policy --------------------------------------------------------------------------
 
-    def pick(self, request: RouteRequest, now: float, exclude: Iterable[str] = ()) -> Decision:
+    def pick(
+        self,
+        request: RouteRequest,
+        now: float,
+        exclude: Iterable[str] = (),
+        *,
+        admitted: bool = False,
+    ) -> Decision:
         """Decide where `request` goes (module docstring, steps 1–4), excluding `exclude`
-        (the miners already tried: failover). A `Picked` holds a slot until `release`."""
+        (the miners already tried: failover). A `Picked` holds a slot until `release`.
+
+        An `admitted` request (one failing over: the network already took it) is never shed
+        while an eligible miner is only busy: it goes over capacity to the one with the most
+        room, reason "overflow". Shedding is for new requests, at the door."""
         self._advance(now)
         state = self._models.get(request.model)
         if state is None:
@@ -367,6 +380,15 @@ class Scheduler:
 
         # Nothing ready and usable: shed if something eligible and usable is only busy.
         if any(usable(m) for m in state.eligible):
+            if admitted:
+                busy = [
+                    self._miners[m]
+                    for m in state.eligible
+                    if usable(m) and not self._miners[m].probe_in_flight
+                ]
+                if busy:
+                    roomiest = min(busy, key=lambda stats: stats.inflight / stats.capacity)
+                    return self._reserve(roomiest, request, now, "overflow")
             return Shed(model, self._retry_after(state, request, now))
         if priced and any(m not in excluded for m in state.eligible):
             return NoMiner(model, "none_within_price")
@@ -412,7 +434,7 @@ class Scheduler:
             return False
         state = self._models[request.model]
         own = stats.ttft.value + stats.tpot.value * self._tokens(state, request)
-        return own > self.config.slow_factor * typical
+        return own > self.config.slow_factor * typical + self.config.slow_margin_s
 
     def _tokens(self, state: _ModelState, request: RouteRequest) -> float:
         """Output tokens after the first that the request is expected to produce."""
