@@ -1487,24 +1487,49 @@ def status(
         str | None, typer.Option(help="NodeRegistry address (default: devnet's).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    models: Annotated[
+        bool,
+        typer.Option(
+            "--models",
+            help="Show each model's demand against supply instead (the gateway's GET"
+            " /v1/network): requests, shed, slots, utilization, price, emission share.",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Show every registered node: role, endpoint, stake (read from the chain), models, health,
     and each miner's state (probation, active, frozen, slashed) and audit record as the
-    devnet's gateway sees them."""
-    from infergrid.network_status import collect_status, render_status
+    devnet's gateway sees them; then per model, demand against supply (see --models)."""
+    from infergrid.network_status import (
+        collect_status,
+        gateway_network,
+        render_models,
+        render_status,
+    )
 
     gateway: tuple[str, str] | None = None
-    if chain_rpc is None or registry is None:
+    if chain_rpc is None or registry is None or models:
         info = _devnet_info(state_dir)
         chain_rpc = chain_rpc or info["chain_rpc"]
         registry = registry or info["contracts"]["NodeRegistry"]
         gateway = (info["base_url"], info["api_key"])
+    if models:
+        assert gateway is not None
+        rows = gateway_network(*gateway)
+        if rows is None:
+            raise CLIError(f"the gateway at {gateway[0]} did not answer GET /v1/network")
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        else:
+            render_models(rows, out)
+        return
     nodes = collect_status(chain_rpc, registry, gateway)
     if as_json:
         sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
     else:
         render_status(nodes, out)
+        if gateway is not None:
+            render_models(gateway_network(*gateway), out)
 
 
 # Commands kept in modules of their own register themselves on `app` when imported.

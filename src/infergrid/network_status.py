@@ -1,5 +1,7 @@
 """`infergrid status`: every registered node, its stake as the chain says, its health, and
-(from a gateway's `GET /v1/miners`) each miner's state and audit record.
+(from a gateway's `GET /v1/miners`) each miner's state and audit record; and per model (from
+its `GET /v1/network`) demand against supply: requests, shed, slots, utilization, price and
+the model's share of the miners' emission, so operators can choose what to serve.
 
 A node's state: `frozen` while a dispute about it is open (the registry says so), `inactive`
 once deregistered; for miners the gateway's view otherwise: `probation` (qualifying, or after a
@@ -122,5 +124,49 @@ def render_status(nodes: list[dict[str, Any]], out: Console) -> None:
             f"[{colours[node['health']]}]{node['health']}[/]",
             f"[{state_colours.get(state, 'dim')}]{state}[/]",
             audit_record({"audits": node["audits"]}) if node["role"] == "miner" else "-",
+        )
+    out.print(table)
+
+
+_MODEL_HEADERS = (
+    "model", "miners", "slots", "requests", "shed", "tokens served", "utilization",
+    "price in/out (wei)", "emission share",
+)  # fmt: skip
+
+
+def gateway_network(base_url: str, api_key: str) -> list[dict[str, Any]] | None:
+    """The gateway's `GET /v1/network` rows; None if it cannot say."""
+    from infergrid.gateway_client import get_gateway_json
+
+    try:
+        data = get_gateway_json(base_url, "/network", api_key, timeout_s=HEALTH_TIMEOUT_S)
+    except (RuntimeError, ConnectionError):
+        return None
+    rows = data.get("models") if isinstance(data, dict) else None
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else None
+
+
+def render_models(rows: list[dict[str, Any]] | None, out: Console) -> None:
+    """Each model's demand against supply over the gateway's window (the last 300 s)."""
+    if rows is None:
+        out.print("the gateway did not say how its models are used (GET /v1/network)")
+        return
+    if not rows:
+        out.print("no model is served")
+        return
+    table = Table(*(Column(header, overflow="fold") for header in _MODEL_HEADERS))
+    for row in rows:
+        price = row.get("price_wei") or {}
+        share = row.get("reward_share_ppm")
+        table.add_row(
+            str(row.get("model")),
+            f"{row.get('healthy', 0)}/{row.get('miners', 0)} up",
+            f"{row.get('in_flight', 0)}/{row.get('capacity', 0)}",
+            str(row.get("requests", 0)),
+            str(row.get("shed", 0)),
+            str(row.get("tokens_served", 0)),
+            f"{float(row.get('utilization', 0.0)):.1%}",
+            f"{price.get('prompt', '-')}/{price.get('completion', '-')}",
+            "-" if share is None else f"{int(share) / 10_000:.2f} %",
         )
     out.print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from gateway_harness import MODEL, miners_running, running_gateway
@@ -140,3 +141,56 @@ async def test_a_shared_prompt_prefix_stays_on_the_miner_that_served_it(
             )
             homes.add(raw.headers[MINER_HEADER])
         assert len(homes) == 1  # its KV cache may still hold the system prompt
+
+
+async def test_the_network_publishes_each_models_demand_against_its_supply(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    """GET /v1/network after traffic that saturated the one miner: its requests, the shed ones,
+    tokens asked and served, slot time busy and offered (sampled each health round), price."""
+    async with (
+        miners_running(1, max_concurrency=1, hang_s=1.0) as miners,
+        running_gateway(
+            miners, keys, traces, first_token_timeout_floor_s=30, first_token_timeout_cap_s=30
+        ) as gw,
+    ):
+        [miner] = miners
+        oa = gw.client(api_key).with_options(max_retries=0)
+        miner.mode = "hang_before_first"
+        results = await asyncio.gather(
+            *(oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+              for _ in range(QUEUE_FACTOR + 2)),
+            return_exceptions=True,
+        )  # fmt: skip
+        shed = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert len(shed) == 2
+        await asyncio.sleep(1.0)  # health rounds sample the offered slots
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                gw.url + "/v1/network", headers={"authorization": f"Bearer {api_key}"}
+            ) as resp,
+        ):
+            assert resp.status == 200
+            body = await resp.json()
+        assert body["object"] == "network" and body["until"] - body["since"] == 300
+        [row] = body["models"]
+        assert row["model"] == MODEL and row["miners"] == row["healthy"] == 1
+        assert row["capacity"] == QUEUE_FACTOR and row["in_flight"] == 0
+        assert row["requests"] == QUEUE_FACTOR + 2 and row["shed"] == 2
+        assert row["tokens_requested"] >= row["requests"] * 5
+        assert row["tokens_served"] > 0
+        assert row["busy_slot_s"] >= QUEUE_FACTOR * 1.0  # each held its slot for the hang
+        assert row["capacity_slot_s"] > 0 and row["utilization"] > 0
+        assert row["price_wei"] == {"prompt": miner.price_in_wei, "completion": miner.price_out_wei}
+        for query, param in (("?since=-1", "since"), ("?window=5", "window")):
+            status, headers, data = await _get(gw.url + "/v1/network" + query, api_key)
+            assert assert_openai_error(status, headers, data, 400)["param"] == param
+        status, headers, data = await _get(gw.url + "/v1/network", None)
+        assert_openai_error(status, headers, data, 401)
+
+
+async def _get(url: str, key: str | None) -> tuple[int, Any, bytes]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        return resp.status, resp.headers.copy(), await resp.read()

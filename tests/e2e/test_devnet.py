@@ -205,6 +205,13 @@ def test_status_shows_registered_nodes_with_stake(devnet: DevnetProcess) -> None
 
     table = devnet.cli("status")
     assert table.returncode == 0 and "miner" in table.stdout and "100.00" in table.stdout
+    assert "utilization" in table.stdout  # and each model's demand against supply
+
+    shown = devnet.cli("status", "--models", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (row,) = json.loads(shown.stdout)
+    assert row["model"] == DEFAULT_MODEL and row["miners"] == row["healthy"] == len(miners)
+    assert row["capacity"] > 0 and row["shed"] == 0
 
 
 def test_chat_command(devnet: DevnetProcess) -> None:

@@ -146,6 +146,11 @@ class Forwarder:
         metering = self.metering
         pool = self.pool
         limit = max(1, self.config.max_attempts)
+        demand_model = pool.offer_name(call.model)
+        if pool.serves(call.model):
+            route = call.route
+            asked = call.max_tokens + (route.prompt_tokens if route is not None else 0)
+            pool.demand.requested(demand_model, asked, time.time())
 
         def can_fail_over() -> bool:
             """Whether another miner could still take the call if this attempt gave up."""
@@ -155,7 +160,8 @@ class Forwarder:
             try:
                 slot = pool.pick(call.model, tried, canary=call.canary, request=call.route)
             except NetworkSaturated as exc:
-                self.metrics.shed.labels(call.model).inc()
+                self.metrics.shed.labels(demand_model).inc()
+                pool.demand.shed(demand_model, time.time())
                 call.trace.error = last_error if tried else None
                 raise APIError(
                     429,
@@ -453,6 +459,10 @@ class Forwarder:
             trace.ttft_ms = ttft * 1000
             self.metrics.ttft.observe(ttft)
         self.traces.record(trace)
+        if status == 200:
+            self.pool.demand.served(
+                self.pool.offer_name(call.model), (prompt or 0) + (completion or 0), time.time()
+            )
         metrics = self.metrics
         metrics.observe(call.path, status, elapsed)
         if prompt:

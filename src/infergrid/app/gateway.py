@@ -403,6 +403,7 @@ def create_gateway_app(
         Route("/v1/miners", gateway.lookups.list_miners, methods=["GET"]),
         Route("/v1/miners/epoch", gateway.lookups.miner_epoch, methods=["GET"]),
         Route("/v1/verifiers", gateway.lookups.list_verifiers, methods=["GET"]),
+        Route("/v1/network", gateway.lookups.network, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         Route(OPENAPI_PATH, gateway.openapi, methods=["GET"]),

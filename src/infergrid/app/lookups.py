@@ -1,4 +1,5 @@
-"""The gateway's lookup endpoints: vouchers, receipts, request status, miners and verifiers.
+"""The gateway's lookup endpoints: vouchers, receipts, request status, miners, verifiers and
+the network's demand against its supply.
 
 Everything here reads what the gateway already holds (the receipt store, the traces, the
 request log, the audits' miner records); the blocking reads run in worker threads.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 from typing import Any
 
@@ -17,6 +19,7 @@ from starlette.responses import Response
 
 from infergrid.app.api_common import authenticate, error_response, json_response, request_id
 from infergrid.app.audits import AuditService
+from infergrid.app.demand import ModelCounts
 from infergrid.app.keys import KeyStore
 from infergrid.app.miner_epochs import MinerEpoch, observe, verdict_rows
 from infergrid.app.miners import MinerPool
@@ -25,7 +28,10 @@ from infergrid.app.settlement import Settlement
 from infergrid.app.traces import TraceStore
 from infergrid.protocol.openai_types import APIError
 
-__all__ = ["Lookups"]
+__all__ = ["NETWORK_WINDOW_S", "Lookups"]
+
+# GET /v1/network's default window: one devnet ScoreBoard epoch.
+NETWORK_WINDOW_S = 300.0
 
 
 class Lookups:
@@ -193,6 +199,57 @@ class Lookups:
             traces, verdicts, self.pool.health_log, since, until,
             miners=[m.owner for m in self.pool.miners()],
         )  # fmt: skip
+
+    async def network(self, request: Request) -> Response:
+        """GET /v1/network[?since=<unix>&until=<unix>]: per model, its miners and their slots
+        now, and over [since, until) (default: the last NETWORK_WINDOW_S seconds) its requests,
+        shed requests, tokens asked for and served, slot time busy and offered, utilization,
+        median price, and the share of the miners' emission demand gives it (app.demand,
+        protocol.supply). What operators read to choose what to serve."""
+        rid = request_id(request.scope)
+        try:
+            authenticate(self.keys, request)
+            since, until = _window(request)
+        except APIError as exc:
+            return error_response(exc, rid)
+        high = time.time() if until is None else until
+        low = max(0.0, high - NETWORK_WINDOW_S) if since is None else since
+        body = {
+            "object": "network",
+            "since": low,
+            "until": high,
+            "models": self._network(low, high),
+        }
+        return json_response(body, rid)
+
+    def _network(self, since: float, until: float) -> list[dict[str, Any]]:
+        pool = self.pool
+        names = sorted({name for name, _ in pool.models()} | set(pool.demand.models()))
+        rows: list[dict[str, Any]] = []
+        for name in names:
+            miners = pool.serving(name)
+            offers = [o for m in miners for o in m.record.models if o.name == name]
+            in_service = [m for m in miners if pool.in_service(m)]
+            counts = pool.demand.window(name, since, until) if since < until else None
+            row: dict[str, Any] = {
+                "model": name,
+                "model_id": offers[0].model_id if offers else None,
+                "miners": len(miners),
+                "healthy": len(in_service),
+                "capacity": sum(m.capacity for m in in_service),
+                "in_flight": sum(m.inflight for m in miners),
+                **(counts.to_json() if counts is not None else ModelCounts().to_json()),
+                "price_wei": (
+                    {
+                        "prompt": int(statistics.median(o.price_in_wei for o in offers)),
+                        "completion": int(statistics.median(o.price_out_wei for o in offers)),
+                    }
+                    if offers
+                    else None
+                ),
+            }
+            rows.append(row)
+        return rows
 
     async def list_verifiers(self, request: Request) -> Response:
         """GET /v1/verifiers[?since=<unix>&until=<unix>]: per verifier, the verdicts this

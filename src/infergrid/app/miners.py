@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from infergrid.app.deadlines import ModelLatency
+from infergrid.app.demand import DemandLog
 from infergrid.app.miner_epochs import HealthLog
 from infergrid.compute.routing import (
     BreakerState,
@@ -122,6 +123,8 @@ class Slot:
 
     miner: MinerState
     ticket: Picked | None  # the scheduler's reservation; None for a canary request
+    model: str = ""  # the offer name it serves (app.demand counts its slot time there)
+    picked_at: float = 0.0  # the pool's clock
     released: bool = False
 
 
@@ -162,6 +165,9 @@ class MinerPool:
     health_log: HealthLog = field(default_factory=HealthLog)
     # The verifiers' record of each miner, (passed, failed), kept for miners not yet known.
     _audits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per model: demand against the slots offered (app.demand; GET /v1/network).
+    demand: DemandLog = field(default_factory=DemandLog)
+    _offer_names: dict[str, str] = field(default_factory=dict)  # name or model id -> name
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(self.scheduler_config, rng=self.rng)
@@ -200,12 +206,16 @@ class MinerPool:
         # A client may name a model or pin its exact weights by protocol id; both route.
         by_model: dict[str, list[MinerState]] = {}
         names: set[str] = set()
+        offer_names: dict[str, str] = {}
         for state in fresh.values():
             for offer in state.record.models:
                 names.add(offer.name)
+                offer_names[offer.name] = offer.name
                 by_model.setdefault(offer.name, []).append(state)
                 if offer.model_id and offer.model_id != offer.name:
                     by_model.setdefault(offer.model_id, []).append(state)
+                    offer_names.setdefault(offer.model_id, offer.name)
+        self._offer_names = offer_names
         now = int(time.time())
         for name in names:
             self._first_seen.setdefault(name, now)
@@ -238,6 +248,21 @@ class MinerPool:
 
     def serves(self, model: str) -> bool:
         return model in self._by_model
+
+    def offer_name(self, model: str) -> str:
+        """The offer name a request's model routes to (a pinned model id -> its name)."""
+        return self._offer_names.get(model, model)
+
+    def serving(self, model: str) -> list[MinerState]:
+        """The registered active miners offering `model` (a name or a model id)."""
+        return list(self._by_model.get(model, ()))
+
+    def sample_capacity(self) -> None:
+        """Tell the demand log each model's in-service slots now (every health round)."""
+        now = time.time()
+        for name in self._names:
+            slots = sum(s.capacity for s in self._by_model.get(name, ()) if self.in_service(s))
+            self.demand.capacity(name, slots, now)
 
     # -- health ------------------------------------------------------------------------------
 
@@ -321,7 +346,7 @@ class MinerPool:
             raise NoHealthyMiner(model)
         state = self._miners[decision.miner_id]
         state.inflight += 1
-        return Slot(state, decision)
+        return Slot(state, decision, self.offer_name(model), self.clock())
 
     def _pick_canary(
         self, model: str, serving: list[MinerState], exclude: Iterable[MinerState]
@@ -335,7 +360,7 @@ class MinerPool:
         least = min(s.inflight for s in candidates)
         state = self.rng.choice([s for s in candidates if s.inflight == least])
         state.inflight += 1
-        return Slot(state, None)
+        return Slot(state, None, self.offer_name(model), self.clock())
 
     def can_serve(
         self, model: str, exclude: Iterable[MinerState] = (), *, canary: bool = False
@@ -382,6 +407,8 @@ class MinerPool:
         slot.released = True
         state = slot.miner
         state.inflight -= 1
+        if slot.model:
+            self.demand.busy(slot.model, self.clock() - slot.picked_at, time.time())
         if isinstance(outcome, Served):
             state.served += 1
             state.consecutive_failures = 0
@@ -485,3 +512,4 @@ class PoolMaintainer:
         while True:
             await asyncio.sleep(self.health_interval_s)
             await self.check_all(session)
+            self.pool.sample_capacity()

@@ -377,6 +377,31 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             },
         }
     }
+    paths["/v1/network"] = {
+        "get": {
+            "operationId": "retrieveNetwork",
+            "summary": "Per model: its miners and slots now, and over [since, until) its"
+            " requests, shed requests (429), tokens asked for and served, slot time busy and"
+            " offered, utilization, median price and its share of the miners' emission.",
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0},
+                    "description": f"Unix time in seconds; default: {default}.",
+                }
+                for name, default in (
+                    ("since", "`until` less 300 s"),
+                    ("until", "now (exclusive)"),
+                )
+            ],
+            "responses": {
+                "200": _ok("Demand against supply, per model.", {"type": "object"}),
+                **_errors(400, 401, 405),
+            },
+        }
+    }
     paths["/v1/vouchers"] = {
         "get": {
             "operationId": "listVouchers",
