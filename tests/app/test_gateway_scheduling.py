@@ -10,6 +10,7 @@ test_gateway_frozen_miner.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -194,3 +195,48 @@ async def _get(url: str, key: str | None) -> tuple[int, Any, bytes]:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
         return resp.status, resp.headers.copy(), await resp.read()
+
+
+async def _served_streams(
+    oa: openai.AsyncOpenAI, count: int, tag: str
+) -> list[tuple[float, str, str]]:
+    """(seconds, serving miner, text) of `count` streamed requests, one at a time, each with a
+    prompt of its own (no affinity: the scheduler's choice each time)."""
+    out = []
+    for i in range(count):
+        started = time.monotonic()
+        raw = await oa.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"{tag} {i}"}],
+            max_tokens=8,
+            stream=True,
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+        out.append((time.monotonic() - started, raw.headers[MINER_HEADER], text))
+    return out
+
+
+async def test_a_late_first_token_is_hedged_on_another_miner(
+    keys: KeyStore, traces: TraceStore, api_key: str
+) -> None:
+    """A miner that holds its first token (a stuck generation, /health still ok) costs a
+    stream only the hedge delay: the request is also sent to the other miner, which answers
+    first; the slow one is hung up on. Deadlines are far off here: the hedge does it."""
+    async with (
+        miners_running(2, hang_s=HOLD_S) as miners,
+        running_gateway(
+            miners, keys, traces, first_token_timeout_floor_s=30, first_token_timeout_cap_s=30
+        ) as gw,
+    ):
+        slow, fast = miners
+        oa = gw.client(api_key).with_options(max_retries=0)
+        warm = await _served_streams(oa, 6, "warm")  # the model's first-token time is learnt
+        assert {miner for _, miner, _ in warm} == {slow.owner, fast.owner}
+        slow.mode = "hang_before_first"
+        served = await _served_streams(oa, 8, "hedged")
+        assert {miner for _, miner, _ in served} == {fast.owner}
+        assert all(text.startswith("Hello") and elapsed < HOLD_S for elapsed, _, text in served)
+        hedges = gw.gateway.metrics.registry.get_sample_value("infergrid_gateway_hedges_total")
+        assert hedges is not None and hedges >= 1 and slow.hung_up >= 1
+        state = gw.gateway.pool.get(slow.owner)
+        assert state is not None and state.inflight == 0 and state.failed == 0  # not its fault

@@ -528,3 +528,43 @@ async def test_unmetered_gateway_has_no_settlement_endpoints(
         await gw.client(api_key).chat.completions.create(model=MODEL, messages=MESSAGES)
         headers, _ = miners[0].seen[-1]
         assert PAYER_HEADER not in headers and GATEWAY_HEADER not in headers
+
+
+async def test_a_hedged_stream_is_charged_once_by_the_winner(
+    net: Network, keys: KeyStore, traces: TraceStore, payer_key: str, tmp_path: Path
+) -> None:
+    """Metered hedging: while two miners race for a stream the payer's hold covers the dearer;
+    only the winner's receipt is stored and charged, and the whole hold is returned."""
+    async with registered_miners(net, 2, hang_s=3.0) as miners:
+        slow, fast = miners
+        async with metered_gateway(
+            net, miners, keys, traces, tmp_path,
+            first_token_timeout_floor_s=30, first_token_timeout_cap_s=30,
+        ) as gw:  # fmt: skip
+            oa = gw.client(payer_key).with_options(max_retries=0)
+            for i in range(6):  # both serve; the model's first-token time is learnt
+                stream = await oa.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": f"warm {i}"}], stream=True
+                )
+                [chunk async for chunk in stream]
+            slow.mode = "hang_before_first"
+            before = store_of(gw).count()
+            hedged: list[str] = []
+            for i in range(6):
+                raw = await oa.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": f"q {i}"}], stream=True
+                )
+                assert raw.headers[MINER_HEADER] == fast.owner
+                [chunk async for chunk in raw.parse()]
+                trace = await wait_flushed(traces, raw.headers[REQUEST_ID_HEADER])
+                if trace.attempts == 2:
+                    hedged.append(raw.headers[REQUEST_ID_HEADER])
+            assert hedged, "the slow miner was never picked first"
+            assert store_of(gw).count() == before + 6  # one receipt per request
+            for rid in hedged:
+                stored = store_of(gw).get(rid)
+                assert stored is not None and stored.receipt.miner == fast.owner
+                trace = await wait_flushed(traces, rid)
+                assert trace.status == 200 and trace.cost_wei == str(stored.receipt.value)
+            account = gw.gateway.settlement.ledger.get(addr(PAYER_A))  # type: ignore[union-attr]
+            assert account is not None and account.reserved_wei == 0 and account.inflight == 0

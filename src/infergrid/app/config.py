@@ -31,6 +31,9 @@ class GatewayConfig:
     # After the first token, a silence this long ends the stream with an error, uncharged.
     stream_stall_timeout_s: float = 30.0
     max_attempts: int = 3  # distinct miners tried before the first token reaches the client
+    # A stream whose first token is late (compute.scheduler's hedge_due_at) is also sent to a
+    # second miner, within the scheduler's hedge budget; the first to answer serves it.
+    hedge_streams: bool = True
     max_body_bytes: int = 16 * 1024 * 1024
     # The most a request body may take to arrive, however slowly it trickles (408 after).
     body_timeout_s: float = 30.0

@@ -208,6 +208,8 @@ class Forwarder:
             attempts += 1
             call.trace.attempts += 1
             try:
+                if call.stream and self.config.hedge_streams and not call.canary:
+                    return await self._hedged(call, slot, tried, can_fail_over)
                 return await self._attempt(call, slot, can_fail_over)
             except _MinerFailed as exc:
                 last_error = f"{miner.owner}: {exc}"
@@ -222,6 +224,91 @@ class Forwarder:
             type="server_error",
             code="no_miner_available",
         )
+
+    async def _hedged(
+        self,
+        call: Call,
+        slot: Slot,
+        tried: list[MinerState],
+        can_fail_over: Callable[[], bool],
+    ) -> Response | StreamRelay:
+        """`_attempt` on the slot, raced by a second miner if its first token is late.
+
+        At the scheduler's `hedge_delay`, if its hedge budget allows and a miner outside
+        `tried` has a free slot (a hedge never overflows a full network), the call also goes
+        there (metered: the hold grows to the dearer miner's cost). The first attempt to
+        prime a first token (or to answer at all: a 4xx) serves the call; the other is closed
+        before it sends anything to the client, its slot released as `Cancelled`, and the call
+        is charged at the winner's prices. If both fail, the last failure is raised and the
+        caller fails over past both."""
+        pool = self.pool
+        primary = asyncio.ensure_future(self._attempt(call, slot, can_fail_over))
+        racing = [primary]
+        try:
+            delay = pool.hedge_delay(slot)
+            if delay is not None:
+                await asyncio.wait(racing, timeout=delay)
+            if not primary.done() and pool.should_hedge(slot):
+                second = self._hedge_slot(call, tried)
+                if second is not None:
+                    tried.append(second.miner)
+                    call.trace.attempts += 1
+                    self.metrics.hedges.inc()
+                    racing.append(asyncio.ensure_future(self._attempt(call, second, can_fail_over)))
+            failure: BaseException | None = None
+            pending = set(racing)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in (t for t in racing if t in done):  # the primary first on a tie
+                    failure = task.exception()
+                    if failure is None:
+                        await self._close_losers([t for t in racing if t is not task])
+                        result = task.result()
+                        if len(racing) > 1 and self.metering is not None:
+                            served_by = result.miner if isinstance(result, StreamRelay) else None
+                            if served_by is not None:
+                                self.metering.won(call, served_by)
+                        return result
+                    if not isinstance(failure, _MinerFailed):
+                        await self._close_losers([t for t in racing if t is not task])
+                        raise failure
+                    if pending:
+                        log.info(
+                            "request %s: a raced attempt failed (%s)", call.request_id, failure
+                        )
+            assert failure is not None
+            raise failure
+        except BaseException:
+            await self._close_losers(racing)
+            raise
+
+    def _hedge_slot(self, call: Call, tried: list[MinerState]) -> Slot | None:
+        """A second miner's slot for the call, reserved for (metered); None if there is none
+        to be had now."""
+        try:
+            second = self.pool.pick(call.model, tried, request=call.route, hedge=True)
+        except (NetworkSaturated, NoHealthyMiner, NoMinerWithinPrice, ModelNotServed):
+            return None
+        if self.metering is not None:
+            try:
+                reserved = self.metering.reserve_hedge(call, second.miner)
+            except InsufficientHeadroom:
+                reserved = False
+            if not reserved:
+                self.pool.release(second, Cancelled())
+                return None
+        return second
+
+    async def _close_losers(self, tasks: list[asyncio.Future[Response | StreamRelay]]) -> None:
+        """Stop attempts that lost a race (or whose caller went away). One that already
+        primed a stream is closed without a word to the client; its slot is released as
+        `Cancelled` (its miner did nothing wrong) and the call's hold is left to the winner."""
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, StreamRelay):
+                result.resp.close()
+                self.pool.release(result.slot, Cancelled())
 
     def _upstream_headers(self, call: Call) -> dict[str, str]:
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}

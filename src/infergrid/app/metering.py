@@ -58,6 +58,30 @@ class Metering:
         call.offer = offer
         return True
 
+    def reserve_hedge(self, call: Call, miner: MinerState) -> bool:
+        """Before a second miner races the first for the call: grow the hold to cover the
+        dearer of the two (only one is ever charged), keeping the call's offer; False if the
+        miner has no offer for the model. Raises InsufficientHeadroom (then: no hedge)."""
+        assert call.reservation is not None
+        offer = offer_for(miner.record, call.model)
+        if offer is None:
+            return False
+        amount = max_request_value(len(call.payload), call.max_tokens, offer)
+        if amount > call.reservation.amount_wei:
+            self.settlement.ledger.resize(call.reservation, amount)
+        return True
+
+    def won(self, call: Call, miner: MinerState) -> None:
+        """The race is decided: the call is charged at the winner's offer, and the hold
+        shrinks back to what the winner can cost."""
+        assert call.reservation is not None
+        offer = offer_for(miner.record, call.model)
+        assert offer is not None  # reserved for, so it had one
+        amount = max_request_value(len(call.payload), call.max_tokens, offer)
+        if amount < call.reservation.amount_wei:
+            self.settlement.ledger.resize(call.reservation, amount)
+        call.offer = offer
+
     def verify(
         self,
         call: Call,

@@ -65,6 +65,11 @@ class GatewayMetrics:
             "Miner attempts that failed before the first token and were retried elsewhere.",
             registry=r,
         )
+        self.hedges = Counter(
+            "infergrid_gateway_hedges",
+            "Streams whose first token was late and were also sent to a second miner.",
+            registry=r,
+        )
         self.shed = Counter(
             "infergrid_gateway_shed",
             "Requests refused with 429 network_saturated (every miner serving the model at"

@@ -316,13 +316,15 @@ class MinerPool:
         *,
         canary: bool = False,
         request: RouteRequest | None = None,
+        hedge: bool = False,
     ) -> Slot:
         """A slot on a miner for `model`, outside `exclude` (the miners already tried), that
         `route_filter` lets this request go to: the scheduler's choice (module docstring), or
         for a canary request the least loaded healthy miner of its filter.
 
         Raises ModelNotServed, NoHealthyMiner, NoMinerWithinPrice or NetworkSaturated (only
-        for a request that has not failed over yet: the network admitted it).
+        for a request that has not failed over yet, or a `hedge`: a request failing over was
+        admitted, while a hedge is extra load that a full network does not take).
         """
         serving = self._by_model.get(model)
         if not serving:
@@ -330,7 +332,7 @@ class MinerPool:
         if canary:
             return self._pick_canary(model, serving, exclude)
         excluded = {state.owner for state in exclude}
-        failing_over = bool(excluded)
+        failing_over = bool(excluded) and not hedge
         if self.route_filter is not None:
             allowed = {id(state) for state in self.route_filter(serving, False)}
             excluded.update(state.owner for state in serving if id(state) not in allowed)
@@ -373,6 +375,20 @@ class MinerPool:
         if self.route_filter is not None and serving:
             serving = self.route_filter(serving, canary)
         return any(self.in_service(state) and state not in excluded for state in serving)
+
+    def hedge_delay(self, slot: Slot) -> float | None:
+        """Seconds from now until the slot's first token is late enough to hedge (0 if it is
+        already), or None when it is not the scheduler's (a canary) or nothing is measured."""
+        if slot.ticket is None:
+            return None
+        due = self.scheduler.hedge_due_at(slot.ticket)
+        return None if due is None else max(0.0, due - self.clock())
+
+    def should_hedge(self, slot: Slot) -> bool:
+        """Whether to hedge the slot's attempt now; True spends hedge budget."""
+        if slot.ticket is None or slot.released:
+            return False
+        return self.scheduler.should_hedge(slot.ticket, self.clock(), first_token_seen=False)
 
     def in_service(self, state: MinerState) -> bool:
         """Its last health check passed and its breaker is not open."""
