@@ -946,6 +946,13 @@ def gateway(
             " disk is synced in the background, before any voucher or anchor covers it."
         ),
     ] = False,
+    hedge: Annotated[
+        bool,
+        typer.Option(
+            help="Send a stream whose first token is late to a second miner too (within a"
+            " budget of about one hedge per ten requests); the first to answer serves it."
+        ),
+    ] = True,
 ) -> None:
     """Run a gateway: OpenAI-compatible API in front of the miners in the registry.
 
@@ -988,6 +995,7 @@ def gateway(
         request_retention_max=request_retention,
         request_retention_s=request_retention_days * 86400.0,
         receipts_wait_for_disk=receipts_wait_for_disk,
+        hedge_streams=hedge,
     )
     if escrow is not None and settings.private_key is None:
         raise CLIError(f"a billing gateway (--escrow) signs receipts: set {PRIVATE_KEY_ENV}")

@@ -45,6 +45,7 @@ class GatewaySettings:
     receipts_db: Path | None = None  # default: receipts_db_path(db_path)
     # Answers wait for their receipt's fsync, not only its commit (app.receipts).
     receipts_wait_for_disk: bool = False
+    hedge_streams: bool = GatewayConfig.hedge_streams  # GatewayConfig documents it
     # How long a miner may keep a request (GatewayConfig documents the rule).
     first_token_timeout_floor_s: float = GatewayConfig.first_token_timeout_floor_s
     first_token_timeout_cap_s: float = GatewayConfig.first_token_timeout_cap_s
@@ -171,6 +172,7 @@ def run_gateway_node(settings: GatewaySettings, console: Console) -> None:
         return registry.nodes(active_only=True)
 
     config = GatewayConfig(
+        hedge_streams=settings.hedge_streams,
         db_path=settings.db_path,
         host=settings.host,
         port=settings.port,
