@@ -1,18 +1,25 @@
 """Miners' epoch rewards from the command line, on a devnet's contracts served over HTTP: two
 verifiers reveal scores for an epoch, the treasury runs `infergrid rewards pay-miners`, a miner
 sees its share and early multiplier with `infergrid miner rewards` and claims with `infergrid
-miner claim`; every refusal is one readable line."""
+miner claim`; paid by demand (`--gateway`, `--by-demand`), the emission is split by model from
+a scripted gateway's GET /v1/network served on 127.0.0.1; every refusal is one readable line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from infergrid.protocol.nodes import WEI_PER_BTT, ModelOffer, Role
+from infergrid.protocol.supply import demand_from_network, emission_weights_ppm
 from infergrid.settle.chain import Chain, EmbeddedEVM, as_account
 from infergrid.settle.deploy import NetworkContracts, deploy_network
 from infergrid.settle.profiles import DEVNET_PARAMS
@@ -146,3 +153,145 @@ def test_refusals_are_one_line(scored: tuple[Chain, NetworkContracts], tmp_path:
     assert "--emission is required" in one_error_line(outside)
     bad = invoke("miner", "rewards", "--address", "0x12", *where)
     assert "--address" in one_error_line(bad)
+
+
+# -- paying by demand (the gateway's GET /v1/network) ---------------------------------------
+
+API_KEY = "ig-network-key"
+
+
+def network_row(model: str, served: int, busy: float, shed: int = 0) -> dict[str, Any]:
+    """A /v1/network models[] row, every field the gateway publishes."""
+    return {
+        "model": model, "model_id": "0x" + "07" * 32, "miners": 2, "healthy": 2,
+        "capacity": 16, "in_flight": 0, "requests": 100, "shed": shed,
+        "tokens_requested": 2 * served, "tokens_served": served, "busy_slot_s": busy,
+        "capacity_slot_s": 100.0, "utilization": busy / 100.0,
+        "price_wei": {"prompt": 1, "completion": 1}, "reward_share_ppm": 0,
+    }  # fmt: skip
+
+
+NETWORK = {
+    "object": "network",
+    "since": 0.0,
+    "until": 1.0,
+    # "m" is what both miners offer; "unserved-here" nobody registered offers.
+    "models": [network_row("m", 3000, 50.0, shed=10), network_row("unserved-here", 1000, 5.0)],
+}
+
+
+class ScriptedNetwork:
+    """A scripted stand-in for a gateway's GET /v1/network: `body` for any window to the
+    bearer of API_KEY (the queries it got are kept in `queries`), 401 to anyone else."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.queries: list[dict[str, list[str]]] = []
+        queries = self.queries
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                if self.headers.get("authorization") != f"Bearer {API_KEY}":
+                    status, reply = 401, {"error": {"message": "Incorrect API key provided."}}
+                elif url.path != "/v1/network":
+                    status, reply = 404, {"error": {"message": f"no route {url.path}"}}
+                else:
+                    queries.append(urllib.parse.parse_qs(url.query))
+                    status, reply = 200, body
+                raw = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ScriptedNetwork]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join()
+
+
+def test_pay_miners_by_demand_splits_the_emission_by_model(
+    scored: tuple[Chain, NetworkContracts], tmp_path: Path
+) -> None:
+    chain, contracts = scored
+    write_devnet(tmp_path, chain, contracts)
+    where = ("--state-dir", str(tmp_path))
+    emission = DEVNET_PARAMS.miner_emission_per_epoch_wei
+    weights = emission_weights_ppm(demand_from_network(NETWORK).values())
+    with ScriptedNetwork(NETWORK).running() as gateway:
+        dry = invoke(
+            "rewards", "pay-miners", "--dry-run", "--json", "--gateway", gateway.base_url,
+            "--api-key", API_KEY, *where,
+        )  # fmt: skip
+        assert dry.exit_code == 0, dry.stderr
+        (query,) = gateway.queries
+    planned = json.loads(dry.stdout)
+    assert planned["model_weights_ppm"] == weights and weights["m"] > 750_000  # the busy one
+    assert planned["model_utilization"] == {"m": 0.5, "unserved-here": 0.05}
+    # The first window reaches one ScoreBoard epoch back from now; it is the one asked for.
+    since, until = planned["demand_window"]
+    length = ScoreBoard(chain, contracts.ScoreBoard or "").schedule().epoch_length_s
+    assert until - since == pytest.approx(length)
+    assert float(query["since"][0]) == since and float(query["until"][0]) == until
+    # "m"'s pool goes 70/30 by the consensus; nobody registered offers the other model.
+    pool = emission * weights["m"] // 1_000_000
+    assert planned["allocations"] == {
+        address(MINERS[0]): str(pool * 7 // 10),
+        address(MINERS[1]): str(pool * 3 // 10),
+    }
+    assert int(planned["unpaid_wei"]) == emission - pool
+
+
+def test_pay_miners_by_demand_on_a_devnet_reads_its_gateway_and_prints_the_models(
+    scored: tuple[Chain, NetworkContracts], tmp_path: Path
+) -> None:
+    chain, contracts = scored
+    with ScriptedNetwork(NETWORK).running() as gateway:
+        write_devnet(tmp_path, chain, contracts)
+        description = json.loads((tmp_path / "devnet.json").read_text())
+        description.update(base_url=gateway.base_url, api_key=API_KEY)
+        (tmp_path / "devnet.json").write_text(json.dumps(description))
+        shown = invoke(
+            "rewards", "pay-miners", "--dry-run", "--by-demand", "--state-dir", str(tmp_path)
+        )
+        assert shown.exit_code == 0, shown.stderr
+        assert len(gateway.queries) == 1
+    assert "util." in shown.stdout and "unserved-here" in shown.stdout
+    assert "50.0%" in shown.stdout and "5.0%" in shown.stdout  # each model's utilization
+
+
+def test_pay_miners_by_demand_refuses_in_one_line(
+    scored: tuple[Chain, NetworkContracts], tmp_path: Path
+) -> None:
+    chain, contracts = scored
+    write_devnet(tmp_path, chain, contracts)
+    where = ("--state-dir", str(tmp_path), "--dry-run", "--api-key", API_KEY)
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    line = one_error_line(invoke("rewards", "pay-miners", "--gateway", closed, *where))
+    assert "cannot reach the gateway" in line
+    broken = {**NETWORK, "models": [{**network_row("m", 10, 1.0), "shed": -1}]}
+    with ScriptedNetwork(broken).running() as gateway:
+        line = one_error_line(
+            invoke("rewards", "pay-miners", "--gateway", gateway.base_url, *where)
+        )
+        assert "shed" in line and "/network" in line
+        wrong_key = invoke(
+            "rewards", "pay-miners", "--gateway", gateway.base_url, "--state-dir", str(tmp_path),
+            "--api-key", "ig-nobody",
+        )  # fmt: skip
+        assert "Incorrect API key" in one_error_line(wrong_key)

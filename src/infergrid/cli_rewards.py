@@ -138,6 +138,28 @@ def pay_miners_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the consensus and allocations; send nothing.")
     ] = False,
+    by_demand: Annotated[
+        bool,
+        typer.Option(
+            "--by-demand",
+            help="Split the emission by model demand from the gateway's /v1/network (the"
+            " devnet's gateway unless --gateway names one).",
+        ),
+    ] = False,
+    gateway_url: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway",
+            help="Gateway whose GET /v1/network demand splits the emission by model (implies"
+            " --by-demand).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="INFERGRID_API_KEY", help="An API key at --gateway (default: the devnet's)."
+        ),
+    ] = None,
     state_file: MinerStateOption = None,
     as_json: JsonOption = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
@@ -151,6 +173,11 @@ def pay_miners_command(
     funds the RewardDistributor and proposes the root with the proposer bond. Epochs nobody
     revealed for are passed over. Earlier epochs whose challenge window has passed are
     finalized first. Miners then run `infergrid miner claim`.
+
+    By demand (--gateway or --by-demand) the emission is first split between the models by
+    the gateway's demand and supply since the last epoch paid by demand (one ScoreBoard epoch
+    back at first): models short of capacity get more (protocol.supply); each model's part
+    goes to the miners offering it by share x multiplier.
     """
     from infergrid.protocol.pricing import format_btt
     from infergrid.verify.miner_pay import pay_miners
@@ -173,13 +200,17 @@ def pay_miners_command(
         emission_wei = DEVNET_PARAMS.miner_emission_per_epoch_wei
     else:
         emission_wei = round(emission * 10**18)
+    demand, window = None, None
+    if by_demand or gateway_url is not None:
+        demand, window = _gateway_demand(target, gateway_url, api_key, state_dir)
     finalized = [] if dry_run else finalize_due(target.net, key, target.state_file)
     result = pay_miners(
         target.net, target.board, target.registry, key, target.state_file,
-        emission_wei=emission_wei, dry_run=dry_run,
+        emission_wei=emission_wei, dry_run=dry_run, demand=demand, demand_window=window,
     )  # fmt: skip
     if as_json:
-        out.print_json(data={**result.to_json(), "finalized": finalized})
+        extra = {"demand_window": list(window)} if window else {}
+        out.print_json(data={**result.to_json(), **extra, "finalized": finalized})
         return
     for epoch in finalized:
         out.print(f"finalized reward epoch {epoch}", highlight=False)
@@ -192,6 +223,11 @@ def pay_miners_command(
         highlight=False,
         soft_wrap=True,
     )
+    if result.model_weights:
+        out.print(f"{'model':<42} {'util.':>9} {'share':>9}", highlight=False)
+    for model, weight in result.model_weights.items():
+        used = result.model_utilization.get(model, 0.0)
+        out.print(f"{model:<42} {used:>9.1%} {_ppm(weight):>9}", highlight=False)
     if result.shares:
         out.print(f"{'miner':<42} {'share':>9} {'early':>9}  reward", highlight=False)
     for miner, share in result.shares.items():
@@ -211,6 +247,27 @@ def pay_miners_command(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _gateway_demand(
+    target: _Rewards, gateway_url: str | None, api_key: str | None, state_dir: Path
+) -> tuple[dict[str, Any], tuple[float, float]]:
+    """The gateway's demand per model since the last epoch paid by demand (one ScoreBoard
+    epoch back at first), and that window; the gateway and key default to the devnet's."""
+    import time
+
+    from infergrid.verify.miner_pay import fetch_network_demand, last_demand_until
+    from infergrid.verify.pay_state import PayState
+
+    if gateway_url is None or api_key is None:
+        info = target.info or _devnet_info(state_dir)
+        gateway_url = gateway_url or info["base_url"]
+        api_key = api_key or info["api_key"]
+    assert gateway_url is not None and api_key is not None
+    until = time.time()  # the gateway's clock: it runs on wall time
+    state = PayState.load(target.state_file, target.net.deployment())
+    since = float(last_demand_until(state)) or until - target.board.schedule().epoch_length_s
+    return fetch_network_demand(gateway_url, api_key, since, until), (since, until)
 
 
 @miner_app.command("rewards")

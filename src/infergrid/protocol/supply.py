@@ -75,6 +75,7 @@ __all__ = [
     "ModelDemand",
     "SupplyParams",
     "allocate_by_model",
+    "demand_from_network",
     "emission_weights_ppm",
     "model_weight",
 ]
@@ -159,6 +160,17 @@ class ModelDemand:
             busy_slot_s=_seconds(row, "busy_slot_s"),
             capacity_slot_s=_seconds(row, "capacity_slot_s"),
         )
+
+
+def demand_from_network(body: object) -> dict[str, ModelDemand]:
+    """Model name → ModelDemand from a whole `GET /v1/network` answer. ValueError for an
+    answer that is not a network object, a bad row (naming its field), or a model twice."""
+    if not isinstance(body, Mapping) or body.get("object") != "network":
+        raise ValueError("the gateway's /v1/network answer is not a network object")
+    rows = body.get("models")
+    if not isinstance(rows, list):
+        raise ValueError("the gateway's /v1/network answer has no models list")
+    return _by_model(ModelDemand.from_json(row) for row in rows)
 
 
 def _number(value: float, name: str, low: float, high: float, *, open_low: bool) -> Fraction:

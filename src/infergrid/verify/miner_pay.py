@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infergrid.gateway_client import get_gateway_json
 from infergrid.protocol.addresses import checked_address
 from infergrid.protocol.consensus import miner_rewards
 from infergrid.protocol.nodes import NodeRecord, Role
@@ -51,6 +52,7 @@ from infergrid.protocol.supply import (
     ModelDemand,
     SupplyParams,
     allocate_by_model,
+    demand_from_network,
     emission_weights_ppm,
 )
 from infergrid.settle.chain import PrivateKey, as_account
@@ -60,7 +62,13 @@ from infergrid.settle.scores import ScoreBoard, epoch_consensus
 from infergrid.verify.pay_epoch import PayContracts, propose_record
 from infergrid.verify.pay_state import EpochRecord, PayState
 
-__all__ = ["MinerPayResult", "last_demand_until", "next_scored_epoch", "pay_miners"]
+__all__ = [
+    "MinerPayResult",
+    "fetch_network_demand",
+    "last_demand_until",
+    "next_scored_epoch",
+    "pay_miners",
+]
 
 SKIPPED = "skipped"
 # The treasury's record of miner pay, by default in the state directory.
@@ -113,6 +121,21 @@ class MinerPayResult:
             "model_utilization": self.model_utilization,
             "unpaid_wei": str(self.unpaid_wei),
         }
+
+
+def fetch_network_demand(
+    gateway_url: str, api_key: str, since: float, until: float, *, timeout_s: float = 10.0
+) -> dict[str, ModelDemand]:
+    """Each model's demand as the gateway's `GET /v1/network` publishes it for [since, until)
+    (its clock). ConnectionError when it cannot be reached; RuntimeError with the gateway's
+    message, or naming what is malformed in its answer."""
+    base_url = gateway_url.rstrip("/").removesuffix("/v1") + "/v1"
+    query = {"since": repr(float(since)), "until": repr(float(until))}
+    body = get_gateway_json(base_url, "/network", api_key, query=query, timeout_s=timeout_s)
+    try:
+        return demand_from_network(body)
+    except ValueError as exc:
+        raise RuntimeError(f"{exc} (from {base_url}/network)") from None
 
 
 def next_scored_epoch(state: PayState, board: ScoreBoard) -> int:
