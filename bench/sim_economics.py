@@ -12,7 +12,12 @@ protocol.audits (the audit probabilities) and the settlement parameters of settl
     where the honest-majority assumption ends) inflating its own miner: what it gains;
 (d) cheating miners at the verification issue's audit rates (p = 0.25 for the first 500
     requests, 0.05 after, 1.0 on probation) and the detection rates docs/verification.md
-    measured: expected profit of cheating, analytic and Monte Carlo.
+    measured: expected profit of cheating, analytic and Monte Carlo;
+(e) demand-driven emission (protocol.supply): three models whose miners start far from their
+    demand; each epoch the emission is split by `emission_weights_ppm`, and the few miners
+    earning least per unit of capacity move to the model paying most per unit: how fast the
+    shed requests vanish, with the shortage boost (default parameters) and without it
+    (max_boost 1: emission by tokens served alone). `--supply-only` runs (e) alone.
 
 `python bench/sim_economics.py` prints the tables; `--json` prints them as JSON; `--seed`
 fixes the randomness. bench/simulate.py delegates `simulate.py economics ...` to `main`.
@@ -44,6 +49,12 @@ from infergrid.protocol.scoring import (
     quality,
     score,
     score_shares_ppm,
+)
+from infergrid.protocol.supply import (
+    DEFAULT_SUPPLY,
+    ModelDemand,
+    SupplyParams,
+    emission_weights_ppm,
 )
 from infergrid.settle.profiles import DEVNET_PARAMS, MAINNET_PARAMS
 
@@ -421,6 +432,67 @@ def run_accuracy(fractions: Sequence[float] = (0.01, 0.05, 0.2, 0.5)) -> list[di
 # -- output ----------------------------------------------------------------------------------
 
 
+# (e): busy slot-units each model is asked for (a slot-unit: one miner's slots for an epoch),
+# and where the 100 miners start.
+SUPPLY_DEMAND = {"big": 60.0, "mid": 25.0, "niche": 5.0}
+SUPPLY_START = {"big": 20, "mid": 40, "niche": 40}
+EPOCH_S = 86400.0
+REQUESTS_PER_UNIT = 1000
+TOKENS_PER_SLOT_UNIT = 1_000_000
+
+
+def supply_epoch(
+    miners_on: dict[str, int], params: SupplyParams
+) -> tuple[dict[str, ModelDemand], dict[str, int]]:
+    """One epoch: each model serves what its miners' slots can take (all of them busy at
+    most), sheds the rest, and the emission is split by protocol.supply."""
+    rows: dict[str, ModelDemand] = {}
+    for model, asked in SUPPLY_DEMAND.items():
+        capacity = float(miners_on[model])
+        busy = min(asked, capacity)
+        requests = int(asked * REQUESTS_PER_UNIT)
+        shed = round(requests * (asked - busy) / asked)
+        rows[model] = ModelDemand(
+            model, requests, shed, int(asked * TOKENS_PER_SLOT_UNIT),
+            int(busy * TOKENS_PER_SLOT_UNIT), busy * EPOCH_S, capacity * EPOCH_S,
+        )  # fmt: skip
+    return rows, emission_weights_ppm(rows.values(), params)
+
+
+def run_supply(epochs: int = 30, response: float = 0.1) -> list[dict[str, Any]]:
+    """(e): each epoch, of the miners of the model paying least per miner, a part grows with
+    the pay gap (`response` × (richest / poorest − 1) of them, at most half, at least one
+    when the gap is 5 % or more) moves to the model paying most; rows at a few epochs."""
+    rows: list[dict[str, Any]] = []
+    for rule, params in (
+        ("boost (default)", DEFAULT_SUPPLY),
+        ("tokens only", SupplyParams(max_boost=1)),
+    ):
+        miners_on = dict(SUPPLY_START)
+        for epoch in range(epochs + 1):
+            demand, weights = supply_epoch(miners_on, params)
+            per_miner = {m: weights[m] / max(miners_on[m], 1) for m in miners_on}
+            if epoch in (0, 2, 5, 10, 15, 20, epochs):
+                shed = sum(d.shed for d in demand.values())
+                asked = sum(d.requests for d in demand.values())
+                row: dict[str, Any] = {"rule": rule, "epoch": epoch}
+                for m, d in demand.items():
+                    row[f"{m} miners"] = miners_on[m]
+                    row[f"{m} util"] = round(d.utilization, 3)
+                    row[f"{m} share_ppm"] = weights[m]
+                row["shed_%"] = round(100 * shed / asked, 2)
+                rows.append(row)
+            poorest = min((m for m in miners_on if miners_on[m] > 0), key=per_miner.__getitem__)
+            richest = max(miners_on, key=per_miner.__getitem__)
+            gap = per_miner[richest] / per_miner[poorest] if per_miner[poorest] else 10.0
+            if gap >= 1.05:
+                part = min(0.5, response * (gap - 1))
+                moved = max(1, int(part * miners_on[poorest]))
+                miners_on[poorest] -= moved
+                miners_on[richest] += moved
+    return rows
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value == 0 or (1e-3 <= abs(value) < 1e6):
@@ -465,7 +537,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--requests", type=int, default=5000, help="requests per cheating miner in (d)"
     )
+    parser.add_argument("--supply-only", action="store_true", help="run (e) alone")
     args = parser.parse_args(argv)
+    if args.supply_only:
+        started = time.process_time()
+        supply = run_supply()
+        if args.json:
+            print(json.dumps({"supply": supply, "cpu_s": time.process_time() - started}))
+            return
+        print(f"(e) demand-driven emission ({time.process_time() - started:.1f} s CPU)\n")
+        print(table(supply))
+        return
     if args.trials < 1 or args.requests < 1 or args.random_splits < 0:
         parser.error("--trials and --requests must be positive, --random-splits >= 0")
     started = time.process_time()
@@ -483,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     out["cheating_analytic"] = analytic
     out["cheating_monte_carlo"] = monte
     out["cheating_epoch_score"] = run_accuracy()
+    out["supply"] = run_supply()
     out["cpu_s"] = time.process_time() - started
     out["machine"] = machine()
     if args.json:
@@ -495,6 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         "cheating_analytic": "(d) one cheated request: expected profit in units of its reward R",
         "cheating_monte_carlo": "(d) a cheating miner with the minimum stake, Monte Carlo",
         "cheating_epoch_score": "(d) epoch score of a cheater that serves 1/(1-f) more tokens",
+        "supply": "(e) demand-driven emission: miners move to the model paying most per miner",
     }
     print(f"seed {args.seed}; weights {out['weights']}; miner stake {out['min_stake_btt']} BTT;")
     print(f"slash {SLASH_PPM} ppm; {out['machine']}; {out['cpu_s']:.1f} s CPU\n")
