@@ -14,6 +14,7 @@ from infergrid.protocol.supply import (
     ModelDemand,
     SupplyParams,
     allocate_by_model,
+    demand_from_network,
     emission_weights_ppm,
     model_weight,
 )
@@ -100,6 +101,21 @@ def test_more_shed_than_requests_and_a_non_object_are_refused() -> None:
         ModelDemand.from_json(row(requests=3, shed=4))
     with pytest.raises(ValueError, match="object"):
         ModelDemand.from_json([1, 2])
+
+
+def test_a_whole_network_answer_is_read_by_model() -> None:
+    body = {"object": "network", "models": [row(), row(model="other", shed=0)]}
+    demands = demand_from_network(body)
+    assert list(demands) == ["SmolLM2-135M-Instruct", "other"]
+    assert demands["other"].shed == 0
+    with pytest.raises(ValueError, match="not a network"):
+        demand_from_network({"object": "list", "data": []})
+    with pytest.raises(ValueError, match="models"):
+        demand_from_network({"object": "network"})
+    with pytest.raises(ValueError, match="twice"):
+        demand_from_network({"object": "network", "models": [row(), row()]})
+    with pytest.raises(ValueError, match="tokens_served"):
+        demand_from_network({"object": "network", "models": [row(tokens_served=-3)]})
 
 
 @pytest.mark.parametrize(
