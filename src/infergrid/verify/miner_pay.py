@@ -164,13 +164,14 @@ def pay_miners(
     RewardDistributor's treasury. A dry run reads and computes, and changes nothing. ValueError
     for another key, a negative emission, or when the next epoch's reveals are not over yet.
 
-    `demand` (model name → ModelDemand, e.g. from the gateway's /v1/network) splits the
-    emission by model with `supply`'s rule; None keeps the single pool. `miner_models` (miner
-    → offer names) defaults to the registry's offers. `demand_window` (the gateway's clock)
-    is recorded with the epoch, so that the next run can ask for demand from where it ended
-    (`last_demand_until`). With demand but no tokens served in it nothing is paid and nothing
-    recorded: a later run pays the epoch. The weights are kept in the state file with the
-    epoch: a run completing an interrupted one pays what was recorded, not a new split."""
+    `demand` (model name → ModelDemand, e.g. from the gateway's /v1/network; each row names
+    its model, the keys are not read) splits the emission by model with `supply`'s rule; None
+    keeps the single pool. `miner_models` (miner → offer names) defaults to the registry's
+    offers. `demand_window` (the gateway's clock) is recorded with the epoch, so that the next
+    run can ask for demand from where it ended (`last_demand_until`). With demand but no
+    tokens served in it nothing is paid and nothing recorded: a later run pays the epoch. The
+    weights are kept in the state file with the epoch: a run completing an interrupted one
+    pays what was recorded, not a new split."""
     if isinstance(emission_wei, bool) or not isinstance(emission_wei, int) or emission_wei < 0:
         raise ValueError(f"the emission must be a non-negative int of wei, not {emission_wei!r}")
     holder = as_account(key).address
@@ -237,7 +238,7 @@ def pay_miners(
         }
     else:
         weights = emission_weights_ppm(demand.values(), supply)
-        utilization = {name: d.utilization for name, d in demand.items()}
+        utilization = {d.model: d.utilization for d in demand.values()}
         if miner_models is None:
             models_of = {m: _offers(records[m]) for m in miners}
         else:
