@@ -350,3 +350,29 @@ def test_sse_helpers() -> None:
     assert relay.parse_sse_data(b": keepalive\n") is None
     event = relay.stream_error_event("broke")
     assert event.startswith(b"data: ") and json.loads(event[6:])["error"]["message"] == "broke"
+
+
+def test_spare_miners_stand_by_until_the_active_ones_are_full() -> None:
+    pool = healthy_pool(node(1, "a"), node(2, "a"), node(3, "a"))
+    for state in pool.miners():
+        pool.set_health(state, True, max_concurrency=1)  # two slots each
+    pool.sample_capacity()  # a health round: the idle model keeps two active
+    [parked] = pool.standby.parked("a")
+    spare = pool.get(parked)
+    assert spare is not None
+    held = [pool.pick("a") for _ in range(4)]  # the active tier's four slots
+    assert spare.inflight == 0
+    held.append(pool.pick("a"))  # full: the spare is activated instead of shedding
+    assert spare.inflight == 1 and pool.standby.parked("a") == set()
+    for slot in held:
+        pool.release(slot, Cancelled())
+    # A failover that would overflow the full active tier takes the parked one instead.
+    pool = healthy_pool(node(1, "a"), node(2, "a"), node(3, "a"))
+    for state in pool.miners():
+        pool.set_health(state, True, max_concurrency=1)
+    pool.sample_capacity()
+    [parked] = pool.standby.parked("a")
+    active = [s for s in pool.miners() if s.owner != parked]
+    held = [pool.pick("a") for _ in range(4)]
+    moved = pool.pick("a", [active[0]])
+    assert moved.miner.owner == parked

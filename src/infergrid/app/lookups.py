@@ -236,6 +236,7 @@ class Lookups:
                 "model_id": offers[0].model_id if offers else None,
                 "miners": len(miners),
                 "healthy": len(in_service),
+                "standby": len(pool.standby.parked(name)),
                 "capacity": sum(m.capacity for m in in_service),
                 "in_flight": sum(m.inflight for m in miners),
                 **(counts.to_json() if counts is not None else ModelCounts().to_json()),

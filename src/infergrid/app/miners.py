@@ -13,6 +13,11 @@ runs at once; as many again wait in its queue), `DEFAULT_MAX_CONCURRENCY` for a 
 declares none. When every miner that may serve a model is at capacity, `pick` raises
 `NetworkSaturated` with the scheduler's retry-after: the gateway answers 429.
 
+Per model, a standby tier (compute.standby) keeps only as many miners active as the load
+needs (two at least); the rest are parked, excluded from picks, until the load rises or a
+request finds every active miner full (then one is activated at once rather than shedding).
+Parked miners still get health checks and canaries. The tier moves each health round.
+
 Canary requests (a verifier's key) keep their own rule: `route_filter` sends them to miners
 on probation first, least loaded; they hold no scheduler slot.
 
@@ -36,6 +41,7 @@ from infergrid.app.demand import DemandLog
 from infergrid.app.miner_epochs import HealthLog
 from infergrid.compute.routing import (
     BreakerState,
+    Cancelled,
     Failed,
     NoMiner,
     Outcome,
@@ -46,6 +52,7 @@ from infergrid.compute.routing import (
     Shed,
 )
 from infergrid.compute.scheduler import Scheduler, SchedulerConfig
+from infergrid.compute.standby import StandbyConfig, StandbyTier
 from infergrid.protocol.nodes import NodeRecord, Role
 
 log = logging.getLogger(__name__)
@@ -153,6 +160,7 @@ class MinerPool:
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    standby_config: StandbyConfig = field(default_factory=StandbyConfig)
     _miners: dict[str, MinerState] = field(default_factory=dict)  # by owner address
     _by_model: dict[str, list[MinerState]] = field(default_factory=dict)
     _first_seen: dict[str, int] = field(default_factory=dict)  # model -> unix time
@@ -171,6 +179,7 @@ class MinerPool:
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(self.scheduler_config, rng=self.rng)
+        self.standby = StandbyTier(self.standby_config)
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -258,11 +267,20 @@ class MinerPool:
         return list(self._by_model.get(model, ()))
 
     def sample_capacity(self) -> None:
-        """Tell the demand log each model's in-service slots now (every health round)."""
-        now = time.time()
+        """Every health round: tell the demand log each model's in-service slots, and move
+        its standby tier with its load (miners ranked by the scheduler's score, best first)."""
+        wall, now = time.time(), self.clock()
         for name in self._names:
-            slots = sum(s.capacity for s in self._by_model.get(name, ()) if self.in_service(s))
-            self.demand.capacity(name, slots, now)
+            in_service = [s for s in self._by_model.get(name, ()) if self.in_service(s)]
+            self.demand.capacity(name, sum(s.capacity for s in in_service), wall)
+            probe = RouteRequest(name)
+            ranked = sorted(in_service, key=lambda state: self._score(state, probe))
+            inflight = sum(s.inflight for s in in_service)
+            self.standby.update(name, [(s.owner, s.capacity) for s in ranked], inflight, now)
+
+    def _score(self, state: MinerState, request: RouteRequest) -> float:
+        stats = self.scheduler.get(state.owner)
+        return float("inf") if stats is None else self.scheduler.score(stats, request)
 
     # -- health ------------------------------------------------------------------------------
 
@@ -336,10 +354,23 @@ class MinerPool:
         if self.route_filter is not None:
             allowed = {id(state) for state in self.route_filter(serving, False)}
             excluded.update(state.owner for state in serving if id(state) not in allowed)
-        # A request failing over was admitted already: it is not shed (compute.scheduler).
-        decision = self.scheduler.pick(
-            request or RouteRequest(model), self.clock(), excluded, admitted=failing_over
-        )
+        request = request or RouteRequest(model)
+        name = self.offer_name(model)
+        while True:
+            parked = self.standby.parked(name)
+            # A request failing over was admitted already: it is not shed (compute.scheduler).
+            decision = self.scheduler.pick(
+                request, self.clock(), excluded | parked, admitted=failing_over
+            )
+            # Standing by while a request would be shed or overflow: activate the best parked
+            # miner and pick again. A hedge is extra load: it activates nobody.
+            overflowing = isinstance(decision, Picked) and decision.reason == "overflow"
+            if hedge or not parked or (isinstance(decision, Picked) and not overflowing):
+                break
+            if not self.standby.activate(name):
+                break
+            if isinstance(decision, Picked):
+                self.scheduler.release(decision, self.clock(), Cancelled())
         if isinstance(decision, Shed):
             raise NetworkSaturated(model, decision.retry_after_header)
         if isinstance(decision, NoMiner):
