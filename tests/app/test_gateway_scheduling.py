@@ -184,6 +184,7 @@ async def test_the_network_publishes_each_models_demand_against_its_supply(
         assert row["busy_slot_s"] >= QUEUE_FACTOR * 1.0  # each held its slot for the hang
         assert row["capacity_slot_s"] > 0 and row["utilization"] > 0
         assert row["price_wei"] == {"prompt": miner.price_in_wei, "completion": miner.price_out_wei}
+        assert row["reward_share_ppm"] == 1_000_000 and row["standby"] == 0  # the only model
         for query, param in (("?since=-1", "since"), ("?window=5", "window")):
             status, headers, data = await _get(gw.url + "/v1/network" + query, api_key)
             assert assert_openai_error(status, headers, data, 400)["param"] == param

@@ -27,6 +27,7 @@ from infergrid.app.request_status import RequestLog, request_status_for
 from infergrid.app.settlement import Settlement
 from infergrid.app.traces import TraceStore
 from infergrid.protocol.openai_types import APIError
+from infergrid.protocol.supply import ModelDemand, emission_weights_ppm
 
 __all__ = ["NETWORK_WINDOW_S", "Lookups"]
 
@@ -204,8 +205,8 @@ class Lookups:
         """GET /v1/network[?since=<unix>&until=<unix>]: per model, its miners and their slots
         now, and over [since, until) (default: the last NETWORK_WINDOW_S seconds) its requests,
         shed requests, tokens asked for and served, slot time busy and offered, utilization,
-        median price, and the share of the miners' emission demand gives it (app.demand,
-        protocol.supply). What operators read to choose what to serve."""
+        median price, and `reward_share_ppm`: the share of the miners' emission its demand
+        earns it (app.demand, protocol.supply). What operators read to choose what to serve."""
         rid = request_id(request.scope)
         try:
             authenticate(self.keys, request)
@@ -250,6 +251,11 @@ class Lookups:
                 ),
             }
             rows.append(row)
+        # The share of the miners' emission each model's demand earns it (protocol.supply:
+        # what `infergrid rewards pay-miners --gateway` pays by, from these same rows).
+        shares = emission_weights_ppm([ModelDemand.from_json(row) for row in rows])
+        for row in rows:
+            row["reward_share_ppm"] = shares[row["model"]]
         return rows
 
     async def list_verifiers(self, request: Request) -> Response:
