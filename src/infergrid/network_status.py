@@ -128,10 +128,9 @@ def render_status(nodes: list[dict[str, Any]], out: Console) -> None:
     out.print(table)
 
 
-_MODEL_HEADERS = (
-    "model", "miners", "slots", "requests", "shed", "tokens served", "utilization",
-    "price in/out (wei)", "emission share",
-)  # fmt: skip
+# slots: in use / offered; util: busy slot time / offered; BTT per million tokens, prompt /
+# completion (median); share: of the miners' emission.
+_MODEL_HEADERS = ("model", "miners", "slots", "requests", "shed", "util", "BTT/M in/out", "share")
 
 
 def gateway_network(base_url: str, api_key: str) -> list[dict[str, Any]] | None:
@@ -158,15 +157,23 @@ def render_models(rows: list[dict[str, Any]] | None, out: Console) -> None:
     for row in rows:
         price = row.get("price_wei") or {}
         share = row.get("reward_share_ppm")
+        standby = int(row.get("standby", 0))
         table.add_row(
             str(row.get("model")),
-            f"{row.get('healthy', 0)}/{row.get('miners', 0)} up",
+            f"{row.get('healthy', 0)}/{row.get('miners', 0)} up"
+            + (f", {standby} standby" if standby else ""),
             f"{row.get('in_flight', 0)}/{row.get('capacity', 0)}",
             str(row.get("requests", 0)),
             str(row.get("shed", 0)),
-            str(row.get("tokens_served", 0)),
             f"{float(row.get('utilization', 0.0)):.1%}",
-            f"{price.get('prompt', '-')}/{price.get('completion', '-')}",
-            "-" if share is None else f"{int(share) / 10_000:.2f} %",
+            f"{_per_million(price.get('prompt'))}/{_per_million(price.get('completion'))}",
+            "-" if share is None else f"{int(share) / 10_000:.1f}%",
         )
     out.print(table)
+
+
+def _per_million(wei_per_token: object) -> str:
+    """A per-token price in wei as BTT per million tokens (how operators compare prices)."""
+    if not isinstance(wei_per_token, int):
+        return "-"
+    return f"{wei_per_token * 1_000_000 / WEI_PER_BTT:g}"

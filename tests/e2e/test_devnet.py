@@ -205,7 +205,7 @@ def test_status_shows_registered_nodes_with_stake(devnet: DevnetProcess) -> None
 
     table = devnet.cli("status")
     assert table.returncode == 0 and "miner" in table.stdout and "100.00" in table.stdout
-    assert "utilization" in table.stdout  # and each model's demand against supply
+    assert "util" in table.stdout and "share" in table.stdout  # each model: demand, supply
 
     shown = devnet.cli("status", "--models", "--json")
     assert shown.returncode == 0, shown.stderr
