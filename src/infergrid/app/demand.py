@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any
 
+from infergrid.protocol.supply import utilization
+
 __all__ = ["DemandLog", "ModelCounts"]
 
 DEMAND_BUCKET_S = 60
@@ -44,10 +46,7 @@ class ModelCounts:
 
     @property
     def utilization(self) -> float:
-        """Busy slot time over offered slot time; 0 when nothing was offered."""
-        if self.capacity_slot_s <= 0:
-            return 0.0
-        return self.busy_slot_s / self.capacity_slot_s
+        return utilization(self.busy_slot_s, self.capacity_slot_s)
 
     def add(self, other: ModelCounts) -> None:
         for f in fields(self):

@@ -174,6 +174,20 @@ def _ok(description: str, schema: dict[str, Any], media_type: str = _JSON) -> di
     return {"description": description, "content": {media_type: {"schema": schema}}}
 
 
+def _window_params(*defaults: tuple[str, str]) -> list[dict[str, Any]]:
+    """The `since` / `until` query parameters of a windowed lookup, with their defaults."""
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "minimum": 0},
+            "description": f"Unix time in seconds; default: {default}.",
+        }
+        for name, default in defaults
+    ]
+
+
 def _neutral_values(rule: Refused) -> list[Any]:
     """The values among _NEUTRAL_CANDIDATES that `rule` lets through (None included if so).
 
@@ -337,16 +351,7 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             "summary": "Per miner, what this gateway observed over requests it received in"
             " [since, until): requests, errors, verified tokens, latency against the model's"
             " typical, health checks, audit verdicts. The verifiers' input to epoch scores.",
-            "parameters": [
-                {
-                    "name": name,
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "number", "minimum": 0},
-                    "description": f"Unix time in seconds; default: {default}.",
-                }
-                for name, default in (("since", "0"), ("until", "now (exclusive)"))
-            ],
+            "parameters": _window_params(("since", "0"), ("until", "now (exclusive)")),
             "responses": {
                 "200": _ok("The miners' counts.", {"type": "object"}),
                 **_errors(400, 401, 405),
@@ -358,19 +363,10 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             "operationId": "listVerifiers",
             "summary": "Per verifier: the verdicts this gateway recorded (passed, failed) for"
             " requests it received in [since, until): the audits verifier pay counts.",
-            "parameters": [
-                {
-                    "name": name,
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "number", "minimum": 0},
-                    "description": f"Unix time in seconds; default: {default}.",
-                }
-                for name, default in (
-                    ("since", "the oldest request kept"),
-                    ("until", "no upper bound (exclusive)"),
-                )
-            ],
+            "parameters": _window_params(
+                ("since", "the oldest request kept"),
+                ("until", "no upper bound (exclusive)"),
+            ),
             "responses": {
                 "200": _ok("The verifiers.", {"type": "object"}),
                 **_errors(400, 401, 405),
@@ -383,19 +379,10 @@ def build_document(*, max_body_bytes: int) -> dict[str, Any]:
             "summary": "Per model: its miners and slots now, and over [since, until) its"
             " requests, shed requests (429), tokens asked for and served, slot time busy and"
             " offered, utilization, median price and its share of the miners' emission.",
-            "parameters": [
-                {
-                    "name": name,
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "number", "minimum": 0},
-                    "description": f"Unix time in seconds; default: {default}.",
-                }
-                for name, default in (
-                    ("since", "`until` less 300 s"),
-                    ("until", "now (exclusive)"),
-                )
-            ],
+            "parameters": _window_params(
+                ("since", "`until` less 300 s"),
+                ("until", "now (exclusive)"),
+            ),
             "responses": {
                 "200": _ok("Demand against supply, per model.", {"type": "object"}),
                 **_errors(400, 401, 405),

@@ -101,6 +101,12 @@ def _seconds(row: Mapping[str, Any], name: str) -> float:
     return float(value)
 
 
+def utilization(busy_slot_s: float, capacity_slot_s: float) -> float:
+    """A model's utilization over a window: the slot time its attempts held over the slot time
+    its miners offered; 0 when nothing was offered (the gateway publishes it this way too)."""
+    return busy_slot_s / capacity_slot_s if capacity_slot_s > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class ModelDemand:
     """What one model was asked for and had over a window (a row of the gateway's
@@ -136,8 +142,7 @@ class ModelDemand:
 
     @property
     def utilization(self) -> float:
-        """busy_slot_s / capacity_slot_s, 0 without capacity (as the gateway publishes it)."""
-        return self.busy_slot_s / self.capacity_slot_s if self.capacity_slot_s else 0.0
+        return utilization(self.busy_slot_s, self.capacity_slot_s)
 
     @property
     def shed_fraction(self) -> float:
