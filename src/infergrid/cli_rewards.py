@@ -115,8 +115,14 @@ def _miner_key(miner: str | None, info: dict[str, Any] | None, state_dir: Path) 
     return str(found[0]["key"])
 
 
-def _ppm(value: int) -> str:
-    return f"{value / 1_000_000:.4f}x" if value >= 1_000_000 else f"{value / 10_000:.2f} %"
+def _share(ppm: int) -> str:
+    """A share in ppm as a percentage (100.00 % for a whole one)."""
+    return f"{ppm / 10_000:.2f} %"
+
+
+def _multiplier(ppm: int) -> str:
+    """A multiplier in ppm (1,000,000 is 1x)."""
+    return f"{ppm / 1_000_000:.4f}x"
 
 
 @rewards_app.command("pay-miners")
@@ -227,13 +233,13 @@ def pay_miners_command(
         out.print(f"{'model':<42} {'util.':>9} {'share':>9}", highlight=False)
     for model, weight in result.model_weights.items():
         used = result.model_utilization.get(model, 0.0)
-        out.print(f"{model:<42} {used:>9.1%} {_ppm(weight):>9}", highlight=False)
+        out.print(f"{model:<42} {used:>9.1%} {_share(weight):>9}", highlight=False)
     if result.shares:
         out.print(f"{'miner':<42} {'share':>9} {'early':>9}  reward", highlight=False)
     for miner, share in result.shares.items():
         amount = result.allocations.get(miner, 0)
         out.print(
-            f"{miner:<42} {_ppm(share):>9} {_ppm(result.multipliers[miner]):>9}"
+            f"{miner:<42} {_share(share):>9} {_multiplier(result.multipliers[miner]):>9}"
             f"  {format_btt(amount)} BTT" + ("" if amount or not share else " (not a miner)"),
             highlight=False,
         )
@@ -343,8 +349,8 @@ def miner_rewards_command(
         out.print_json(data={"miner": owner, "early_multiplier_ppm": multiplier, "epochs": rows})
         return
     early = (
-        f"early multiplier now {_ppm(multiplier)} (the network's schedule:"
-        f" {_ppm(schedule.multiplier_ppm)} for miners registered before"
+        f"early multiplier now {_multiplier(multiplier)} (the network's schedule:"
+        f" {_multiplier(schedule.multiplier_ppm)} for miners registered before"
         f" {_iso_time(schedule.period_end)}, falling to 1x over {schedule.decay_s} s)"
     )
     out.print(f"miner {owner}: {early}", highlight=False, soft_wrap=True)
@@ -353,7 +359,7 @@ def miner_rewards_command(
     for row in rows:
         out.print(
             f"scored epoch {row['scored_epoch']} (reward epoch {row['reward_epoch']}): share"
-            f" {_ppm(row['share_ppm'])} x {_ppm(row['multiplier_ppm'])} ->"
+            f" {_share(row['share_ppm'])} x {_multiplier(row['multiplier_ppm'])} ->"
             f" {format_btt(int(row['amount_wei']))} BTT, {row['status']}",
             highlight=False,
             soft_wrap=True,
