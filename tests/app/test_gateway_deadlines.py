@@ -261,6 +261,7 @@ async def test_hung_miner_misses_its_deadline_and_requests_move(
             read_timeout_s=30,
             first_token_timeout_floor_s=0.5,
             first_token_timeout_cap_s=1.5,
+            hedge_streams=False,  # the deadline, not a hedge, is what this is about
         ) as gw,
     ):
         oa = gw.client(api_key)
@@ -293,6 +294,7 @@ async def test_miner_taken_out_of_service_releases_its_requests(
             read_timeout_s=30,
             first_token_timeout_floor_s=25,
             first_token_timeout_cap_s=25,
+            hedge_streams=False,  # what moves them here is the miner going down
         ) as gw,
     ):
         oa = gw.client(api_key)

@@ -57,6 +57,8 @@ def other(model_dir: Path) -> Iterator[RealMiner]:
 
 def gateway_settings() -> dict[str, Any]:
     return {
+        # Deadlines are what these are about (hedging: test_gateway_scheduling).
+        "hedge_streams": False,
         "read_timeout_s": READ_TIMEOUT_S,
         "first_token_timeout_floor_s": FLOOR_S,
         "first_token_timeout_cap_s": CAP_S,
