@@ -26,3 +26,13 @@ def anvil_rpc(anvil_binary: str) -> Iterator[str]:
     """A fresh anvil with BTTC's rules (Berlin, chain id 199) on a free loopback port."""
     with AnvilNode(chain_id=199, hardfork="berlin", binary=anvil_binary) as node:
         yield node.url
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist's `--dist loadgroup` (as ./dev test runs), the end-to-end tests, each
+    running a whole devnet of processes, stay on one worker, one after another, while the
+    other worker runs the rest: two devnets at once on a small machine would starve both."""
+    group = pytest.mark.xdist_group("e2e")
+    for item in items:
+        if item.nodeid.startswith("tests/e2e/"):
+            item.add_marker(group)

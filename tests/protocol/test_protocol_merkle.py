@@ -153,6 +153,9 @@ class _IndexRaises:
     def __index__(self) -> int:
         raise self.error("no index")
 
+    def __repr__(self) -> str:  # a stable test id, the same in every pytest-xdist worker
+        return f"IndexRaises({self.error.__name__})"
+
 
 @pytest.mark.parametrize(
     "bad",

@@ -209,14 +209,16 @@ def run_verifier(settings: VerifierSettings, console: Console) -> None:
     threads = settings.threads or available_cores()
     engines = []
     for spec in settings.models:
+        # soft_wrap: one line per event in the log, however narrow the terminal.
         console.print(
-            f"verifier {owner}: loading {spec} on {settings.engine} ({threads} CPU threads)"
+            f"verifier {owner}: loading {spec} on {settings.engine} ({threads} CPU threads)",
+            soft_wrap=True,
         )
         # Audits are single teacher-forced passes; a batch of one is all they need.
         engines.append(load_engine(settings.engine, spec, num_threads=threads, max_batch=1))
     offers = zero_price_offers(engines)
     for offer in offers:
-        console.print(f"auditing {offer.name} id {offer.model_id}")
+        console.print(f"auditing {offer.name} id {offer.model_id}", soft_wrap=True)
     stake = register_verifier(registry, settings, offers)
     console.print(
         f"registered as verifier at {settings.public_endpoint()} with "
