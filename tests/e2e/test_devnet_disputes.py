@@ -268,6 +268,10 @@ def test_the_gateway_stops_routing_to_a_miner_slashed_for_its_receipt(
             listed = json.loads(response.read())["data"]
         return next((m["state"] for m in listed if m["address"] == MINER), None)
 
+    def listed() -> bool:  # the gateway re-read the registry since the miner was unfrozen
+        return MODEL in {model.id for model in client.models.list()}
+
     wait_until(lambda: state() == "slashed", "the gateway does not show the miner slashed")
+    wait_until(listed, "the gateway does not route to the unfrozen miner's model again")
     with pytest.raises(openai.InternalServerError, match="No miner serving"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
