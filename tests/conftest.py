@@ -29,10 +29,11 @@ def anvil_rpc(anvil_binary: str) -> Iterator[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist's `--dist loadgroup` (as ./dev test runs), the end-to-end tests, each
-    running a whole devnet of processes, stay on one worker, one after another, while the
-    other worker runs the rest: two devnets at once on a small machine would starve both."""
-    group = pytest.mark.xdist_group("e2e")
+    """With pytest-xdist's `--dist loadgroup` (as ./dev test runs), each test module stays on
+    one worker, in order (module-scoped fixtures hold state some tests build on), and the
+    end-to-end tests, each running a whole devnet of processes, share one group: two devnets
+    at once on a small machine would starve both."""
     for item in items:
-        if item.nodeid.startswith("tests/e2e/"):
-            item.add_marker(group)
+        module = item.nodeid.split("::", 1)[0]
+        group = "e2e" if module.startswith("tests/e2e/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
