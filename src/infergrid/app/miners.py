@@ -57,12 +57,6 @@ from infergrid.protocol.nodes import NodeRecord, Role
 
 log = logging.getLogger(__name__)
 
-# A latency EWMA this much worse than the best candidate's (relatively, and absolutely for fast
-# miners whose few milliseconds are mostly noise) still counts as a tie, so equal miners share
-# sequential traffic instead of the marginally faster one taking all of it.
-LATENCY_TIE_RATIO = 1.25
-LATENCY_TIE_MS = 5.0
-EWMA_ALPHA = 0.2
 # A miner's slots at this gateway: what it declares it runs at once, and as many again queued
 # behind them (each waits for at most one answer's time).
 QUEUE_FACTOR = 2
@@ -100,9 +94,7 @@ class MinerState:
     healthy: bool | None = None
     inflight: int = 0  # this gateway's attempts on it, canaries included
     max_concurrency: int | None = None  # as its /health declares
-    latency_ewma_ms: float | None = None  # time to first byte of the miner's answer
     health_rtt_ms: float | None = None
-    consecutive_failures: int = 0
     last_error: str | None = None
     served: int = 0
     failed: int = 0
@@ -130,8 +122,8 @@ class Slot:
 
     miner: MinerState
     ticket: Picked | None  # the scheduler's reservation; None for a canary request
-    model: str = ""  # the offer name it serves (app.demand counts its slot time there)
-    picked_at: float = 0.0  # the pool's clock
+    model: str  # the offer name it serves (app.demand counts its slot time there)
+    picked_at: float  # the pool's clock
     released: bool = False
 
 
@@ -298,7 +290,6 @@ class MinerPool:
         self.health_log.record(state.owner, ok, time.time())
         known = self._miners.get(state.owner) is state
         if ok:
-            state.consecutive_failures = 0
             state.health_rtt_ms = rtt_ms
             if max_concurrency is not None and max_concurrency != state.max_concurrency:
                 state.max_concurrency = max_concurrency
@@ -445,33 +436,26 @@ class MinerPool:
         """The attempt in `slot` ended with `outcome` (once; a second call changes nothing).
 
         `Served`: its time to first token (non-streamed: to the whole answer) feeds the
-        latency EWMAs; `Failed`: it counts against the miner, and the scheduler's breaker may
-        open, which takes the miner out for its cooldown (requests waiting on it for their
-        first token move on); `Cancelled` (the request's own fault, a client that left, a
+        scheduler's latency EWMAs; `Failed`: it counts against the miner, and the scheduler's
+        breaker may open, which takes the miner out for its cooldown (requests waiting on it
+        for their first token move on); `Cancelled` (the request's own fault, a client that left, a
         hedge that lost) teaches nothing."""
         if slot.released:
             return
         slot.released = True
         state = slot.miner
         state.inflight -= 1
-        if slot.model:
-            self.demand.busy(slot.model, self.clock() - slot.picked_at, time.time())
+        self.demand.busy(slot.model, self.clock() - slot.picked_at, time.time())
         if isinstance(outcome, Served):
             state.served += 1
-            state.consecutive_failures = 0
-            latency_ms = outcome.ttft_s * 1000
-            prev = state.latency_ewma_ms
-            state.latency_ewma_ms = (
-                latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
-            )
         elif isinstance(outcome, Failed):
             state.failed += 1
-            state.consecutive_failures += 1
         if slot.ticket is None:
             return
         self.scheduler.release(slot.ticket, self.clock(), outcome)
-        if isinstance(outcome, Failed) and not self.in_service(state):
-            state.last_error = f"{state.consecutive_failures} failed requests in a row"
+        stats = self.scheduler.get(state.owner)
+        if isinstance(outcome, Failed) and stats is not None and not self.in_service(state):
+            state.last_error = f"{stats.consecutive_failures} failed requests in a row"
             _taken_out(state)
 
 
